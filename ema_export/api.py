@@ -1,0 +1,144 @@
+"""`ema_export.export`: the whole pipeline, from checkpoints to one published SavedModel version.
+
+    locate -> fresh model -> restore live -> collect shadows -> fold -> assemble -> write -> verify -> publish
+
+Each stage lives in its own module and returns data; this module only runs them in order. Nothing is printed:
+progress goes to an optional callback and the outcome comes back as an `ExportResult`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+
+from ema_export.assemble import DEFAULT_ARMS, assemble
+from ema_export.errors import OutputDirError
+from ema_export.fold import FoldReport, fold
+from ema_export.fresh_model import ModelFactory, build_fresh_model, probe_inputs
+from ema_export.layouts import choose_layout
+from ema_export.locate import CheckpointSources, locate
+from ema_export.manifest import build_manifest, write_manifest
+from ema_export.restore import restore_live
+from ema_export.verify import VerificationReport, verify
+from ema_export.versions import plan_version, publish, staging_directory
+from ema_export.write import write_savedmodel, write_warmup
+
+STAGES = ("locate", "build model", "restore live values", "collect shadows", "fold", "assemble signatures",
+          "write SavedModel", "verify", "publish")
+"""Stage names passed to the progress callback, in order."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export; every field has the default the CLI uses.
+
+    Attributes:
+        ema_checkpoint: EMA checkpoint directory or prefix; default `<CKPT_DIR>/ema/`.
+        input_signature: Serving inputs (`NAME:DTYPE:[shape]` or TensorSpecs) for models that do not define them.
+        allow_missing: Let trainable variables without a shadow serve their live value in `serve_ema`.
+        version: Version number to write; default one more than the highest present.
+        overwrite: Replace `version` if it exists.
+        default_signature: Which arm `serving_default` aliases: "ema" or "live".
+        layout: Checkpoint layout name; default auto-detected.
+    """
+
+    ema_checkpoint: str | os.PathLike | None = None
+    input_signature: Sequence[str] | Sequence[tf.TensorSpec] | None = None
+    allow_missing: bool = False
+    version: int | None = None
+    overwrite: bool = False
+    default_signature: str = "ema"
+    layout: str | None = None
+
+
+@dataclass
+class ExportResult:
+    """What an export did."""
+
+    version: int
+    version_dir: Path
+    sources: CheckpointSources
+    model_source: str
+    attachment: str
+    fold: FoldReport
+    verification: VerificationReport
+    manifest: dict[str, Any] = field(repr=False)
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.manifest["warnings"])
+
+
+def export(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    model: str | ModelFactory | None = None,
+    options: ExportOptions | None = None,
+    progress: Callable[[str], None] | None = None,
+    **overrides: Any,
+) -> ExportResult:
+    """Export the live and EMA weights of a training checkpoint as one SavedModel version.
+
+    Args:
+        checkpoint: CKPT_DIR (its latest checkpoint) or a training checkpoint prefix.
+        output_dir: TF Serving base path; the export becomes `output_dir/<version>/`.
+        model: Factory building the untrained model (or `package.module:factory`); default: `model.keras` or
+            `model.json` in CKPT_DIR.
+        options: Everything else, see `ExportOptions`; keyword arguments named like its fields override it.
+        progress: Called with each stage's name as it starts.
+
+    Returns:
+        An `ExportResult`; the manifest it holds is also in `<version>/assets.extra/ema_export.json`.
+
+    Raises:
+        EmaExportError: A subclass naming what was wrong and how to fix it. Nothing numeric is left in
+            `output_dir` by a failed or interrupted export.
+
+    Example:
+        >>> result = ema_export.export("runs/7", "models/classifier", model="my_project.models:build")
+        >>> result.version_dir
+        PosixPath('models/classifier/1')
+    """
+    options = dataclasses.replace(options or ExportOptions(), **overrides)
+    if options.default_signature not in DEFAULT_ARMS:
+        raise OutputDirError(f"default signature must be one of {', '.join(DEFAULT_ARMS)}, got "
+                             f"{options.default_signature!r}", hint="Use --default-signature ema or live")
+    step = progress or (lambda stage: None)
+
+    step(STAGES[0])
+    plan_version(output_dir, options.version, options.overwrite)  # fail before any expensive work
+    sources = locate(checkpoint, options.ema_checkpoint)
+    step(STAGES[1])
+    fresh = build_fresh_model(sources.checkpoint_dir, model, options.input_signature)
+    step(STAGES[2])
+    restored = restore_live(fresh, sources.training)
+    step(STAGES[3])
+    layout, reason = choose_layout(sources, restored, options.layout)
+    match = layout.collect(sources, restored)
+    step(STAGES[4])
+    report = fold(restored, match, reason, options.allow_missing)
+    step(STAGES[5])
+    assembly = assemble(restored, report, options.default_signature)
+    probe = probe_inputs(fresh.input_signature)
+    with staging_directory(output_dir) as staging:
+        step(STAGES[6])
+        write_savedmodel(assembly, staging)
+        write_warmup(assembly, staging, probe)
+        step(STAGES[7])
+        verification = verify(staging, assembly, probe)
+        version = plan_version(output_dir, options.version, options.overwrite)
+        manifest = build_manifest(sources, restored, report, assembly, verification, version)
+        if not verification.arms_differ:
+            manifest["warnings"].append("serve_live and serve_ema give identical outputs on the probe batch")
+        write_manifest(staging, manifest)
+        step(STAGES[8])
+        version_dir = publish(staging, output_dir, version, options.overwrite)
+    return ExportResult(version, version_dir, sources, fresh.source, restored.attachment, report, verification,
+                        manifest)

@@ -1,0 +1,137 @@
+"""Stage 5, assemble: one exportable object with the live and the averaged arm, sharing what is not averaged.
+
+Keras models run the EMA arm through `Model.stateless_call`, with the averaged values in new variables and the
+non-trainable state (BatchNorm statistics) passed as the live variables themselves, so the SavedModel stores the live
+weights once, the averages once and everything else once. A `tf.Module` has no such call, so a second instance from
+the factory carries the averages; its non-averaged variables are replaced by the live ones where the module exposes
+them as attributes or container items, and copied (and reported) otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import tensorflow as tf
+
+from ema_export.checkpoint_graph import children_of, variable_identity
+from ema_export.fold import FoldReport
+from ema_export.names import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
+from ema_export.restore import RestoredModel
+
+DEFAULT_ARMS = {"ema": SIGNATURE_EMA, "live": SIGNATURE_LIVE}
+"""`--default-signature` choices and the signature `serving_default` aliases for each."""
+
+
+@dataclass
+class Assembly:
+    """What gets saved: the object to track, its signatures, and the in-memory functions to verify against."""
+
+    root: tf.Module
+    signatures: dict[str, Any]
+    functions: dict[str, Callable[..., dict[str, tf.Tensor]]]
+    input_signature: list[tf.TensorSpec]
+    default_arm: str
+    copied_non_averaged: list[str] = field(default_factory=list)
+
+
+def output_dict(outputs: Any) -> dict[str, tf.Tensor]:
+    """Name a model's outputs for a signature: dict keys as given, otherwise `output_0`, `output_1`, ..."""
+    if isinstance(outputs, dict):
+        return {str(key): value for key, value in outputs.items()}
+    if isinstance(outputs, (list, tuple)):
+        return {f"output_{index}": value for index, value in enumerate(outputs)}
+    return {"output_0": outputs}
+
+
+def _serving_function(call: Callable[..., Any], specs: Sequence[tf.TensorSpec]) -> Any:
+    @tf.function(input_signature=list(specs), autograph=False)
+    def serve(*inputs: tf.Tensor) -> dict[str, tf.Tensor]:
+        return output_dict(call(*inputs))
+
+    return serve
+
+
+def _keras_ema_call(restored: RestoredModel, report: FoldReport, root: tf.Module) -> Callable[..., Any]:
+    model = restored.fresh.model
+    index_of = {variable_identity(item.variable): index for index, item in enumerate(restored.variables)}
+    averaged: list[tf.Variable] = []
+    trainable_values: list[Any] = []
+    for variable in model.trainable_variables:
+        index = index_of[variable_identity(variable)]
+        if index in report.values:
+            average = tf.Variable(report.values[index], trainable=False,
+                                  name="ema/" + restored.variables[index].path.replace("/", "."))
+            averaged.append(average)
+            trainable_values.append(average)
+        else:
+            trainable_values.append(variable.value)  # no shadow (--allow-missing): share the live variable
+    non_trainable_values = [variable.value for variable in model.non_trainable_variables]
+    root.ema_variables = averaged
+
+    def call(*inputs: tf.Tensor) -> Any:
+        outputs, _ = model.stateless_call(
+            trainable_values, non_trainable_values, inputs[0] if len(inputs) == 1 else list(inputs), training=False
+        )
+        return outputs
+
+    return call
+
+
+def _follow(root: Any, path: str) -> tuple[Any, Any, str]:
+    obj, parent, name = root, None, ""
+    for name in filter(None, path.split("/")):
+        parent, obj = obj, children_of(obj)[name]
+    return obj, parent, name
+
+
+def _share(parent: Any, name: str, old: Any, new: Any) -> bool:
+    """Put `new` where `old` hangs in `parent`, so both instances use one variable. False if it cannot be done."""
+    if parent is None:
+        return False
+    if getattr(parent, name, None) is old:
+        setattr(parent, name, new)
+        return True
+    try:
+        key: Any = int(name) if isinstance(parent, Sequence) else name
+        if parent[key] is old:
+            parent[key] = new
+            return True
+    except (TypeError, KeyError, IndexError, ValueError):
+        pass
+    return False
+
+
+def _module_ema_call(restored: RestoredModel, report: FoldReport, root: tf.Module, copied: list[str]) -> Any:
+    fresh = restored.fresh
+    copy = fresh.factory()
+    for index, item in enumerate(restored.variables):
+        target, parent, name = _follow(copy, item.path)
+        if index in report.values:
+            target.assign(report.values[index])
+        elif not _share(parent, name, target, item.variable):
+            target.assign(item.variable)
+            copied.append(item.name)
+    root.ema_model = copy
+    return lambda *inputs: fresh.call(copy, inputs)
+
+
+def assemble(restored: RestoredModel, report: FoldReport, default_arm: str = "ema") -> Assembly:
+    """Build the export root and the `serve_live`, `serve_ema` and `serving_default` signatures."""
+    fresh = restored.fresh
+    root = tf.Module()
+    root.live_model = fresh.model
+    copied: list[str] = []
+    if fresh.is_keras:
+        ema_call = _keras_ema_call(restored, report, root)
+    else:
+        ema_call = _module_ema_call(restored, report, root, copied)
+    functions = {
+        SIGNATURE_LIVE: _serving_function(lambda *inputs: fresh.call(fresh.model, inputs), fresh.input_signature),
+        SIGNATURE_EMA: _serving_function(ema_call, fresh.input_signature),
+    }
+    concrete = {name: function.get_concrete_function() for name, function in functions.items()}
+    concrete[SIGNATURE_DEFAULT] = concrete[DEFAULT_ARMS[default_arm]]
+    functions[SIGNATURE_DEFAULT] = functions[DEFAULT_ARMS[default_arm]]
+    return Assembly(root, concrete, functions, fresh.input_signature, default_arm, copied)

@@ -1,0 +1,67 @@
+"""The exporter's exceptions: small `ValueError` subclasses callers can catch broadly or narrowly.
+
+Every message follows one shape: what happened, what was expected, how to fix it (naming the flag that fixes it),
+and what was received. The CLI prints `str(error)` as one line; `hint` is shown after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class EmaExportError(ValueError):
+    """Base class of every error ema-export raises on purpose.
+
+    Args:
+        message: What happened and what was expected.
+        hint: How to fix it, usually naming a flag.
+        problems: Every individual offender, when one error reports many (validation runs fully, then raises once).
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str = "", problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.problems = list(problems)
+
+    def __str__(self) -> str:
+        text = self.message
+        if self.problems:
+            text += " " + "; ".join(self.problems)
+        if self.hint:
+            text += f". {self.hint}" if not text.endswith(".") else f" {self.hint}"
+        return text
+
+
+class CheckpointNotFoundError(EmaExportError):
+    """The training or EMA checkpoint could not be located or read."""
+
+
+class ModelLoadError(EmaExportError):
+    """The fresh model could not be built (bad `--model`, no architecture file, no input signature)."""
+
+
+class RestoreError(EmaExportError):
+    """Live values could not be restored strictly: some model variable would keep its initial value."""
+
+
+class LayoutError(EmaExportError):
+    """No EMA shadows were found, or the checkpoint layout could not be read unambiguously."""
+
+
+class FoldError(EmaExportError):
+    """Shadows do not match the model: missing, extra, mismatched, duplicated or non-finite entries."""
+
+
+class VersionExistsError(EmaExportError):
+    """The requested version directory already exists and `--overwrite` was not given."""
+
+
+class OutputDirError(EmaExportError):
+    """OUT_DIR cannot be used as a TF Serving base path."""
+
+
+class VerificationError(EmaExportError):
+    """The written SavedModel does not reproduce the in-memory models; nothing was published."""

@@ -1,0 +1,266 @@
+"""Stage 2, fresh model: build a new, untrained instance of the model and learn how to call it for serving.
+
+The model comes from a factory (`--model package.module:factory`), or from the architecture saved beside the
+checkpoint (`model.keras` or `model.json`; their weights, if any, are never used: every value is restored from the
+checkpoint afterwards). A Keras model is called through `stateless_call` for the EMA arm, so one instance serves both
+arms; a `tf.Module` is instantiated twice, because it has no way to run with substituted variables.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tensorflow as tf
+
+from ema_export.errors import ModelLoadError
+
+ModelFactory = Callable[[], Any]
+
+ARCHITECTURE_FILES = ("model.keras", "model.json")
+
+
+@dataclass
+class FreshModel:
+    """A freshly built model and what serving needs to know about it."""
+
+    model: Any
+    factory: ModelFactory
+    source: str
+    input_signature: list[tf.TensorSpec]
+    is_keras: bool
+
+    def call(self, model: Any, inputs: Sequence[tf.Tensor]) -> Any:
+        """Run `model` (this one or a copy) on serving inputs, in inference mode."""
+        if self.is_keras:
+            return model(inputs[0] if len(inputs) == 1 else list(inputs), training=False)
+        return _serving_function(model)(*inputs)
+
+
+def _is_keras_model(obj: Any) -> bool:
+    try:
+        import keras
+    except ImportError:  # pragma: no cover - keras ships with tensorflow
+        return False
+    return isinstance(obj, keras.Model)
+
+
+def _serving_function(module: Any) -> Any:
+    """The tf.function of a tf.Module that defines an input signature (`__call__` first)."""
+    candidates = []
+    for name in ["__call__"] + sorted(dir(type(module))):
+        function = getattr(module, name, None)
+        if getattr(function, "input_signature", None) is not None:
+            candidates.append((name, function))
+    if not candidates:
+        return None
+    return candidates[0][1]
+
+
+def load_factory(spec: str) -> ModelFactory:
+    """Import `package.module:factory`; the working directory is importable, as with `python -m`."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ModelLoadError(
+            f"--model must look like package.module:factory, got {spec!r}",
+            hint="Name a module and a zero-argument function or class in it, e.g. --model my_project.models:build",
+        )
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ModelLoadError(
+            f"Cannot import module {module_name!r} named by --model ({error})",
+            hint="Check the spelling and that the module is on PYTHONPATH or in the current directory",
+        ) from error
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise ModelLoadError(
+            f"Module {module_name!r} has no callable {attribute!r} (from --model {spec})",
+            hint="Name a function or class that builds the model with no arguments",
+        )
+    return factory
+
+
+def _keras_config_factory(path: Path) -> ModelFactory:
+    import keras
+
+    if path.suffix == ".keras":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                config_text = archive.read("config.json").decode()
+        except (zipfile.BadZipFile, KeyError, OSError) as error:
+            raise ModelLoadError(
+                f"{path} is not a readable .keras archive with a config.json ({error})",
+                hint="Re-save it with model.save('model.keras'), or pass --model package.module:factory",
+            ) from error
+    else:
+        config_text = path.read_text()
+
+    def build() -> Any:
+        try:
+            return keras.models.model_from_json(config_text)
+        except Exception as error:  # Keras raises many types for configs it cannot rebuild
+            raise ModelLoadError(
+                f"Cannot rebuild the architecture in {path}: {error}",
+                hint="Custom layers need code: pass --model package.module:factory instead",
+            ) from error
+
+    return build
+
+
+_SPEC_PATTERN = re.compile(r"^(?P<name>[A-Za-z_][\w.\-]*):(?P<dtype>\w+):\[(?P<shape>[^\]]*)\]$")
+
+
+def parse_input_signature(texts: Sequence[str]) -> list[tf.TensorSpec]:
+    """Parse `NAME:DTYPE:[D0,D1,...]` (None or -1 for a dynamic dimension) into TensorSpecs."""
+    specs = []
+    for text in texts:
+        match = _SPEC_PATTERN.match(text.replace(" ", ""))
+        if not match:
+            raise ModelLoadError(
+                f"--input-signature must look like NAME:DTYPE:[D0,D1,...], got {text!r}",
+                hint="For example --input-signature 'inputs:float32:[None,28,28,1]'",
+            )
+        try:
+            dtype = tf.dtypes.as_dtype(match.group("dtype"))
+        except TypeError as error:
+            raise ModelLoadError(
+                f"Unknown dtype {match.group('dtype')!r} in --input-signature {text!r}",
+                hint="Use a TensorFlow dtype name such as float32, int64 or string",
+            ) from error
+        dims: list[int | None] = []
+        for dim in filter(None, match.group("shape").split(",")):
+            if dim.lower() in ("none", "-1", "?"):
+                dims.append(None)
+            elif dim.isdigit():
+                dims.append(int(dim))
+            else:
+                raise ModelLoadError(
+                    f"Bad dimension {dim!r} in --input-signature {text!r}",
+                    hint="Dimensions are whole numbers, or None for a dynamic one",
+                )
+        specs.append(tf.TensorSpec(dims, dtype, name=match.group("name")))
+    return specs
+
+
+def _with_dynamic_batch(specs: Sequence[tf.TensorSpec], names: Sequence[str]) -> list[tf.TensorSpec]:
+    result = []
+    for index, spec in enumerate(specs):
+        shape = spec.shape.as_list() if spec.shape.rank is not None else None
+        if not shape:
+            raise ModelLoadError(
+                f"Input {index} has shape {spec.shape}; serving needs a known rank with a batch dimension first",
+                hint="Give the full shape with --input-signature NAME:DTYPE:[None,...]",
+            )
+        result.append(tf.TensorSpec([None] + shape[1:], spec.dtype, name=spec.name or names[index]))
+    return result
+
+
+def _default_names(count: int) -> list[str]:
+    return ["inputs"] if count == 1 else [f"input_{index}" for index in range(count)]
+
+
+def _keras_signature(model: Any) -> list[tf.TensorSpec] | None:
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        return None
+    if not inputs:
+        return None
+    return [tf.TensorSpec(tuple(t.shape), t.dtype, name=getattr(t, "name", None)) for t in inputs]
+
+
+def build_fresh_model(
+    checkpoint_dir: str | os.PathLike,
+    model: str | ModelFactory | None = None,
+    input_signature: Sequence[str] | Sequence[tf.TensorSpec] | None = None,
+) -> FreshModel:
+    """Build a fresh model with its variables created, ready for restoring.
+
+    Args:
+        checkpoint_dir: Where to look for `model.keras` / `model.json` when `model` is not given.
+        model: A factory, or `package.module:factory`.
+        input_signature: Serving inputs, as TensorSpecs or `NAME:DTYPE:[shape]` strings, for models that do not
+            define them.
+
+    Raises:
+        ModelLoadError: No model, a factory that fails, or no way to know the serving inputs.
+    """
+    if model is None:
+        found = [Path(checkpoint_dir) / name for name in ARCHITECTURE_FILES if (Path(checkpoint_dir) / name).is_file()]
+        if not found:
+            raise ModelLoadError(
+                f"No model given and no {' or '.join(ARCHITECTURE_FILES)} in {checkpoint_dir}",
+                hint="Pass --model package.module:factory (a function returning the model, untrained)",
+            )
+        factory, source = _keras_config_factory(found[0]), f"architecture of {found[0]}"
+    elif isinstance(model, str):
+        factory, source = load_factory(model), f"factory {model}"
+    else:
+        factory, source = model, f"factory {getattr(model, '__module__', '?')}.{getattr(model, '__qualname__', model)}"
+    try:
+        instance = factory()
+    except ModelLoadError:
+        raise
+    except Exception as error:
+        raise ModelLoadError(f"The model factory ({source}) raised {type(error).__name__}: {error}",
+                             hint="Make the factory build the model with no arguments") from error
+
+    given = [s for s in (input_signature or []) if isinstance(s, tf.TensorSpec)] or (
+        parse_input_signature([s for s in input_signature or [] if isinstance(s, str)]) if input_signature else []
+    )
+    is_keras = _is_keras_model(instance)
+    if is_keras:
+        specs = given or _keras_signature(instance)
+    elif isinstance(instance, tf.Module):
+        function = _serving_function(instance)
+        if function is None:
+            raise ModelLoadError(
+                f"The tf.Module from {source} has no tf.function with an input_signature to serve",
+                hint="Decorate __call__ with @tf.function(input_signature=[tf.TensorSpec(...)])",
+            )
+        specs = given or list(function.input_signature)
+    else:
+        raise ModelLoadError(
+            f"The model from {source} is a {type(instance).__name__}; expected a Keras model or a tf.Module",
+            hint="Return the model object itself from the factory",
+        )
+    if not specs:
+        raise ModelLoadError(
+            f"The model from {source} does not say what its inputs are (a subclassed Keras model never called)",
+            hint="Pass --input-signature NAME:DTYPE:[None,...] once per input",
+        )
+    specs = _with_dynamic_batch(specs, _default_names(len(specs)))
+    fresh = FreshModel(instance, factory, source, specs, is_keras)
+    if is_keras and (not instance.built or not instance.variables):
+        # Variables must exist before restoring (Keras creates them on the first call); one example builds them.
+        fresh.call(instance, [tf.zeros([1] + s.shape.as_list()[1:], s.dtype) for s in specs])
+    return fresh
+
+
+def probe_inputs(specs: Sequence[tf.TensorSpec], batch_size: int = 3, seed: int = 0) -> list[Any]:
+    """Deterministic example inputs for verification and warmup (a batch size other than 1 checks the dynamic batch)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for spec in specs:
+        shape = [batch_size] + [d if d is not None else 2 for d in spec.shape.as_list()[1:]]
+        if spec.dtype.is_floating:
+            arrays.append(rng.standard_normal(shape).astype(spec.dtype.as_numpy_dtype))
+        elif spec.dtype.is_integer:
+            arrays.append(rng.integers(0, 2, size=shape).astype(spec.dtype.as_numpy_dtype))
+        elif spec.dtype == tf.bool:
+            arrays.append(rng.integers(0, 2, size=shape).astype(bool))
+        else:
+            arrays.append(np.full(shape, b"", dtype=object))
+    return arrays

@@ -1,0 +1,130 @@
+"""The one interface every checkpoint layout implements, and the name matching they share.
+
+A layout answers one question: given the checkpoints and the restored model, which shadow value belongs to each
+model variable, and which variables have none? It only finds and pairs; `fold` validates and decides.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import tensorflow as tf
+
+from ema_export.locate import CheckpointSources
+from ema_export.restore import RestoredModel, name_list
+
+EMA_SUFFIX = re.compile(r"/ExponentialMovingAverage(_\d+)?$")
+"""How `tf.train.ExponentialMovingAverage` names a shadow: `<variable>/ExponentialMovingAverage[_N]`."""
+
+
+@dataclass(frozen=True)
+class Shadow:
+    """One averaged value in a checkpoint, and the training-time variable names it may belong to."""
+
+    checkpoint_key: str
+    recorded_name: str
+    claimed_names: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: tf.DType
+    reader: tf.train.CheckpointReader = field(repr=False, compare=False)
+
+    def value(self) -> np.ndarray:
+        """Read the value from the checkpoint."""
+        return np.asarray(self.reader.get_tensor(self.checkpoint_key))
+
+
+@dataclass
+class ShadowMatch:
+    """A layout's answer: shadow per variable (by index into `RestoredModel.variables`), leftovers and problems."""
+
+    layout: str
+    source: str
+    matched: dict[int, Shadow]
+    unmatched: list[Shadow]
+    problems: list[str]
+
+
+class Layout(abc.ABC):
+    """A way training code stores EMA shadows."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    @abc.abstractmethod
+    def detect(self, sources: CheckpointSources, restored: RestoredModel) -> str | None:
+        """Why this layout applies to these checkpoints, or None when it does not."""
+
+    @abc.abstractmethod
+    def collect(self, sources: CheckpointSources, restored: RestoredModel) -> ShadowMatch:
+        """Pair every shadow the layout finds with a model variable."""
+
+
+def strip_ema_suffix(name: str) -> str | None:
+    """`dense/kernel/ExponentialMovingAverage_1` -> `dense/kernel`; None when the name has no EMA suffix."""
+    stripped = EMA_SUFFIX.sub("", name)
+    return stripped if stripped != name else None
+
+
+def strip_output_index(name: str) -> str:
+    """`weights:0` -> `weights`: dict keys built from `v.name` carry the tensor's output index."""
+    return re.sub(r":\d+$", "", name)
+
+
+def match_by_name(layout: str, source: str, shadows: Sequence[Shadow], restored: RestoredModel) -> ShadowMatch:
+    """Pair shadows with variables by the variables' training-time names.
+
+    A shadow's claimed names are tried in order; the first that names exactly one variable wins. A name that names
+    several variables (two variables saved under one name) is a duplicate claim and is reported, never guessed.
+    """
+    by_name: dict[str, list[int]] = defaultdict(list)
+    by_short_name: dict[str, list[int]] = defaultdict(list)
+    for index, variable in enumerate(restored.variables):
+        by_name[variable.training_name].append(index)
+        by_short_name[variable.training_name.rsplit("/", 1)[-1]].append(index)
+
+    matched: dict[int, Shadow] = {}
+    unmatched: list[Shadow] = []
+    problems: list[str] = []
+    for shadow in shadows:
+        owner: int | None = None
+        for claimed in shadow.claimed_names:
+            owners = by_name.get(claimed, [])
+            if len(owners) > 1:
+                problems.append(
+                    f"duplicate claim: shadow {shadow.checkpoint_key} is named {claimed!r}, the name of "
+                    f"{len(owners)} variables ({name_list([restored.variables[i].path for i in owners])})"
+                )
+                owner = -1
+                break
+            if owners:
+                owner = owners[0]
+                break
+        if owner is None:
+            # Dict keys built from Keras 3 `v.name` ("kernel") name a layer's variable but not which layer.
+            short = [name for name in shadow.claimed_names if len(by_short_name.get(name, [])) > 1]
+            if short:
+                owners = by_short_name[short[0]]
+                problems.append(
+                    f"duplicate claim: shadow {shadow.checkpoint_key} is keyed {short[0]!r}, the short name of "
+                    f"{len(owners)} variables ({name_list([restored.variables[i].training_name for i in owners])}); "
+                    "key the EMA dict by v.path or v.value.name, which are unique"
+                )
+                continue
+            unmatched.append(shadow)
+            continue
+        if owner < 0:
+            continue
+        if owner in matched:
+            problems.append(
+                f"duplicate claim: shadows {matched[owner].checkpoint_key} and {shadow.checkpoint_key} both belong to "
+                f"{restored.variables[owner].name}"
+            )
+            continue
+        matched[owner] = shadow
+    return ShadowMatch(layout, source, matched, unmatched, problems)

@@ -1,0 +1,60 @@
+"""The seed layout: shadows in a checkpoint of their own, beside the training checkpoint.
+
+Training saves `tf.train.Checkpoint(ema_weights={v.name: ema.average(v) for v in variables})` (or a list) to
+`CKPT_DIR/ema/`. A dict gives keys named after the variables (`ema_weights/weights:0/...`, `/` escaped as `.S`); a
+list gives positional keys. Either way the object graph records each shadow's own name,
+`<variable>/ExponentialMovingAverage`, which names its variable without relying on how the container was keyed.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from ema_export.checkpoint_graph import iter_variables, read_object_graph
+from ema_export.layouts.base import Layout, Shadow, ShadowMatch, match_by_name, strip_ema_suffix, strip_output_index
+from ema_export.locate import CheckpointSources
+from ema_export.restore import RestoredModel
+
+_BOOKKEEPING = frozenset({"save_counter"})
+
+
+class EmaCheckpointLayout(Layout):
+    """Shadows saved in a separate TF2 checkpoint (`CKPT_DIR/ema/` or `--ema-checkpoint`)."""
+
+    name = "ema-checkpoint"
+    description = "a separate TF2 checkpoint of ema.average(v) values (CKPT_DIR/ema/ or --ema-checkpoint)"
+
+    def detect(self, sources: CheckpointSources, restored: RestoredModel) -> str | None:
+        if sources.ema is None:
+            return None
+        graph = read_object_graph(tf.train.load_checkpoint(sources.ema.prefix))
+        if graph is None:
+            return None
+        count = sum(1 for entry in iter_variables(graph) if entry.path[:1] and entry.path[0] not in _BOOKKEEPING)
+        if not count:
+            return None
+        return f"{sources.ema.prefix} is a separate checkpoint holding {count} values"
+
+    def collect(self, sources: CheckpointSources, restored: RestoredModel) -> ShadowMatch:
+        assert sources.ema is not None
+        reader = tf.train.load_checkpoint(sources.ema.prefix)
+        graph = read_object_graph(reader)
+        assert graph is not None
+        shapes = reader.get_variable_to_shape_map()
+        dtypes = reader.get_variable_to_dtype_map()
+        shadows = []
+        for entry in iter_variables(graph):
+            if not entry.path or entry.path[0] in _BOOKKEEPING:
+                continue
+            claimed = [strip_ema_suffix(entry.full_name), strip_output_index(entry.path[-1]), entry.full_name]
+            shadows.append(
+                Shadow(
+                    checkpoint_key=entry.checkpoint_key,
+                    recorded_name=entry.full_name,
+                    claimed_names=tuple(dict.fromkeys(name for name in claimed if name)),
+                    shape=tuple(shapes[entry.checkpoint_key]),
+                    dtype=tf.dtypes.as_dtype(dtypes[entry.checkpoint_key]),
+                    reader=reader,
+                )
+            )
+        return match_by_name(self.name, sources.ema.prefix, shadows, restored)

@@ -1,0 +1,141 @@
+"""Stage 3, restore: give every variable of the fresh model its live value from the training checkpoint.
+
+The model may hang at the checkpoint's root (`tf.train.Checkpoint(weights=W, biases=b)` with a module that has
+`weights` and `biases`) or under a named child (`tf.train.Checkpoint(model=model, optimizer=...)`). The attachment
+point is chosen by lining the object graph up with the model before anything is read, then values are restored by
+`tf.train.Checkpoint` through the object graph and every variable is compared with its checkpoint entry: no variable
+may silently keep its initializer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from ema_export.checkpoint_graph import iter_variables, match_objects, read_object_graph, variable_identity
+from ema_export.errors import RestoreError
+from ema_export.fresh_model import FreshModel
+from ema_export.locate import CheckpointFiles
+
+_LISTED = 8  # offenders named in one message before "and N more"
+
+
+@dataclass
+class RestoredVariable:
+    """A model variable and the checkpoint entry its live value came from."""
+
+    variable: Any
+    path: str
+    checkpoint_key: str
+    training_name: str
+    trainable: bool
+    shape: tuple[int, ...]
+    dtype: tf.DType
+
+    @property
+    def name(self) -> str:
+        """The name people know the variable by: its name at training time."""
+        return self.training_name or self.path
+
+
+@dataclass
+class RestoredModel:
+    """The fresh model with live values, and where each came from."""
+
+    fresh: FreshModel
+    checkpoint: CheckpointFiles
+    attachment: str
+    variables: list[RestoredVariable]
+    reader: tf.train.CheckpointReader = field(repr=False)
+    object_paths: dict[int, tuple[Any, Any, str]] = field(repr=False, default_factory=dict)
+
+
+def name_list(names: list[str]) -> str:
+    """`a, b, c and 4 more`: offenders in a one-line message."""
+    shown = ", ".join(names[:_LISTED])
+    return shown + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
+
+
+def model_variables(model: Any) -> list[Any]:
+    """Every variable of the model, each once, in the model's own order."""
+    seen: set[int] = set()
+    result = []
+    for variable in model.variables:
+        identity = variable_identity(variable)
+        if identity not in seen:
+            seen.add(identity)
+            result.append(variable)
+    return result
+
+
+def restore_live(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredModel:
+    """Restore the live values into `fresh.model`, strictly.
+
+    Raises:
+        RestoreError: The checkpoint is name-based, or some model variable has no entry at any attachment point,
+            or a value read back differs from its checkpoint entry.
+    """
+    reader = tf.train.load_checkpoint(checkpoint.prefix)
+    graph = read_object_graph(reader)
+    if graph is None:
+        raise RestoreError(
+            f"{checkpoint.prefix} is a name-based (TF1 Saver) checkpoint with no object graph",
+            hint="Save the training state with tf.train.Checkpoint, or pass --layout for a name-based layout",
+        )
+    variables = model_variables(fresh.model)
+    wanted = {variable_identity(v): v for v in variables}
+    candidates = [(0, "checkpoint root")] + [(c.node_id, c.local_name) for c in graph.nodes[0].children]
+    best: tuple[int, str, dict[int, Any], dict] | None = None
+    for node_id, label in candidates:
+        matched = match_objects(graph, node_id, fresh.model)
+        found = {}
+        for entry in iter_variables(graph, node_id):
+            if entry.node_id in matched:
+                identity = variable_identity(matched[entry.node_id][0])
+                if identity in wanted and identity not in found:
+                    found[identity] = entry
+        if best is None or len(found) > len(best[2]):
+            best = (node_id, label, found, matched)
+    assert best is not None
+    node_id, label, found, matched = best
+    missing = [getattr(v, "path", None) or v.name for identity, v in wanted.items() if identity not in found]
+    if missing:
+        roots = ", ".join(c.local_name for c in graph.nodes[0].children) or "(nothing)"
+        raise RestoreError(
+            f"{len(missing)} of {len(variables)} model variables have no value in {checkpoint.prefix} at any "
+            f"attachment point (best: {label}, where the checkpoint root holds {roots}): {name_list(missing)}",
+            hint="Check that --model builds the architecture that was trained, and that training checkpointed it "
+            "with tf.train.Checkpoint(model=...) or as the checkpoint's root",
+        )
+
+    root = tf.train.Checkpoint(root=fresh.model) if node_id == 0 else tf.train.Checkpoint(**{label: fresh.model})
+    # Optimizer state, step counters and anything else the model does not own are skipped on purpose.
+    root.read(checkpoint.prefix).expect_partial()
+
+    restored = []
+    differing = []
+    for variable in variables:
+        entry = found[variable_identity(variable)]
+        expected = reader.get_tensor(entry.checkpoint_key)
+        if not np.array_equal(np.asarray(variable.numpy()), expected, equal_nan=expected.dtype.kind == "f"):
+            differing.append(entry.checkpoint_key)
+        restored.append(
+            RestoredVariable(
+                variable=variable,
+                path="/".join(entry.path),
+                checkpoint_key=entry.checkpoint_key,
+                training_name=entry.full_name,
+                trainable=bool(variable.trainable),
+                shape=tuple(variable.shape),
+                dtype=tf.dtypes.as_dtype(variable.dtype),
+            )
+        )
+    if differing:
+        raise RestoreError(
+            f"After restoring, {len(differing)} variables differ from their checkpoint entries: {name_list(differing)}",
+            hint="The model and checkpoint disagree on structure; pass the --model that wrote this checkpoint",
+        )
+    return RestoredModel(fresh, checkpoint, label, restored, reader, matched)

@@ -1,0 +1,127 @@
+"""Stage 7, verify: reload what was written and check it reproduces the in-memory models, before publishing.
+
+Every signature runs on a probe batch; each output is compared with the in-memory function of its arm and the
+largest difference is reported beside the tolerance. All signatures must take and return the same names and dtypes,
+so a client can switch arms by signature name alone. Every failure is collected, then raised once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from ema_export.assemble import DEFAULT_ARMS, Assembly
+from ema_export.errors import VerificationError
+from ema_export.names import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
+
+SIGNATURES = (SIGNATURE_LIVE, SIGNATURE_EMA, SIGNATURE_DEFAULT)
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """One output of one signature compared with the in-memory model."""
+
+    signature: str
+    output: str
+    max_abs_diff: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+
+@dataclass
+class VerificationReport:
+    """Results of reloading the SavedModel and running every signature."""
+
+    batch_size: int
+    checks: list[OutputCheck]
+    arms_differ: bool
+    max_arm_difference: float
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems and all(check.passed for check in self.checks)
+
+
+def tolerance_for(dtype: tf.DType, expected: np.ndarray) -> float:
+    """How far a reloaded graph may drift from the in-memory one (graph rewrites reorder float arithmetic)."""
+    if not dtype.is_floating:
+        return 0.0
+    relative = 1e-2 if dtype in (tf.float16, tf.bfloat16) else 1e-5
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    return relative * max(1.0, scale)
+
+
+def _signature_interface(function: Any) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    inputs = {name: (spec.dtype.name, tuple(spec.shape.as_list()))
+              for name, spec in function.structured_input_signature[1].items()}
+    outputs = {name: (spec.dtype.name, tuple(spec.shape.as_list()))
+               for name, spec in function.structured_outputs.items()}
+    return inputs, outputs
+
+
+def verify(directory: Path, assembly: Assembly, probe: Sequence[np.ndarray]) -> VerificationReport:
+    """Reload `directory` and check every signature against the in-memory functions.
+
+    Raises:
+        VerificationError: A signature is missing, the signatures disagree on inputs or outputs, the batch dimension
+            is not dynamic, or an output differs from the in-memory model beyond its tolerance.
+    """
+    loaded = tf.saved_model.load(str(directory))
+    names = [spec.name for spec in assembly.input_signature]
+    feed = {name: tf.constant(array) for name, array in zip(names, probe)}
+    expected = {arm: {k: v.numpy() for k, v in assembly.functions[arm](*feed.values()).items()}
+                for arm in (SIGNATURE_LIVE, SIGNATURE_EMA)}
+    expected[SIGNATURE_DEFAULT] = expected[DEFAULT_ARMS[assembly.default_arm]]
+
+    problems: list[str] = []
+    checks: list[OutputCheck] = []
+    interfaces = {}
+    for signature in SIGNATURES:
+        if signature not in loaded.signatures:
+            problems.append(f"signature {signature!r} is missing")
+            continue
+        function = loaded.signatures[signature]
+        interfaces[signature] = _signature_interface(function)
+        for name, (_, shape) in interfaces[signature][0].items():
+            if not shape or shape[0] is not None:
+                problems.append(f"{signature} input {name!r} has shape {list(shape)}; the batch dimension must be None")
+        got = function(**feed)
+        for output, value in expected[signature].items():
+            if output not in got:
+                problems.append(f"{signature} has no output {output!r}")
+                continue
+            actual = got[output].numpy()
+            if actual.shape != value.shape:
+                problems.append(f"{signature} output {output!r} has shape {actual.shape}, expected {value.shape}")
+                continue
+            difference = float(np.max(np.abs(actual.astype(np.float64) - value.astype(np.float64)))) \
+                if value.size and value.dtype.kind in "fiub" else (0.0 if np.array_equal(actual, value) else np.inf)
+            checks.append(OutputCheck(signature, output, difference, tolerance_for(got[output].dtype, value)))
+    if len(set(map(repr, interfaces.values()))) > 1:
+        problems.append("signatures differ in input or output names, dtypes or shapes: "
+                        + "; ".join(f"{k}: {v}" for k, v in interfaces.items()))
+    arm_difference = max(
+        (float(np.max(np.abs(expected[SIGNATURE_LIVE][k].astype(np.float64) - v.astype(np.float64))))
+         for k, v in expected[SIGNATURE_EMA].items() if v.size and v.dtype.kind in "fiub"),
+        default=0.0,
+    )
+    report = VerificationReport(len(probe[0]) if len(probe) else 0, checks, arm_difference > 0, arm_difference,
+                                problems)
+    failed = [f"{c.signature}/{c.output}: max |diff| {c.max_abs_diff:.3g} > tolerance {c.tolerance:.3g}"
+              for c in checks if not c.passed]
+    if problems or failed:
+        raise VerificationError(
+            "The written SavedModel does not reproduce the in-memory models; nothing was published:",
+            hint="This is a bug or an unsupported model: run again with --verbose and report the output",
+            problems=problems + failed,
+        )
+    return report
