@@ -35,6 +35,13 @@ class RestoredVariable:
     shape: tuple[int, ...]
     dtype: tf.DType
 
+    keras_path: str = ""
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """Names a shadow may use for this variable: its training-time name, and its Keras path if it has one."""
+        return tuple(dict.fromkeys(name for name in (self.training_name, self.keras_path) if name))
+
     @property
     def name(self) -> str:
         """The name people know the variable by: its name at training time."""
@@ -131,6 +138,7 @@ def restore_live(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredMode
                 trainable=bool(variable.trainable),
                 shape=tuple(variable.shape),
                 dtype=tf.dtypes.as_dtype(variable.dtype),
+                keras_path=getattr(variable, "path", "") if not isinstance(variable, tf.Variable) else "",
             )
         )
     if differing:

@@ -65,3 +65,109 @@ def write_seed_checkpoints(
         max_to_keep=3,
     )
     return live_manager.save(), ema_manager.save()
+
+
+# --- Keras 3 models: Dense -> BatchNorm -> ReLU -> Dense, built three ways -------------------------------------
+
+HIDDEN = 5
+
+
+def build_sequential():
+    import keras
+
+    return keras.Sequential(
+        [keras.Input((NUM_FEATURES,), name="features"), keras.layers.Dense(HIDDEN),
+         keras.layers.BatchNormalization(), keras.layers.ReLU(), keras.layers.Dense(NUM_CLASSES)],
+        name="classifier",
+    )
+
+
+def build_functional():
+    import keras
+
+    inputs = keras.Input((NUM_FEATURES,), name="features")
+    hidden = keras.layers.Dense(HIDDEN)(inputs)
+    hidden = keras.layers.ReLU()(keras.layers.BatchNormalization()(hidden))
+    return keras.Model(inputs, keras.layers.Dense(NUM_CLASSES)(hidden), name="classifier")
+
+
+def build_subclassed():
+    import keras
+
+    class Classifier(keras.Model):
+        def __init__(self):
+            super().__init__(name="classifier")
+            self.hidden = keras.layers.Dense(HIDDEN)
+            self.norm = keras.layers.BatchNormalization()
+            self.head = keras.layers.Dense(NUM_CLASSES)
+
+        def call(self, inputs, training=False):
+            return self.head(keras.activations.relu(self.norm(self.hidden(inputs), training=training)))
+
+    return Classifier()
+
+
+KERAS_BUILDERS = {"sequential": build_sequential, "functional": build_functional, "subclassed": build_subclassed}
+
+
+def write_keras_checkpoints(build, ckpt_dir, seed: int = 0, ema_key=lambda v: v.value.name, as_list=False):
+    """Train-side: give a Keras model known weights and BN statistics, keep a real EMA of its trainable variables
+    with known shadow values, and save `ckpt_dir/ckpt-1` (`Checkpoint(model=...)`) and `ckpt_dir/ema/ckpt-1`.
+
+    Returns the checkpoint keys holding, in model order, the live trainable values, the live non-trainable values
+    and the shadows, found by value in the files written.
+    """
+    model = build()
+    if not model.built:
+        model(np.zeros((1, NUM_FEATURES), np.float32))
+    rng = np.random.default_rng(seed)
+    for variable in model.variables:
+        value = rng.standard_normal(variable.shape).astype(np.float32)
+        if "variance" in variable.path:
+            value = np.abs(value) + 0.5
+        variable.assign(value)
+    tf_variables = [v.value for v in model.trainable_variables]
+    average = tf.train.ExponentialMovingAverage(decay=0.9)
+    average.apply(tf_variables)
+    for variable in tf_variables:
+        average.average(variable).assign(variable * 0.5 + 0.25)
+    shadows = [average.average(v) for v in tf_variables]
+    container = shadows if as_list else {ema_key(v): average.average(v.value) for v in model.trainable_variables}
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(ckpt_dir), 3).save()
+    tf.train.CheckpointManager(tf.train.Checkpoint(ema_weights=container), str(Path(ckpt_dir) / "ema"), 3).save()
+    live_prefix = tf.train.latest_checkpoint(str(ckpt_dir))
+    ema_prefix = tf.train.latest_checkpoint(str(Path(ckpt_dir) / "ema"))
+    return ([_key_holding(live_prefix, v.numpy()) for v in model.trainable_variables],
+            [_key_holding(live_prefix, v.numpy()) for v in model.non_trainable_variables],
+            [_key_holding(ema_prefix, average.average(v).numpy()) for v in tf_variables])
+
+
+def _key_holding(prefix, value):
+    """The checkpoint entry whose stored value is exactly `value` (the tests' values are random, hence unique), or
+    None when the checkpoint lost it (an EMA dict whose keys collided)."""
+    reader = tf.train.load_checkpoint(prefix)
+    keys = [key for key in reader.get_variable_to_shape_map()
+            if key != "_CHECKPOINTABLE_OBJECT_GRAPH" and np.array_equal(reader.get_tensor(key), value)]
+    assert len(keys) <= 1, keys
+    return keys[0] if keys else None
+
+
+def mlp_numpy(inputs, kernel1, bias1, gamma, beta, mean, variance, kernel2, bias2, epsilon=1e-3):
+    """Dense -> BatchNorm (inference) -> ReLU -> Dense, in numpy."""
+    hidden = inputs @ kernel1 + bias1
+    hidden = (hidden - mean) / np.sqrt(variance + epsilon) * gamma + beta
+    return np.maximum(hidden, 0.0) @ kernel2 + bias2
+
+
+def expected_mlp_outputs(ckpt_dir, keys, inputs):
+    """(live, ema) outputs of the Keras MLP from the values stored in its two checkpoints."""
+    live_reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(ckpt_dir)))
+    ema_reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(Path(ckpt_dir) / "ema")))
+    trainable, non_trainable, shadows = keys
+    mean, variance = (live_reader.get_tensor(key) for key in non_trainable)
+
+    def run(reader, names):
+        k1, b1, gamma, beta, k2, b2 = (reader.get_tensor(key) for key in names)
+        return mlp_numpy(inputs, k1, b1, gamma, beta, mean, variance, k2, b2)
+
+    return run(live_reader, trainable), run(ema_reader, shadows)

@@ -79,13 +79,15 @@ def strip_output_index(name: str) -> str:
 def match_by_name(layout: str, source: str, shadows: Sequence[Shadow], restored: RestoredModel) -> ShadowMatch:
     """Pair shadows with variables by the variables' training-time names.
 
-    A shadow's claimed names are tried in order; the first that names exactly one variable wins. A name that names
-    several variables (two variables saved under one name) is a duplicate claim and is reported, never guessed.
+    A variable answers to its training-time name and, for Keras, its path. A shadow's claimed names are tried in
+    order; the first that names exactly one variable wins. When none does and one names several variables (two
+    variables saved under one name), that is a duplicate claim and is reported, never guessed.
     """
     by_name: dict[str, list[int]] = defaultdict(list)
-    by_short_name: dict[str, list[int]] = defaultdict(list)
+    by_short_name: defaultdict[str, list[int]] = defaultdict(list)
     for index, variable in enumerate(restored.variables):
-        by_name[variable.training_name].append(index)
+        for alias in variable.aliases:
+            by_name[alias].append(index)
         by_short_name[variable.training_name.rsplit("/", 1)[-1]].append(index)
 
     matched: dict[int, Shadow] = {}
@@ -93,32 +95,34 @@ def match_by_name(layout: str, source: str, shadows: Sequence[Shadow], restored:
     problems: list[str] = []
     for shadow in shadows:
         owner: int | None = None
+        ambiguous: tuple[str, list[int]] | None = None
         for claimed in shadow.claimed_names:
-            owners = by_name.get(claimed, [])
-            if len(owners) > 1:
-                problems.append(
-                    f"duplicate claim: shadow {shadow.checkpoint_key} is named {claimed!r}, the name of "
-                    f"{len(owners)} variables ({name_list([restored.variables[i].path for i in owners])})"
-                )
-                owner = -1
-                break
-            if owners:
+            owners = sorted(set(by_name.get(claimed, [])))
+            if len(owners) == 1:
                 owner = owners[0]
                 break
-        if owner is None:
-            # Dict keys built from Keras 3 `v.name` ("kernel") name a layer's variable but not which layer.
-            short = [name for name in shadow.claimed_names if len(by_short_name.get(name, [])) > 1]
-            if short:
-                owners = by_short_name[short[0]]
-                problems.append(
-                    f"duplicate claim: shadow {shadow.checkpoint_key} is keyed {short[0]!r}, the short name of "
-                    f"{len(owners)} variables ({name_list([restored.variables[i].training_name for i in owners])}); "
-                    "key the EMA dict by v.path or v.value.name, which are unique"
-                )
-                continue
-            unmatched.append(shadow)
+            if owners and ambiguous is None:
+                ambiguous = (claimed, owners)
+        if owner is None and ambiguous is not None:
+            claimed, owners = ambiguous
+            problems.append(
+                f"duplicate claim: shadow {shadow.checkpoint_key} is named {claimed!r}, the name of "
+                f"{len(owners)} variables ({name_list([restored.variables[i].path for i in owners])})"
+            )
             continue
-        if owner < 0:
+        # Dict keys built from Keras 3 `v.name` ("kernel") name a layer's variable but not which layer: the dict
+        # kept one shadow per short name and silently lost the others when training saved it.
+        short = [name for name in shadow.claimed_names if name not in by_name and len(by_short_name[name]) > 1]
+        if short:
+            owners = by_short_name[short[0]]
+            problems.append(
+                f"duplicate claim: shadow {shadow.checkpoint_key} is keyed {short[0]!r}, the short name of "
+                f"{len(owners)} variables ({name_list([restored.variables[i].training_name for i in owners])}); "
+                "key the EMA dict by v.path (Keras) or v.name (tf.Variable), which are unique"
+            )
+            continue
+        if owner is None:
+            unmatched.append(shadow)
             continue
         if owner in matched:
             problems.append(

@@ -1,0 +1,184 @@
+"""The exporter end to end on real checkpoints: served outputs against numpy, storage, versions, manifest."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import keras
+import tensorflow as tf
+
+import ema_export
+import tiny_models as tm
+from ema_export.errors import FoldError, RestoreError, VersionExistsError
+from ema_export.manifest import read_manifest
+from ema_export.names import (ASSETS_EXTRA_DIR, MANIFEST_FILENAME, SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE,
+                              WARMUP_FILENAME)
+
+X = np.array([[1.0, -2.0, 0.5, 3.0], [0.0, 1.0, -1.0, 2.0], [4.0, 0.25, -0.5, -1.0]], np.float32)
+
+
+def serve(version_dir, signature, inputs, input_name="inputs"):
+    loaded = tf.saved_model.load(str(version_dir))
+    return loaded.signatures[signature](**{input_name: tf.constant(inputs)})["output_0"].numpy()
+
+
+def stored_variables(version_dir):
+    return [key for key, _ in tf.train.list_variables(str(version_dir / "variables" / "variables"))
+            if key != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+
+
+@pytest.fixture
+def seed_ckpt(tmp_path):
+    tm.write_seed_checkpoints(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_seed_module_serves_live_and_ema_values(seed_ckpt, tmp_path):
+    result = ema_export.export(seed_ckpt, tmp_path / "models", model=tm.LinearModule)
+
+    assert result.version == 1 and result.version_dir == tmp_path / "models" / "1"
+    np.testing.assert_allclose(serve(result.version_dir, SIGNATURE_LIVE, X), tm.linear_numpy(X, tm.LIVE_W, tm.LIVE_B),
+                               rtol=1e-6)
+    np.testing.assert_allclose(serve(result.version_dir, SIGNATURE_EMA, X), tm.linear_numpy(X, tm.EMA_W, tm.EMA_B),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(serve(result.version_dir, SIGNATURE_DEFAULT, X),
+                                  serve(result.version_dir, SIGNATURE_EMA, X))
+    # Live and averaged copies, each once.
+    assert len(stored_variables(result.version_dir)) == 4
+    assert {item.name for item in result.fold.folded} == {"weights", "biases"}
+    assert result.attachment == "checkpoint root"
+
+
+def test_manifest_records_sources_drift_and_verification(seed_ckpt, tmp_path):
+    result = ema_export.export(seed_ckpt, tmp_path / "models", model=tm.LinearModule)
+    manifest = read_manifest(result.version_dir)
+
+    assert manifest == json.loads((result.version_dir / ASSETS_EXTRA_DIR / MANIFEST_FILENAME).read_text())
+    assert manifest["sources"]["training_checkpoint"].endswith("ckpt/ckpt-1")
+    assert manifest["sources"]["ema_checkpoint"].endswith("ckpt/ema/ckpt-1")
+    assert any(path.endswith("ckpt-1.index") for path in manifest["sources"]["training_files"])
+    assert manifest["layout"]["name"] == "ema-checkpoint"
+    drift = {item["name"]: item["relative_l2"] for item in manifest["variables"]["folded"]}
+    expected = np.linalg.norm(tm.EMA_W - tm.LIVE_W) / np.linalg.norm(tm.LIVE_W)
+    assert drift["weights"] == pytest.approx(expected, rel=1e-6)
+    assert manifest["verification"]["passed"] is True
+    assert {c["signature"] for c in manifest["verification"]["checks"]} == {SIGNATURE_LIVE, SIGNATURE_EMA,
+                                                                          SIGNATURE_DEFAULT}
+    assert manifest["versions"]["tensorflow"] == tf.__version__
+    assert manifest["signatures"]["default_serves"] == SIGNATURE_EMA
+    assert (result.version_dir / ASSETS_EXTRA_DIR / WARMUP_FILENAME).stat().st_size > 0
+
+
+def test_warmup_records_are_predict_requests_for_both_arms(seed_ckpt, tmp_path):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    result = ema_export.export(seed_ckpt, tmp_path / "models", model=tm.LinearModule)
+    records = tf.data.TFRecordDataset(str(result.version_dir / ASSETS_EXTRA_DIR / WARMUP_FILENAME))
+    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in records]
+    assert [log.predict_log.request.model_spec.signature_name for log in logs] == [SIGNATURE_LIVE, SIGNATURE_EMA]
+    assert tf.make_ndarray(logs[0].predict_log.request.inputs["inputs"]).shape[1] == tm.NUM_FEATURES
+
+
+@pytest.mark.parametrize("kind", sorted(tm.KERAS_BUILDERS))
+def test_keras_models_fold_trainables_and_share_batchnorm_statistics(kind, tmp_path):
+    build = tm.KERAS_BUILDERS[kind]
+    signature = None
+    if kind == "subclassed":
+        # Keras 3 gives a subclassed model's sublayer variables one tf.Variable name ("classifier/kernel" twice), so
+        # training must key the EMA dict by the unique `v.path`. Paths carry auto-generated layer names; the export
+        # normally runs in a new process, and clearing the session gives the fresh model the names it would get there.
+        keras.backend.clear_session()
+        keys = tm.write_keras_checkpoints(build, tmp_path / "ckpt", ema_key=lambda v: v.path)
+        keras.backend.clear_session()
+        signature = ["features:float32:[None,4]"]
+    else:
+        keys = tm.write_keras_checkpoints(build, tmp_path / "ckpt", seed=len(kind))
+
+    result = ema_export.export(tmp_path / "ckpt", tmp_path / "models", model=build, input_signature=signature)
+
+    live, ema = tm.expected_mlp_outputs(tmp_path / "ckpt", keys, X)
+    assert not np.allclose(live, ema)
+    np.testing.assert_allclose(serve(result.version_dir, SIGNATURE_LIVE, X, "features"), live, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(serve(result.version_dir, SIGNATURE_EMA, X, "features"), ema, rtol=1e-5, atol=1e-5)
+    # A second batch size through the reloaded signature.
+    np.testing.assert_allclose(serve(result.version_dir, SIGNATURE_EMA, X[:1], "features"), ema[:1], rtol=1e-5,
+                               atol=1e-5)
+    assert len(result.fold.folded) == 6
+    assert sorted(item.path.rsplit("/", 1)[-1] for item in result.fold.kept_live) == ["moving_mean",
+                                                                                         "moving_variance"]
+    # 8 live variables, 6 averaged copies, BatchNorm statistics stored once and shared by both arms.
+    assert len(stored_variables(result.version_dir)) == 8 + 6
+    assert result.attachment == "model"
+
+
+def test_default_signature_can_serve_live(seed_ckpt, tmp_path):
+    result = ema_export.export(seed_ckpt, tmp_path / "models", model=tm.LinearModule, default_signature="live")
+    np.testing.assert_array_equal(serve(result.version_dir, SIGNATURE_DEFAULT, X),
+                                  serve(result.version_dir, SIGNATURE_LIVE, X))
+    assert result.manifest["signatures"]["default_serves"] == SIGNATURE_LIVE
+
+
+def test_versions_increment_and_are_never_replaced_without_overwrite(seed_ckpt, tmp_path):
+    out = tmp_path / "models"
+    assert ema_export.export(seed_ckpt, out, model=tm.LinearModule).version == 1
+    assert ema_export.export(seed_ckpt, out, model=tm.LinearModule).version == 2
+    (out / "1" / "marker").write_text("old")
+    with pytest.raises(VersionExistsError, match="--overwrite"):
+        ema_export.export(seed_ckpt, out, model=tm.LinearModule, version=1)
+    assert (out / "1" / "marker").exists()
+    assert ema_export.export(seed_ckpt, out, model=tm.LinearModule, version=1, overwrite=True).version == 1
+    assert not (out / "1" / "marker").exists()
+    assert ema_export.export(seed_ckpt, out, model=tm.LinearModule, version=7).version == 7
+    assert sorted(p.name for p in out.iterdir()) == ["1", "2", "7"]
+
+
+def test_list_of_shadows_is_matched_through_recorded_names(tmp_path):
+    keys = tm.write_keras_checkpoints(tm.build_sequential, tmp_path / "ckpt", as_list=True)
+    result = ema_export.export(tmp_path / "ckpt", tmp_path / "models", model=tm.build_sequential)
+    _, ema = tm.expected_mlp_outputs(tmp_path / "ckpt", keys, X)
+    np.testing.assert_allclose(serve(result.version_dir, SIGNATURE_EMA, X, "features"), ema, rtol=1e-5, atol=1e-5)
+    assert all(item.shadow_key.startswith("ema_weights/") for item in result.fold.folded)
+
+
+def test_keras3_short_names_are_a_duplicate_claim(tmp_path):
+    tm.write_keras_checkpoints(tm.build_sequential, tmp_path / "ckpt", ema_key=lambda v: v.name)
+    with pytest.raises(FoldError) as error:
+        ema_export.export(tmp_path / "ckpt", tmp_path / "models", model=tm.build_sequential)
+    assert "duplicate claim" in str(error.value) and "'kernel'" in str(error.value)
+    assert "v.path" in str(error.value)
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_keras3_subclassed_variable_names_collide_and_are_reported(tmp_path):
+    tm.write_keras_checkpoints(tm.build_subclassed, tmp_path / "ckpt")
+    with pytest.raises(FoldError) as error:
+        ema_export.export(tmp_path / "ckpt", tmp_path / "models", model=tm.build_subclassed,
+                          input_signature=["features:float32:[None,4]"])
+    message = str(error.value)
+    assert "duplicate claim" in message and "the name of 2 variables" in message
+    assert "missing shadow for" in message
+
+
+def test_wrong_architecture_is_a_restore_error(seed_ckpt, tmp_path):
+    with pytest.raises(RestoreError, match="no value"):
+        ema_export.export(seed_ckpt, tmp_path / "models", model=tm.build_sequential)
+
+
+def test_architecture_from_model_keras_in_checkpoint_dir(tmp_path):
+    keys = tm.write_keras_checkpoints(tm.build_functional, tmp_path / "ckpt")
+    tm.build_functional().save(tmp_path / "ckpt" / "model.keras")
+    result = ema_export.export(tmp_path / "ckpt", tmp_path / "models")
+    _, ema = tm.expected_mlp_outputs(tmp_path / "ckpt", keys, X)
+    np.testing.assert_allclose(serve(result.version_dir, SIGNATURE_EMA, X, "features"), ema, rtol=1e-5, atol=1e-5)
+    assert "model.keras" in result.model_source
+
+
+def test_prefixes_can_be_given_directly(tmp_path):
+    live_prefix, ema_prefix = tm.write_seed_checkpoints(tmp_path / "elsewhere")
+    tm.write_seed_checkpoints(tmp_path / "ckpt", live=(tm.LIVE_W * 3, tm.LIVE_B), ema=(tm.EMA_W * 3, tm.EMA_B))
+    result = ema_export.export(live_prefix, tmp_path / "models", model=tm.LinearModule, ema_checkpoint=ema_prefix)
+    assert result.sources.training.prefix == live_prefix and result.sources.ema.prefix == ema_prefix
+    np.testing.assert_allclose(serve(result.version_dir, SIGNATURE_EMA, X), tm.linear_numpy(X, tm.EMA_W, tm.EMA_B),
+                               rtol=1e-6)
