@@ -125,8 +125,14 @@ def locate(checkpoint: str | os.PathLike, ema_checkpoint: str | os.PathLike | No
     training = resolve_checkpoint(checkpoint, "training", "CKPT_DIR")
     checkpoint_dir = str(checkpoint) if Path(checkpoint).is_dir() else os.path.dirname(training.prefix)
     if ema_checkpoint is not None:
-        return CheckpointSources(training, resolve_checkpoint(ema_checkpoint, "EMA", "--ema-checkpoint"),
-                                 checkpoint_dir)
+        ema = resolve_checkpoint(ema_checkpoint, "EMA", "--ema-checkpoint")
+        if os.path.realpath(ema.prefix) == os.path.realpath(training.prefix):
+            raise CheckpointNotFoundError(
+                f"--ema-checkpoint resolves to the training checkpoint itself ({training.prefix}); its values are "
+                "the live weights, not their averages",
+                hint="Point --ema-checkpoint at the checkpoint the EMA shadows were saved to (by default CKPT_DIR/ema/)",
+            )
+        return CheckpointSources(training, ema, checkpoint_dir)
     default_ema = Path(checkpoint_dir) / EMA_CHECKPOINT_SUBDIR
     if default_ema.is_dir():
         return CheckpointSources(training, resolve_checkpoint(default_ema, "EMA", "--ema-checkpoint"), checkpoint_dir)

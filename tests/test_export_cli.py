@@ -1,0 +1,141 @@
+"""`ema-export` on the command line: the summary, --json, one-line errors, and interrupted exports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import tiny_models as tm
+from ema_export.cli import cli
+from ema_export.names import TEMP_VERSION_PREFIX
+
+MODEL = "tiny_models:LinearModule"
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    tm.write_seed_checkpoints(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(arg) for arg in args])
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_summary_names_sources_counts_drifts_checks_and_version(ckpt, tmp_path):
+    result = run(ckpt, tmp_path / "models", "--model", MODEL)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "ckpt/ckpt-1" in out and "ckpt/ema/ckpt-1" in out
+    assert "2 folded, 0 kept live" in out
+    assert "weights" in out and "Largest drifts" in out
+    assert "serve_ema/output_0" in out and "Verified" in out
+    assert f"Wrote version 1      {tmp_path / 'models' / '1'}" in out
+
+
+def test_json_output_is_the_manifest_with_version_dir(ckpt, tmp_path):
+    result = run(ckpt, tmp_path / "models", "--model", MODEL, "--json", "--default-signature", "live")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["version_dir"] == str(tmp_path / "models" / "1")
+    assert data["signatures"]["default_serves"] == "serve_live"
+    assert {item["name"] for item in data["variables"]["folded"]} == {"weights", "biases"}
+
+
+@pytest.mark.parametrize(
+    "arguments, fragments",
+    [
+        (["{tmp}/nowhere", "{tmp}/models", "--model", MODEL], ["neither a directory nor a checkpoint prefix"]),
+        (["{tmp}/ckpt", "{tmp}/models", "--model", "no_colon"], ["package.module:factory"]),
+        (["{tmp}/ckpt", "{tmp}/models", "--model", "no_such_module:build"], ["Cannot import module"]),
+        (["{tmp}/ckpt", "{tmp}/models"], ["No model given", "--model"]),
+        (["{tmp}/ckpt", "{tmp}/models", "--model", "tiny_models:build_sequential"], ["have no value"]),
+        (["{tmp}/ckpt", "{tmp}/models", "--model", MODEL, "--ema-checkpoint", "{tmp}/ckpt"],
+         ["resolves to the training checkpoint itself"]),
+        (["{tmp}/ckpt", "{tmp}/models", "--model", "tiny_models:build_subclassed", "--input-signature", "x:float32"],
+         ["NAME:DTYPE:[D0,D1,...]"]),
+        (["{tmp}/ckpt", "{tmp}/models", "--model", "tiny_models:build_subclassed"], ["--input-signature"]),
+    ],
+    ids=["no-checkpoint", "bad-model-spec", "unimportable-model", "no-model", "wrong-model", "wrong-ema",
+         "bad-input-signature", "no-input-signature"],
+)
+def test_errors_are_one_line_with_a_hint(ckpt, tmp_path, arguments, fragments):
+    result = run(*[a.format(tmp=tmp_path) for a in arguments])
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_missing_ema_directory_is_explained(tmp_path):
+    tm.write_seed_checkpoints(tmp_path / "ckpt")
+    for path in sorted((tmp_path / "ckpt" / "ema").iterdir()):
+        path.unlink()
+    (tmp_path / "ckpt" / "ema").rmdir()
+    assert_one_line_error(run(tmp_path / "ckpt", tmp_path / "models", "--model", MODEL), "No EMA checkpoint",
+                          "--ema-checkpoint")
+
+
+def test_existing_version_is_refused_with_the_fix(ckpt, tmp_path):
+    assert run(ckpt, tmp_path / "models", "--model", MODEL).exit_code == 0
+    result = run(ckpt, tmp_path / "models", "--model", MODEL, "--version", "1", "--json")
+    assert_one_line_error(result, "Version 1 already exists", "--overwrite")
+    assert json.loads(result.stdout)["type"] == "VersionExistsError"
+
+
+def test_help_documents_every_option():
+    result = run("--help")
+    assert result.exit_code == 0
+    for option in ("--ema-checkpoint", "--model", "--input-signature", "--allow-missing", "--version",
+                   "--overwrite", "--default-signature", "--json", "--verbose"):
+        assert option in result.output
+
+
+def _start_export(ckpt: Path, out: Path) -> subprocess.Popen:
+    code = "import sys; from ema_export.cli import main; sys.argv[0] = 'ema-export'; main()"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    return subprocess.Popen([sys.executable, "-c", code, str(ckpt), str(out), "--model", MODEL], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _wait_for_staging(out: Path, process: subprocess.Popen, timeout: float = 60.0) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        staged = list(out.glob(TEMP_VERSION_PREFIX + "*")) if out.exists() else []
+        if staged:
+            return staged[0]
+        time.sleep(0.002)
+    raise AssertionError(f"no staging directory appeared (exit code {process.poll()})")
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
+def test_interrupted_export_publishes_nothing_and_the_next_one_succeeds(ckpt, tmp_path, how):
+    out = tmp_path / "models"
+    process = _start_export(ckpt, out)
+    _wait_for_staging(out, process)
+    process.send_signal(how)
+    process.wait(timeout=60)
+    assert process.returncode != 0, "the export finished before it could be interrupted"
+    assert not [p for p in out.iterdir() if p.name.isdigit()]
+    if how == signal.SIGINT:
+        assert not list(out.iterdir()), "Ctrl-C must clean up its staging directory"
+        assert b"nothing was published" in process.stderr.read()
+
+    result = run(ckpt, out, "--model", MODEL)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["1"], "the abandoned staging directory is cleaned up"
