@@ -121,11 +121,14 @@ def assemble(restored: RestoredModel, report: FoldReport, default_arm: str = "em
     """Build the export root and the `serve_live`, `serve_ema` and `serving_default` signatures."""
     fresh = restored.fresh
     root = tf.Module()
-    root.live_model = fresh.model
     copied: list[str] = []
     if fresh.is_keras:
+        # Track the variables, not the Keras model object: a SavedModel that tracks a Keras 3 model cannot be run by
+        # the session-based loader TF Serving uses ("Could not find variable ..."); Keras's own export does the same.
+        root.live_variables = [variable.value for variable in fresh.model.variables]
         ema_call = _keras_ema_call(restored, report, root)
     else:
+        root.live_model = fresh.model
         ema_call = _module_ema_call(restored, report, root, copied)
     functions = {
         SIGNATURE_LIVE: _serving_function(lambda *inputs: fresh.call(fresh.model, inputs), fresh.input_signature),

@@ -1,6 +1,8 @@
 """Stage 7, verify: reload what was written and check it reproduces the in-memory models, before publishing.
 
-Every signature runs on a probe batch; each output is compared with the in-memory function of its arm and the
+The SavedModel is loaded the way TF Serving loads it (the session-based loader: import the MetaGraph, run the
+restore op, then feed and fetch the tensors each SignatureDef names), not through `tf.saved_model.load`, which can
+run models TF Serving cannot. Every signature runs on a probe batch; each output is compared with the in-memory function of its arm and the
 largest difference is reported beside the tolerance. All signatures must take and return the same names and dtypes,
 so a client can switch arms by signature name alone. Every failure is collected, then raised once.
 """
@@ -60,12 +62,38 @@ def tolerance_for(dtype: tf.DType, expected: np.ndarray) -> float:
     return relative * max(1.0, scale)
 
 
-def _signature_interface(function: Any) -> tuple[dict[str, tuple], dict[str, tuple]]:
-    inputs = {name: (spec.dtype.name, tuple(spec.shape.as_list()))
-              for name, spec in function.structured_input_signature[1].items()}
-    outputs = {name: (spec.dtype.name, tuple(spec.shape.as_list()))
-               for name, spec in function.structured_outputs.items()}
-    return inputs, outputs
+def _signature_interface(signature: Any) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    def describe(infos: Any) -> dict[str, tuple]:
+        return {name: (tf.dtypes.as_dtype(info.dtype).name, tuple(tf.TensorShape(info.tensor_shape).as_list()))
+                for name, info in infos.items()}
+
+    return describe(signature.inputs), describe(signature.outputs)
+
+
+def run_like_tf_serving(directory: Path, feed: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Load `directory` with the session-based loader and run every signature on `feed`.
+
+    Returns:
+        signature name -> (SignatureDef, {output name: array}); a missing signature maps to None.
+    """
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")  # the v1 loader announces its own deprecation on every call
+    try:
+        with tf.compat.v1.Session(graph=tf.Graph()) as session:
+            meta_graph = tf.compat.v1.saved_model.load(session, [tf.saved_model.SERVING], str(directory))
+            results: dict[str, Any] = {}
+            for name in SIGNATURES:
+                signature = meta_graph.signature_def.get(name)
+                if signature is None:
+                    results[name] = None
+                    continue
+                feeds = {signature.inputs[key].name: value for key, value in feed.items() if key in signature.inputs}
+                fetches = {key: info.name for key, info in signature.outputs.items()}
+                results[name] = (signature, session.run(fetches, feeds))
+            return results
+    finally:
+        logger.setLevel(level)
 
 
 def verify(directory: Path, assembly: Assembly, probe: Sequence[np.ndarray]) -> VerificationReport:
@@ -75,37 +103,39 @@ def verify(directory: Path, assembly: Assembly, probe: Sequence[np.ndarray]) -> 
         VerificationError: A signature is missing, the signatures disagree on inputs or outputs, the batch dimension
             is not dynamic, or an output differs from the in-memory model beyond its tolerance.
     """
-    loaded = tf.saved_model.load(str(directory))
     names = [spec.name for spec in assembly.input_signature]
-    feed = {name: tf.constant(array) for name, array in zip(names, probe)}
-    expected = {arm: {k: v.numpy() for k, v in assembly.functions[arm](*feed.values()).items()}
+    feed = dict(zip(names, probe))
+    expected = {arm: {k: v.numpy() for k, v in assembly.functions[arm](*map(tf.constant, probe)).items()}
                 for arm in (SIGNATURE_LIVE, SIGNATURE_EMA)}
     expected[SIGNATURE_DEFAULT] = expected[DEFAULT_ARMS[assembly.default_arm]]
+    served = run_like_tf_serving(directory, feed)
 
     problems: list[str] = []
     checks: list[OutputCheck] = []
     interfaces = {}
     for signature in SIGNATURES:
-        if signature not in loaded.signatures:
+        if served[signature] is None:
             problems.append(f"signature {signature!r} is missing")
             continue
-        function = loaded.signatures[signature]
-        interfaces[signature] = _signature_interface(function)
+        signature_def, got = served[signature]
+        interfaces[signature] = _signature_interface(signature_def)
         for name, (_, shape) in interfaces[signature][0].items():
             if not shape or shape[0] is not None:
                 problems.append(f"{signature} input {name!r} has shape {list(shape)}; the batch dimension must be None")
-        got = function(**feed)
+        if sorted(interfaces[signature][0]) != sorted(names):
+            problems.append(f"{signature} takes inputs {sorted(interfaces[signature][0])}, expected {sorted(names)}")
         for output, value in expected[signature].items():
             if output not in got:
                 problems.append(f"{signature} has no output {output!r}")
                 continue
-            actual = got[output].numpy()
+            actual = np.asarray(got[output])
             if actual.shape != value.shape:
                 problems.append(f"{signature} output {output!r} has shape {actual.shape}, expected {value.shape}")
                 continue
             difference = float(np.max(np.abs(actual.astype(np.float64) - value.astype(np.float64)))) \
                 if value.size and value.dtype.kind in "fiub" else (0.0 if np.array_equal(actual, value) else np.inf)
-            checks.append(OutputCheck(signature, output, difference, tolerance_for(got[output].dtype, value)))
+            checks.append(OutputCheck(signature, output, difference,
+                                      tolerance_for(tf.dtypes.as_dtype(actual.dtype), value)))
     if len(set(map(repr, interfaces.values()))) > 1:
         problems.append("signatures differ in input or output names, dtypes or shapes: "
                         + "; ".join(f"{k}: {v}" for k, v in interfaces.items()))

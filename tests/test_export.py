@@ -105,6 +105,12 @@ def test_keras_models_fold_trainables_and_share_batchnorm_statistics(kind, tmp_p
     # A second batch size through the reloaded signature.
     np.testing.assert_allclose(serve(result.version_dir, SIGNATURE_EMA, X[:1], "features"), ema[:1], rtol=1e-5,
                                atol=1e-5)
+    # The session-based loader TF Serving uses runs it too (a SavedModel tracking a Keras 3 model object fails there).
+    with tf.compat.v1.Session(graph=tf.Graph()) as session:
+        meta_graph = tf.compat.v1.saved_model.load(session, ["serve"], str(result.version_dir))
+        signature = meta_graph.signature_def[SIGNATURE_EMA]
+        served = session.run(signature.outputs["output_0"].name, {signature.inputs["features"].name: X})
+    np.testing.assert_allclose(served, ema, rtol=1e-5, atol=1e-5)
     assert len(result.fold.folded) == 6
     assert sorted(item.path.rsplit("/", 1)[-1] for item in result.fold.kept_live) == ["moving_mean",
                                                                                          "moving_variance"]
