@@ -1,0 +1,381 @@
+"""Start and stop the local model server in-process: `start_server` returns a running `LocalServer`.
+
+Start-up follows ``tensorflow_model_server``: build the config (one model from ``model_name``/``model_base_path``,
+or a ``--model_config_file``), load every model's aspired versions, and only then open the gRPC (and REST) ports,
+so the first request already finds a model. Unlike TF Serving, a missing or empty base path stops start-up with a
+clear error instead of waiting forever for a version to appear.
+
+Shutdown is graceful: the health service turns NOT_SERVING, the ports stop accepting, in-flight requests get up to
+``grace`` seconds to finish, then the pollers stop and the versions are released.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+from ema_export.names import DEFAULT_MODEL_NAME
+from serving.config import (
+    ModelServerConfig,
+    describe_policy,
+    load_model_server_config,
+    single_model_config,
+    validate_model_server_config,
+)
+from serving.server.errors import ModelLoadError, ModelPathError, RpcStatus, ServerStartError
+from serving.server.grpc_service import add_services, make_health_servicer
+from serving.server.manager import ManagerOptions, ModelManager, ModelsUnavailable, list_versions
+from serving.server.rest import RestServer
+
+logger = logging.getLogger("serving.server")
+
+MAX_MESSAGE_BYTES = 2**31 - 1
+"""TF Serving accepts messages up to INT32_MAX; the 4 MB limit people hit is the client channel's default."""
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Everything `start_server` needs; field names mirror ``tensorflow_model_server`` flags.
+
+    Attributes:
+        model_name: Name of the single model served from ``model_base_path``.
+        model_base_path: A TF Serving base path (numeric version directories). Exclusive with ``model_config_file``.
+        port: gRPC port; 0 picks a free one (read it back from `LocalServer.port`).
+        rest_api_port: REST port; None disables REST, 0 picks a free one. (On the command line 0 means off, as
+            in TF Serving.)
+        model_config_file: A ModelServerConfig text file (several models, version policies, labels).
+        file_system_poll_wait_seconds: Seconds between polls of the base paths; 0 or less polls once, at start.
+        host: Interface to bind.
+        model_config_file_poll_wait_seconds: Seconds between re-reads of ``model_config_file``; 0 reads it once.
+        enable_model_warmup: Replay ``assets.extra/tf_serving_warmup_requests`` when a version loads.
+        allow_version_labels_for_unavailable_models: Let a label point at a version that is not AVAILABLE yet
+            (TF Serving's flag; without it, labels in the start-up config fail, since nothing is loaded then).
+        enable_serialization_as_tensor_content: Answer with ``tensor_content`` instead of typed fields.
+        grpc_max_threads: Worker threads answering gRPC requests concurrently.
+    """
+
+    model_name: str = DEFAULT_MODEL_NAME
+    model_base_path: str | os.PathLike[str] | None = None
+    port: int = 0
+    rest_api_port: int | None = None
+    model_config_file: str | os.PathLike[str] | None = None
+    file_system_poll_wait_seconds: float = 1.0
+    host: str = "127.0.0.1"
+    model_config_file_poll_wait_seconds: float = 0.0
+    enable_model_warmup: bool = True
+    allow_version_labels_for_unavailable_models: bool = False
+    enable_serialization_as_tensor_content: bool = False
+    grpc_max_threads: int = 16
+
+
+class _Periodic:
+    """Calls a function every ``interval`` seconds on a daemon thread until stopped; logs (never raises) errors."""
+
+    def __init__(self, interval: float, function: Callable[[], None], name: str) -> None:
+        self._interval = interval
+        self._function = function
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval):
+            try:
+                self._function()
+            except Exception:  # a poll that fails is retried next interval; the server keeps serving
+                logger.exception("Periodic %s failed", self._thread.name)
+
+
+class LocalServer:
+    """A running local model server. Create it with `start_server`.
+
+    Attributes:
+        port: The bound gRPC port.
+        rest_port: The bound REST port, or None when REST is off.
+        host: The interface both are bound to.
+    """
+
+    def __init__(
+        self,
+        options: ServerOptions,
+        manager: ModelManager,
+        grpc_server: grpc.Server,
+        port: int,
+        health_servicer: Any,
+        rest_server: RestServer | None,
+    ) -> None:
+        self.options = options
+        self.host = options.host
+        self.port = port
+        self.rest_port = rest_server.port if rest_server else None
+        self._manager = manager
+        self._grpc_server = grpc_server
+        self._health = health_servicer
+        self._rest_server = rest_server
+        self._pollers: list[_Periodic] = []
+        self._config_text: str | None = None
+        self._stop_lock = threading.Lock()
+        self._stopped = threading.Event()
+
+    @property
+    def manager(self) -> ModelManager:
+        """The model manager (versions, states, labels), for inspection."""
+        return self._manager
+
+    def model_versions(self) -> dict[str, list[int]]:
+        """Every configured model with its AVAILABLE versions, ascending."""
+        return self._manager.available_versions()
+
+    def describe_models(self) -> list[str]:
+        """One line per model: name, available versions, version policy, labels (for start-up output)."""
+        labels = self._manager.labels()
+        lines = []
+        for name, config in self._manager.model_configs().items():
+            versions = self._manager.available_versions().get(name, [])
+            line = f"{name}: versions {versions or 'none'} AVAILABLE (policy {describe_policy(config)})"
+            if labels.get(name):
+                line += ", labels " + ", ".join(f"{label}={version}" for label, version in sorted(labels[name].items()))
+            lines.append(f"{line}, base path {config.base_path}")
+        return lines
+
+    def wait_until_available(self, timeout: float = 30.0) -> None:
+        """Block until every configured model has an AVAILABLE version.
+
+        Raises:
+            TimeoutError: some model still has none after ``timeout`` seconds (named in the message).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            missing = [name for name, versions in self.model_versions().items() if not versions]
+            if not missing:
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"Models {missing} have no AVAILABLE version after {timeout:g} s")
+            time.sleep(0.05)
+
+    def poll_now(self) -> None:
+        """Look at the base paths right away instead of waiting for the next poll."""
+        self._manager.poll()
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting requests, let in-flight ones finish (up to ``grace`` seconds), release every model.
+
+        Safe to call more than once and from any thread.
+        """
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            self._health.enter_graceful_shutdown()
+            done = self._grpc_server.stop(grace)
+            if self._rest_server is not None:
+                self._rest_server.stop()
+            done.wait(grace + 1.0)
+            for poller in self._pollers:
+                poller.stop()
+            self._manager.close()
+            self._stopped.set()
+            logger.info("Server stopped")
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        """Block until `stop` has completed (or ``timeout`` passed); True when stopped."""
+        return self._stopped.wait(timeout)
+
+    def __enter__(self) -> LocalServer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def _start_pollers(self) -> None:
+        if self.options.file_system_poll_wait_seconds > 0:
+            self._pollers.append(
+                _Periodic(self.options.file_system_poll_wait_seconds, self._manager.poll, "ema-serving-fs-poll")
+            )
+        if self.options.model_config_file and self.options.model_config_file_poll_wait_seconds > 0:
+            self._config_text = _read_text(self.options.model_config_file)
+            self._pollers.append(
+                _Periodic(
+                    self.options.model_config_file_poll_wait_seconds, self._reload_config_file, "ema-serving-config"
+                )
+            )
+        for poller in self._pollers:
+            poller.start()
+
+    def _reload_config_file(self) -> None:
+        """Re-read ``model_config_file``; apply it when its text changed (errors are logged, the old config stays)."""
+        path = self.options.model_config_file
+        assert path is not None
+        text = _read_text(path)
+        if text == self._config_text:
+            return
+        self._config_text = text
+        try:
+            self._manager.apply_config(load_model_server_config(path, allow_empty=True))
+            logger.info("Applied the changed model config file %s", path)
+        except (ValueError, RpcStatus) as error:
+            logger.error("Ignoring the changed model config file %s: %s", path, error)
+
+
+def start_server(options: ServerOptions | None = None, /, **fields: Any) -> LocalServer:
+    """Load the configured models and serve them over TF Serving's gRPC API (and REST, if asked).
+
+    Args:
+        options: A `ServerOptions`; keyword arguments override its fields (or replace it entirely).
+        **fields: `ServerOptions` fields, e.g. ``model_base_path``, ``port``, ``rest_api_port``.
+
+    Returns:
+        The running server; ``server.port`` is the bound gRPC port. Use it as a context manager to stop it.
+
+    Raises:
+        ModelConfigError: the config file is unreadable or breaks TF Serving's rules.
+        ModelPathError: a base path is missing or holds no numeric version directory.
+        ModelLoadError: a model has no version that loads.
+        ServerStartError: a port cannot be bound, or the options contradict each other.
+
+    Example::
+
+        with start_server(model_base_path="/tmp/models", port=0) as server:
+            channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    """
+    options = dataclasses.replace(options or ServerOptions(), **fields)
+    config = _initial_config(options)
+    _check_base_paths(config)
+    manager = ModelManager(
+        ManagerOptions(
+            enable_model_warmup=options.enable_model_warmup,
+            allow_version_labels_for_unavailable_models=options.allow_version_labels_for_unavailable_models,
+        )
+    )
+    _load_initial_models(manager, config)
+    try:
+        server = _open_ports(options, manager)
+    except BaseException:
+        manager.close()
+        raise
+    server._start_pollers()
+    return server
+
+
+def _initial_config(options: ServerOptions) -> ModelServerConfig:
+    if options.model_config_file is not None and options.model_base_path is not None:
+        raise ServerStartError(
+            "Both a model base path and a model config file were given; they are exclusive",
+            hint="Pass --model-base-path (one model) or --model-config-file (several), not both",
+        )
+    if options.model_config_file is not None:
+        return load_model_server_config(options.model_config_file)
+    if options.model_base_path is None:
+        raise ServerStartError(
+            "No model to serve: neither a model base path nor a model config file was given",
+            hint="Pass --model-base-path OUT_DIR (an ema-export output directory) or --model-config-file FILE",
+        )
+    config = single_model_config(options.model_name, options.model_base_path)
+    validate_model_server_config(config)
+    return config
+
+
+def _check_base_paths(config: ModelServerConfig) -> None:
+    problems = []
+    for model in config.model_config_list.config:
+        try:
+            versions = list_versions(model.base_path)
+        except FileNotFoundError:
+            problems.append(f"model {model.name!r}: base path {model.base_path} does not exist")
+            continue
+        except OSError as error:
+            problems.append(f"model {model.name!r}: base path {model.base_path} cannot be read ({error.strerror})")
+            continue
+        if not versions:
+            problems.append(
+                f"model {model.name!r}: base path {model.base_path} holds no numeric version directory "
+                "(such as 1/); temporary or non-numeric directories are ignored"
+            )
+    if problems:
+        raise ModelPathError(
+            "Cannot serve:",
+            hint="Point the base path at an ema-export OUT_DIR (run `ema-export` first), which holds <N>/saved_model.pb",
+            problems=problems,
+        )
+
+
+def _load_initial_models(manager: ModelManager, config: ModelServerConfig) -> None:
+    try:
+        manager.apply_config(config)
+    except ModelsUnavailable as unavailable:
+        raise ModelLoadError(
+            f"No version of model(s) {', '.join(unavailable.names)} could be loaded:",
+            hint="Check those SavedModel directories (and their assets.extra/tf_serving_warmup_requests); "
+            "--enable-model-warmup=false skips warmup",
+            problems=unavailable.problems,
+        ) from None
+    except RpcStatus as status:
+        raise ServerStartError(
+            status.message,
+            hint="TF Serving checks labels before it loads anything, so start-up labels need "
+            "--allow-version-labels-for-unavailable-models (TF Serving needs it too), or add the labels later "
+            "with a config reload",
+        ) from None
+
+
+def _open_ports(options: ServerOptions, manager: ModelManager) -> LocalServer:
+    grpc_server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=options.grpc_max_threads, thread_name_prefix="ema-serving-grpc"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    health_servicer = make_health_servicer()
+    add_services(
+        grpc_server, manager, health_servicer, as_tensor_content=options.enable_serialization_as_tensor_content
+    )
+    address = f"[{options.host}]:{options.port}" if ":" in options.host else f"{options.host}:{options.port}"
+    try:
+        port = grpc_server.add_insecure_port(address)
+    except RuntimeError as error:
+        raise ServerStartError(f"Could not bind the gRPC port {address}: {error}", hint="Choose another --port") from None
+    if port == 0:
+        raise ServerStartError(f"Could not bind the gRPC port {address}", hint="Choose another --port")
+    rest_server = None
+    if options.rest_api_port is not None:
+        if options.rest_api_port and options.rest_api_port == port:
+            raise ServerStartError("--rest-api-port must differ from --port", hint="Choose two different ports")
+        try:
+            rest_server = RestServer(manager, options.host, options.rest_api_port)
+        except OSError as error:
+            raise ServerStartError(
+                f"Could not bind the REST port {options.host}:{options.rest_api_port}: {error.strerror}",
+                hint="Choose another --rest-api-port, or 0 to turn REST off",
+            ) from None
+    grpc_server.start()
+    if rest_server is not None:
+        rest_server.start()
+    return LocalServer(options, manager, grpc_server, port, health_servicer, rest_server)
+
+
+def _read_text(path: str | os.PathLike[str]) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except OSError:
+        return None

@@ -1,0 +1,85 @@
+"""Errors of the local model server: start-up failures the CLI reports, and RPC outcomes TF Serving would return.
+
+Two kinds, kept apart on purpose:
+
+* `ServerError` and its subclasses stop the server from starting (missing base path, no loadable version, port in
+  use). They carry a hint; ``ema-serving serve`` prints them as one line.
+* `RpcStatus` is a request's non-OK answer: a gRPC status code plus the message TF Serving would send. The gRPC
+  servicers abort with it and the REST handler maps it to an HTTP status, so both front ends agree.
+
+This module imports neither TensorFlow nor anything heavy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+
+
+class ServerError(ValueError):
+    """Base class of every error that prevents the local server from starting.
+
+    Args:
+        message: What happened and what was expected.
+        hint: How to fix it, usually naming a flag.
+        problems: Every individual failure, when one error reports several.
+    """
+
+    def __init__(self, message: str, hint: str = "", problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.problems = list(problems)
+
+    def __str__(self) -> str:
+        text = self.message
+        if self.problems:
+            text += " " + "; ".join(self.problems)
+        if self.hint:
+            text = text.rstrip(".") + f". {self.hint}"
+        return text
+
+
+class ModelPathError(ServerError):
+    """A model's base path is missing, is not a directory, or holds no numeric version directory."""
+
+
+class ModelLoadError(ServerError):
+    """A configured model has no version that loaded (every version failed to load or to warm up)."""
+
+
+class ServerStartError(ServerError):
+    """A port could not be bound, or the options contradict each other."""
+
+
+class RpcStatus(Exception):
+    """A non-OK answer to one request: the gRPC status code and the message TF Serving would send.
+
+    Args:
+        code: The gRPC status code (NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, ...).
+        message: The status details, which the client sees as ``RpcError.details()``.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"RpcStatus({self.code.name}, {self.message!r})"
+
+
+def not_found(message: str) -> RpcStatus:
+    """NOT_FOUND: unknown model or version (TF Serving's 'Servable not found for request: ...')."""
+    return RpcStatus(grpc.StatusCode.NOT_FOUND, message)
+
+
+def invalid_argument(message: str) -> RpcStatus:
+    """INVALID_ARGUMENT: the request itself is wrong (inputs, labels, fields)."""
+    return RpcStatus(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def failed_precondition(message: str) -> RpcStatus:
+    """FAILED_PRECONDITION: valid request the served model cannot take (unknown signature, unavailable label target)."""
+    return RpcStatus(grpc.StatusCode.FAILED_PRECONDITION, message)

@@ -1,0 +1,290 @@
+"""Which versions of which models are loaded: config, file-system polling, version policy, labels, states.
+
+This is the local counterpart of TF Serving's ServerCore + AspiredVersionsManager + FileSystemStoragePathSource:
+
+* Each poll lists a model's base path; only children whose names are integers are versions, so an export still
+  being written under a temporary name (``temp-...``) is never seen.
+* The version policy (``latest``/``all``/``specific``) picks the aspired versions. New ones are loaded (and warmed
+  up) before old ones are unloaded, TF Serving's availability-preserving order, so a model never goes dark during
+  a swap. Unlike TF Serving, an old version also stays while every aspired version failed to load: a broken export
+  must not take a working model down in a local loop.
+* A version that failed to load is not retried until its directory disappears and comes back (TF Serving does not
+  retry either, after its few load retries).
+* Serving reads are lock-free: ``_serving`` maps are replaced, never mutated, so a request grabs a version with one
+  dictionary read and keeps it for as long as it needs it, whatever the poller does meanwhile.
+* GetModelStatus sees TF Serving's states: LOADING, AVAILABLE, UNLOADING, END (with the load error, if any); ended
+  versions stay listed, as TF Serving's state monitor keeps them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from tensorflow_serving.apis import get_model_status_pb2, model_pb2
+
+from serving.config import ModelConfig, ModelServerConfig, aspired_versions
+from serving.server.errors import RpcStatus, failed_precondition, invalid_argument, not_found
+from serving.server.servable import LoadedVersion, VersionLoadError, load_version
+
+logger = logging.getLogger("serving.server")
+
+State = get_model_status_pb2.ModelVersionStatus.State
+LOADING = State.Value("LOADING")
+AVAILABLE = State.Value("AVAILABLE")
+UNLOADING = State.Value("UNLOADING")
+END = State.Value("END")
+
+
+@dataclass(frozen=True)
+class VersionState:
+    """One version's state as GetModelStatus reports it; ``code``/``message`` hold a failed load's error."""
+
+    state: int
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class ManagerOptions:
+    """How versions are loaded and labels are checked (the server flags that affect the manager)."""
+
+    enable_model_warmup: bool = True
+    allow_version_labels_for_unavailable_models: bool = False
+
+
+class ModelsUnavailable(RpcStatus):
+    """Newly configured models that have no AVAILABLE version; ``problems`` says why, one entry per failure."""
+
+    def __init__(self, names: list[str], problems: list[str]) -> None:
+        super().__init__(
+            grpc.StatusCode.UNKNOWN,
+            f"{len(names)} model(s) did not become available: {{{', '.join('{' + p + '}' for p in problems)}}}",
+        )
+        self.names = names
+        self.problems = problems
+
+
+def list_versions(base_path: str | os.PathLike[str]) -> dict[int, Path]:
+    """The version directories under a base path: children whose names are integers (``1``, ``002``).
+
+    Raises:
+        OSError: the base path is missing or unreadable.
+    """
+    versions: dict[int, Path] = {}
+    with os.scandir(base_path) as entries:
+        for entry in sorted(entries, key=lambda entry: entry.name):
+            if entry.name.isascii() and entry.name.isdigit() and entry.is_dir():
+                versions.setdefault(int(entry.name), Path(entry.path))
+    return versions
+
+
+class ModelManager:
+    """Loads, serves and unloads model versions according to a ModelServerConfig.
+
+    Args:
+        options: Warmup and label behaviour.
+    """
+
+    def __init__(self, options: ManagerOptions = ManagerOptions()) -> None:
+        self._options = options
+        self._sync_lock = threading.Lock()  # one config change or poll at a time
+        self._lock = threading.Lock()  # guards the state and label maps below
+        self._configs: dict[str, ModelConfig] = {}
+        self._serving: dict[str, Mapping[int, LoadedVersion]] = {}
+        self._states: dict[str, dict[int, VersionState]] = {}
+        self._labels: dict[str, dict[str, int]] = {}
+        self._failed: dict[str, set[int]] = {}
+        self._path_problems: dict[str, str] = {}
+
+    # ----------------------------------------------------------------------------------------------- requests
+
+    def get_servable(self, model_spec: model_pb2.ModelSpec) -> LoadedVersion:
+        """The loaded version a ModelSpec asks for: by version, by label, or the latest.
+
+        Raises:
+            RpcStatus: INVALID_ARGUMENT for an empty name or an unknown label, NOT_FOUND for an unknown model or
+                version, with TF Serving's messages.
+        """
+        name = model_spec.name
+        if not name:
+            raise invalid_argument("ModelSpec has no name specified.")
+        choice = model_spec.WhichOneof("version_choice")
+        versions = self._serving.get(name)
+        if choice is None:
+            if not versions:
+                raise not_found(f"Servable not found for request: Latest({name})")
+            return versions[max(versions)]
+        if choice == "version_label":
+            version = self._labels.get(name, {}).get(model_spec.version_label)
+            if version is None:
+                raise invalid_argument(f"Unrecognized servable version label: {model_spec.version_label}")
+        else:
+            version = model_spec.version.value
+        servable = versions.get(version) if versions else None
+        if servable is None:
+            raise not_found(f"Servable not found for request: Specific({name}, {version})")
+        return servable
+
+    def version_states(self, name: str, version: int | None = None) -> list[tuple[int, VersionState]]:
+        """GetModelStatus: every known version of a model (newest first), or one version.
+
+        Raises:
+            RpcStatus: NOT_FOUND with TF Serving's messages when nothing is known.
+        """
+        with self._lock:
+            states = dict(self._states.get(name, {}))
+        if version is not None:
+            if version not in states:
+                raise not_found(f"Could not find version {version} of model {name}")
+            return [(version, states[version])]
+        if not states:
+            raise not_found(f"Could not find any versions of model {name}")
+        return sorted(states.items(), reverse=True)
+
+    def available_versions(self) -> dict[str, list[int]]:
+        """Every configured model with its AVAILABLE versions, ascending."""
+        serving = self._serving
+        return {name: sorted(serving.get(name, {})) for name in self._configs}
+
+    def labels(self) -> dict[str, dict[str, int]]:
+        """The label map in force: model -> label -> version."""
+        with self._lock:
+            return {name: dict(labels) for name, labels in self._labels.items()}
+
+    def model_configs(self) -> dict[str, ModelConfig]:
+        """The configured models by name."""
+        return dict(self._configs)
+
+    # ------------------------------------------------------------------------------------------ config, polls
+
+    def apply_config(self, config: ModelServerConfig) -> None:
+        """Switch to a new config (start-up or HandleReloadConfigRequest), loading new models before returning.
+
+        Like TF Serving, labels are checked against the versions available *before* the new config loads anything,
+        and the call waits for newly added models to become available.
+
+        Raises:
+            RpcStatus: FAILED_PRECONDITION when a label points at a version that is not AVAILABLE.
+            ModelsUnavailable: (an RpcStatus, UNKNOWN) a newly added model has no version that loaded.
+        """
+        models = {model.name: model for model in config.model_config_list.config}
+        with self._sync_lock:
+            labels = self._label_map(models)
+            added = [name for name in models if name not in self._configs]
+            removed = [name for name in self._configs if name not in models]
+            with self._lock:
+                self._configs = models
+                self._labels = labels
+            for name in removed:
+                self._unload_model(name)
+            for name in models:
+                self._sync_model(name)
+            self._check_available(added)
+
+    def poll(self) -> None:
+        """Look at every base path once: load new aspired versions, unload the ones no longer aspired."""
+        with self._sync_lock:
+            for name in list(self._configs):
+                self._sync_model(name)
+
+    def close(self) -> None:
+        """Drop every loaded version (at shutdown, after the last request finished)."""
+        with self._sync_lock:
+            for name in list(self._serving):
+                self._unload_model(name)
+
+    def _label_map(self, models: Mapping[str, ModelConfig]) -> dict[str, dict[str, int]]:
+        allow_unavailable = self._options.allow_version_labels_for_unavailable_models
+        labels: dict[str, dict[str, int]] = {}
+        for name, model in models.items():
+            serving = self._serving.get(name, {})
+            for label, version in model.version_labels.items():
+                existing = self._labels.get(name, {}).get(label)
+                allowed = allow_unavailable and existing in (None, version)
+                if not allowed and version not in serving:
+                    raise failed_precondition(
+                        f"Request to assign label to version {version} of model {name}, which is not currently "
+                        "available for inference"
+                    )
+                labels.setdefault(name, {})[label] = version
+        return labels
+
+    def _check_available(self, names: list[str]) -> None:
+        missing = [name for name in names if not self._serving.get(name)]
+        if not missing:
+            return
+        problems = []
+        for name in missing:
+            failures = [
+                f"model {name} version {version}: {state.message}"
+                for version, state in sorted(self._states.get(name, {}).items())
+                if state.code != grpc.StatusCode.OK
+            ]
+            problems += failures or [f"model {name}: {self._path_problems.get(name, 'no version found')}"]
+        raise ModelsUnavailable(missing, problems)
+
+    def _sync_model(self, name: str) -> None:
+        config = self._configs[name]
+        try:
+            on_disk = list_versions(config.base_path)
+        except OSError as error:
+            self._note_path_problem(name, f"Could not list base path {config.base_path} of model {name}: {error}")
+            return
+        if not on_disk:
+            self._note_path_problem(name, f"No versions of model {name} found under base path {config.base_path}")
+        else:
+            self._path_problems.pop(name, None)
+        failed = self._failed.setdefault(name, set())
+        failed &= set(on_disk)  # a version that vanished may be retried when it comes back
+        aspired = aspired_versions(config, on_disk)
+        for version in sorted(aspired - set(self._serving.get(name, {})) - failed, reverse=True):
+            self._load(name, version, on_disk[version])
+        serving = self._serving.get(name, {})
+        unaspired = set(serving) - aspired
+        if unaspired and (not aspired or aspired & set(serving)):
+            for version in sorted(unaspired):
+                self._unload(name, version)
+
+    def _note_path_problem(self, name: str, message: str) -> None:
+        if self._path_problems.get(name) != message:
+            logger.warning("%s", message)
+        self._path_problems[name] = message
+
+    def _load(self, name: str, version: int, path: Path) -> None:
+        self._set_state(name, version, VersionState(LOADING))
+        logger.info("Loading model %s version %d from %s", name, version, path)
+        try:
+            servable = load_version(name, version, path, warmup=self._options.enable_model_warmup)
+        except Exception as error:  # whatever breaks one version must fail that version only
+            code = error.code if isinstance(error, VersionLoadError) else grpc.StatusCode.UNKNOWN
+            message = str(error) if isinstance(error, VersionLoadError) else f"{type(error).__name__}: {error}"
+            self._failed[name].add(version)
+            self._set_state(name, version, VersionState(END, code, message))
+            logger.error("Loading model %s version %d failed: %s", name, version, message)
+            return
+        self._serving = {**self._serving, name: {**self._serving.get(name, {}), version: servable}}
+        self._set_state(name, version, VersionState(AVAILABLE))
+        warmup = f" (after {servable.num_warmup_records} warmup requests)" if servable.num_warmup_records else ""
+        logger.info("Model %s version %d is AVAILABLE%s", name, version, warmup)
+
+    def _unload(self, name: str, version: int) -> None:
+        self._set_state(name, version, VersionState(UNLOADING))
+        remaining = {v: servable for v, servable in self._serving.get(name, {}).items() if v != version}
+        self._serving = {**self._serving, name: remaining}
+        self._set_state(name, version, VersionState(END))
+        logger.info("Unloaded model %s version %d", name, version)
+
+    def _unload_model(self, name: str) -> None:
+        for version in sorted(self._serving.get(name, {})):
+            self._unload(name, version)
+        self._serving = {key: value for key, value in self._serving.items() if key != name}
+
+    def _set_state(self, name: str, version: int, state: VersionState) -> None:
+        with self._lock:
+            self._states.setdefault(name, {})[version] = state

@@ -1,0 +1,173 @@
+"""`ema-serving serve`: the local model server on the command line, with ``tensorflow_model_server``'s flags.
+
+Each flag has TF Serving's underscore spelling as an alias (``--model_base_path``), so a TF Serving command line works
+here unchanged; boolean flags also take ``=true``/``=false`` as TF Serving's do.
+
+This module is imported whenever ``ema-serving`` starts (the command group registers it), so it must not import
+TensorFlow at module level: the server is imported inside the command, after TensorFlow's log noise is silenced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import click
+
+from ema_export.names import DEFAULT_GRPC_PORT, DEFAULT_MODEL_NAME, DEFAULT_REST_PORT
+
+_LOGGER_NAME = "serving.server"
+
+
+def _bool_flag(*names: str, default: bool, help: str) -> Any:  # noqa: A002 (click's keyword)
+    """A boolean flag that also takes a value, as TF Serving's do: ``--flag``, ``--flag=true``, ``--flag=false``."""
+    return click.option(
+        *names, type=click.BOOL, default=default, is_flag=False, flag_value=True, show_default=True, help=help
+    )
+
+
+@click.command("serve", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--model-name", "--model_name", default=DEFAULT_MODEL_NAME, show_default=True,
+              help="Name the model from --model-base-path is served under.")
+@click.option("--model-base-path", "--model_base_path", default=None, metavar="DIR",
+              help="TF Serving base path: an ema-export OUT_DIR holding numeric version directories (1/, 2/, ...).")
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_GRPC_PORT, show_default=True,
+              help="gRPC port (0 picks a free one).")
+@click.option("--rest-api-port", "--rest_api_port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help=f"REST port; 0 turns REST off (TF Serving's Docker image uses {DEFAULT_REST_PORT}).")
+@click.option("--model-config-file", "--model_config_file", default=None, metavar="FILE",
+              help="ModelServerConfig text file: several models, version policies, version labels. "
+                   "Exclusive with --model-base-path.")
+@click.option("--model-config-file-poll-wait-seconds", "--model_config_file_poll_wait_seconds", type=float,
+              default=0.0, show_default=True, help="Re-read --model-config-file this often; 0 reads it once.")
+@click.option("--file-system-poll-wait-seconds", "--file_system_poll_wait_seconds", type=float, default=1.0,
+              show_default=True, help="Look for new or removed versions this often; 0 looks once, at start.")
+@_bool_flag("--enable-model-warmup", "--enable_model_warmup", default=True,
+            help="Replay <version>/assets.extra/tf_serving_warmup_requests when a version loads.")
+@_bool_flag("--allow-version-labels-for-unavailable-models", "--allow_version_labels_for_unavailable_models",
+            default=False, help="Let version_labels point at versions that are not AVAILABLE yet (needed for labels "
+                                "in the start-up config, as in TF Serving).")
+@_bool_flag("--enable-serialization-as-tensor-content", "--enable_serialization_as_tensor_content", default=False,
+            help="Answer with tensor_content bytes instead of typed fields such as float_val.")
+@click.option("--grpc-max-threads", "--grpc_max_threads", type=click.IntRange(1), default=16, show_default=True,
+              help="Requests answered concurrently.")
+@click.option("--host", default="0.0.0.0", show_default=True,
+              help="Interface to listen on (TF Serving listens on all of them; 127.0.0.1 keeps it local).")
+@click.option("--grace-period", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="Seconds in-flight requests get to finish on SIGTERM or Ctrl-C.")
+@click.option("--verbose", "-v", is_flag=True, help="Show TensorFlow's own log and debug messages.")
+def serve(
+    model_name: str,
+    model_base_path: str | None,
+    port: int,
+    rest_api_port: int,
+    model_config_file: str | None,
+    model_config_file_poll_wait_seconds: float,
+    file_system_poll_wait_seconds: float,
+    enable_model_warmup: bool,
+    allow_version_labels_for_unavailable_models: bool,
+    enable_serialization_as_tensor_content: bool,
+    grpc_max_threads: int,
+    host: str,
+    grace_period: float,
+    verbose: bool,
+) -> None:
+    """Serve ema-export SavedModels over TF Serving's gRPC API (and REST), like tensorflow_model_server.
+
+    \b
+    Examples:
+      ema-serving serve --model-base-path models/classifier --rest-api-port 8501
+      ema-serving serve --model_config_file=serving/configs/models.config --allow_version_labels_for_unavailable_models
+    """
+    _configure_logging(verbose)
+    with _quiet_native_stderr(enabled=not verbose):
+        from serving.config import ModelConfigError
+        from serving.server import ServerError, ServerOptions, start_server
+
+    options = ServerOptions(
+        model_name=model_name,
+        model_base_path=model_base_path,
+        port=port,
+        rest_api_port=rest_api_port or None,
+        model_config_file=model_config_file,
+        file_system_poll_wait_seconds=file_system_poll_wait_seconds,
+        host=host,
+        model_config_file_poll_wait_seconds=model_config_file_poll_wait_seconds,
+        enable_model_warmup=enable_model_warmup,
+        allow_version_labels_for_unavailable_models=allow_version_labels_for_unavailable_models,
+        enable_serialization_as_tensor_content=enable_serialization_as_tensor_content,
+        grpc_max_threads=grpc_max_threads,
+    )
+    try:
+        server = start_server(options)
+    except (ServerError, ModelConfigError) as error:
+        raise click.ClickException(str(error)) from None
+
+    rest = f", REST on {host}:{server.rest_port}" if server.rest_port else " (REST off: --rest-api-port)"
+    click.echo(f"ema-serving: gRPC on {host}:{server.port}{rest}")
+    for line in server.describe_models():
+        click.echo(f"  model {line}")
+    click.echo("Serving. Stop with Ctrl-C or SIGTERM.", nl=True)
+    sys.stdout.flush()
+
+    _wait_for_stop_signal()
+    click.echo(f"Stopping: in-flight requests get up to {grace_period:g} s to finish...")
+    server.stop(grace=grace_period)
+    click.echo("Stopped.")
+
+
+def _wait_for_stop_signal() -> None:
+    """Block until SIGTERM or SIGINT, then restore the previous handlers."""
+    stop = threading.Event()
+
+    def handle(signum: int, frame: Any) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _configure_logging(verbose: bool) -> None:
+    """Show the server's own events (loads, unloads, failures) on stderr; TensorFlow's only with --verbose."""
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    logger = logging.getLogger(_LOGGER_NAME)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr(enabled: bool) -> Iterator[None]:
+    """Silence what TensorFlow's C++ side writes to stderr while it is imported.
+
+    Why: those lines ("oneDNN custom operations are on", "Could not find cuda drivers") are printed before
+    TensorFlow reads TF_CPP_MIN_LOG_LEVEL, so the variable alone cannot hide them.
+    """
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
