@@ -1,0 +1,132 @@
+"""`ema-serving predict | compare | metadata | status` through CliRunner, against the local server."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from scipy import stats
+
+from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
+from serving import client_cli
+from serving.cli import main
+from test_client_support import classification_inputs
+
+pytest_plugins = ("test_client_support",)
+
+COMMANDS = ("predict", "compare", "metadata", "status")
+
+
+def run(*arguments: str):
+    return CliRunner().invoke(main, list(arguments))
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory, classifier):
+    inputs = classification_inputs(120, seed=21)
+    labels = np.where(np.arange(120) % 3 == 0, classifier.expected(inputs, SIGNATURE_LIVE).argmax(axis=1),
+                      classifier.expected(inputs, SIGNATURE_EMA).argmax(axis=1))  # fmt: skip
+    path = tmp_path_factory.mktemp("cli") / "validation.npz"
+    np.savez(path, inputs=inputs.astype(np.float64), labels=labels)  # float64 on purpose: the CLI casts it
+    return path, inputs, labels
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_is_registered_and_has_help(command: str) -> None:
+    assert main.get_command(None, command) is getattr(client_cli, command)
+    result = run(command, "--help")
+    assert result.exit_code == 0 and "--json" in result.output and "--target" in result.output
+
+
+def test_metadata_and_status_as_json(classifier) -> None:
+    metadata = json.loads(run("metadata", "--target", classifier.target, "--json").output)
+    assert metadata["signatures"][SIGNATURE_EMA]["inputs"]["inputs"]["shape"] == [None, 4]
+    assert metadata["signatures"][SIGNATURE_LIVE]["outputs"]["output_0"]["dtype"] == "float32"
+    status = json.loads(run("status", "--target", classifier.target, "--json").output)
+    assert status["versions"] == [{"version": 1, "state": "AVAILABLE", "error_code": "OK", "error_message": ""}]
+
+
+def test_metadata_and_status_tables(classifier) -> None:
+    table = run("metadata", "--target", classifier.target).output
+    assert "serve_live input inputs float32 [None, 4]" in " ".join(table.split())
+    assert "__saved_model_init_op" not in table
+    assert "1 AVAILABLE OK -" in " ".join(run("status", "--target", classifier.target).output.split())
+
+
+def test_predict_prints_the_arms_outputs(classifier, data_file) -> None:
+    path, inputs, _ = data_file
+    result = run("predict", "--target", classifier.target, "--data", str(path), "--signature", SIGNATURE_LIVE, "--json")
+    # The .npz also holds labels, which predict does not take: it must say so, not guess.
+    assert result.exit_code == 2 and "unexpected arrays ['labels']" in result.output
+    np.save(path.with_suffix(".npy"), inputs)
+    result = run("predict", "--target", classifier.target, "--data", str(path.with_suffix(".npy")), "--json",
+                 "--signature", SIGNATURE_LIVE)  # fmt: skip
+    document = json.loads(result.output)
+    assert document["signature"] == SIGNATURE_LIVE and document["model_version"] == 1
+    np.testing.assert_allclose(document["outputs"]["output_0"]["values"], classifier.expected(inputs, SIGNATURE_LIVE),
+                               atol=1e-5)  # fmt: skip
+    table = run("predict", "--target", classifier.target, "--data", str(path.with_suffix(".npy"))).output
+    assert table.startswith("serving_default (version 1") and "output_0  float32  [120, 3]" in table
+
+
+def test_compare_json_has_the_documented_statistics(classifier, data_file) -> None:
+    path, inputs, labels = data_file
+    result = run("compare", "--target", classifier.target, "--model", classifier.name, "--data", str(path),
+                 "--labels", "labels", "--batch-size", "50", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    live = classifier.expected(inputs, SIGNATURE_LIVE).argmax(axis=1) == labels
+    ema = classifier.expected(inputs, SIGNATURE_EMA).argmax(axis=1) == labels
+    b, c = int(np.sum(live & ~ema)), int(np.sum(ema & ~live))
+    for arm, right in ((SIGNATURE_LIVE, live), (SIGNATURE_EMA, ema)):
+        assert document["arms"][arm]["n"] == 120 and document["arms"][arm]["errors"] == 0
+        assert document["arms"][arm]["accuracy"] == pytest.approx(right.mean())
+        latency = document["arms"][arm]["latency_ms"]
+        assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"]
+    agreement = np.mean(classifier.expected(inputs, SIGNATURE_LIVE).argmax(1) == classifier.expected(inputs, SIGNATURE_EMA).argmax(1))
+    assert document["agreement"] == pytest.approx(agreement)
+    assert document["mcnemar_p"] == pytest.approx(stats.binomtest(b, b + c, 0.5).pvalue)
+    differences = ema.astype(float) - live.astype(float)
+    half_width = 1.959964 * differences.std() / math.sqrt(120)
+    assert document["accuracy_diff"]["estimate"] == pytest.approx(differences.mean())
+    assert document["accuracy_diff"]["ci95"] == pytest.approx([differences.mean() - half_width,
+                                                               differences.mean() + half_width], rel=1e-5)  # fmt: skip
+
+
+def test_compare_table_for_people(classifier, data_file) -> None:
+    path, _, _ = data_file
+    result = run("compare", "--target", classifier.target, "--data", str(path), "--labels", "labels")
+    assert result.exit_code == 0, result.output
+    for expected in ("arm", "serve_live", "serve_ema", "top-1 agreement", "accuracy diff", "exact McNemar p"):
+        assert expected in result.output
+
+
+@pytest.mark.parametrize(
+    ("arguments", "exit_code", "expected"),
+    [
+        (("status", "--model", "no-such-model"), 4, "not served"),
+        (("compare", "--signature-typo"), 2, "No such option"),
+        (("compare", "--data", "{data}", "--labels", "y"), 2, "no labels array 'y' (--labels)"),
+        (("compare", "--data", "{data}"), 2, "unexpected arrays ['labels'] (pass --labels KEY"),
+        (("compare", "--data", "{data}", "--labels", "labels", "--candidate", "serve_nothing"), 4, "no signature"),
+        (("predict", "--data", "{data}", "--version", "1", "--version-label", "stable"), 2, "not both"),
+    ],
+)
+def test_errors_are_one_line_with_a_fix_and_no_traceback(classifier, data_file, arguments, exit_code, expected):
+    path, _, _ = data_file
+    arguments = [argument.replace("{data}", str(path)) for argument in arguments]
+    result = run(arguments[0], "--target", classifier.target, *arguments[1:])
+    assert result.exit_code == exit_code, result.output
+    assert expected in result.output and "Traceback" not in result.output
+    if exit_code != 2 or "No such option" not in expected:
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_an_unreachable_server_is_reported_in_one_line(tmp_path) -> None:
+    result = run("status", "--target", "127.0.0.1:9", "--timeout", "3")
+    assert result.exit_code == 3
+    assert result.output.startswith("Error: GetModelStatus(model='model') failed: the server is unreachable")
+    assert "--target" in result.output and len(result.output.strip().splitlines()) == 1
