@@ -126,6 +126,7 @@ def export(
     report = fold(restored, match, reason, options.allow_missing)
     step(STAGES[5])
     assembly = assemble(restored, report, options.default_signature)
+    report.values.clear()  # the averaged values now live in variables; the numpy copies only raise peak memory
     probe = probe_inputs(fresh.input_signature)
     with staging_directory(output_dir) as staging:
         step(STAGES[6])

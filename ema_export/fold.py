@@ -63,11 +63,14 @@ class FoldReport:
 
 
 def relative_l2(live: np.ndarray, average: np.ndarray) -> float:
-    """||average - live|| / ||live||, in float64 (the absolute distance when the live value is all zeros)."""
-    live64 = np.asarray(live, dtype=np.float64)
-    difference = float(np.linalg.norm(np.asarray(average, dtype=np.float64) - live64))
-    scale = float(np.linalg.norm(live64))
-    return difference / scale if scale > 0 else difference
+    """||average - live|| / ||live|| (the absolute distance when the live value is all zeros).
+
+    Norms accumulate in float64 without materialising float64 copies of large tensors.
+    """
+    difference = np.subtract(average, live, dtype=np.float64) if live.dtype.itemsize < 4 else average - live
+    distance = float(np.sqrt(np.vdot(difference, difference).real))
+    scale = float(np.sqrt(np.vdot(live, live).real))
+    return distance / scale if scale > 0 else distance
 
 
 def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_missing: bool = False) -> FoldReport:

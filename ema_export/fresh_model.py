@@ -247,7 +247,7 @@ def build_fresh_model(
     return fresh
 
 
-def probe_inputs(specs: Sequence[tf.TensorSpec], batch_size: int = 3, seed: int = 0) -> list[Any]:
+def probe_inputs(specs: Sequence[tf.TensorSpec], batch_size: int = 2, seed: int = 0) -> list[Any]:
     """Deterministic example inputs for verification and warmup (a batch size other than 1 checks the dynamic batch)."""
     import numpy as np
 
