@@ -3,8 +3,8 @@
 Why a paired design: both arms see exactly the same examples, so the comparison does not need two samples' worth of
 noise to be resolved: agreement, the accuracy difference (with a paired-proportion interval and the exact McNemar
 test, which only looks at the examples where the arms disagree) and, for regression, the error difference with a
-paired bootstrap interval. Each batch goes to both arms concurrently over the client's one channel, so a comparison
-costs about the wall time of querying one arm.
+paired bootstrap interval. Each batch goes to both arms concurrently over the client's one channel, with the next
+batch already on its way, so a comparison costs little more wall time than querying one arm batch by batch.
 
 All statistics are computed over the examples both arms answered (``num_paired``); per-arm ``n`` and ``errors`` say
 how many that was. Differences are always ``candidate - baseline``; by default the baseline is ``serve_live`` and the
@@ -32,6 +32,7 @@ import numpy as np
 
 from ema_export.names import ARM_SIGNATURES
 from serving.client import PendingPrediction, Prediction, ServingClient, SignatureSpec
+from serving.codec import SUPPORTED_DTYPES, numpy_dtype
 from serving.protocol import (
     CodecError,
     DataError,
@@ -172,12 +173,20 @@ class Dataset:
     num_examples: int
 
 
-def load_dataset(path: str | Path, signature: SignatureSpec, *, labels_key: str | None = None) -> Dataset:
+def load_dataset(
+    path: str | Path, signature: SignatureSpec, *, labels_key: str | None = None, ignore_extra: bool = False
+) -> Dataset:
     """Read a ``.npz`` (arrays named like the signature's inputs, plus optional labels) or ``.npy`` (one input).
 
     Why validate here: a typo in an array name or a float64 file would otherwise surface as a server error per batch;
     every problem is collected and reported at once. Numeric arrays are cast to the signature's dtype when numpy
     calls that a same-kind cast (float64 -> float32), since ``np.savez`` defaults to float64 and int64.
+
+    Args:
+        path: the ``.npz`` or ``.npy`` file.
+        signature: the signature the inputs are for (from ``ServingClient.metadata``).
+        labels_key: name of the labels array in the ``.npz``.
+        ignore_extra: skip arrays that are not inputs (e.g. labels, when only predicting) instead of refusing them.
 
     Raises:
         DataError: the file cannot be read, names are missing or unexpected, dtypes or shapes do not fit.
@@ -188,6 +197,8 @@ def load_dataset(path: str | Path, signature: SignatureSpec, *, labels_key: str 
     labels = arrays.pop(labels_key) if labels_key is not None and labels_key in arrays else None
     if labels_key is not None and labels is None:
         problems.append(f"no labels array {labels_key!r} (--labels)")
+    if ignore_extra:
+        arrays = {name: array for name, array in arrays.items() if name in signature.inputs}
     missing = sorted(set(signature.inputs) - set(arrays))
     unexpected = sorted(set(arrays) - set(signature.inputs))
     if missing:
@@ -195,7 +206,8 @@ def load_dataset(path: str | Path, signature: SignatureSpec, *, labels_key: str 
     if unexpected:
         hint = " (pass --labels KEY for a labels array)" if labels_key is None else ""
         problems.append(f"unexpected arrays {unexpected}{hint}")
-    inputs = {name: _fit(name, arrays[name], signature, problems) for name in sorted(set(arrays) & set(signature.inputs))}
+    names = sorted(set(arrays) & set(signature.inputs))
+    inputs = {name: _fit(name, arrays[name], signature, problems) for name in names}
     sizes = {name: array.shape[0] if array.ndim else None for name, array in inputs.items()}
     if labels is not None:
         sizes[labels_key or "labels"] = labels.shape[0] if labels.ndim else None
@@ -233,9 +245,9 @@ def _read_arrays(path: Path, signature: SignatureSpec, labels_key: str | None) -
 
 def _fit(name: str, array: np.ndarray, signature: SignatureSpec, problems: list[str]) -> np.ndarray:
     spec = signature.inputs[name]
-    if spec.dtype != "string" and array.dtype.kind in "biufc":
-        target = np.dtype(spec.dtype) if spec.dtype != "bfloat16" else None
-        if target is not None and array.dtype != target:
+    if spec.dtype in SUPPORTED_DTYPES and spec.dtype != "string" and array.dtype.kind in "biufc":
+        target = numpy_dtype(spec.dtype)
+        if array.dtype != target:
             if np.can_cast(array.dtype, target, casting="same_kind"):
                 array = array.astype(target)
             else:
@@ -262,6 +274,9 @@ class CompareOptions:
         version, version_label: pin the model version (at most one).
         timeout: per-request deadline in seconds (default: the client's).
         num_bootstrap, seed: paired bootstrap resamples for regression intervals, and their seed.
+        max_in_flight_batches: batches sent before the oldest one's answers are awaited. 2 overlaps the client's work
+            with the server's; latencies are then measured under the comparison's own load (equally for both arms).
+            1 measures each request alone.
     """
 
     arms: tuple[str, str] = ARM_SIGNATURES
@@ -481,6 +496,11 @@ def compare(
         ServingError: unknown model/signature or rejected inputs; or no example was answered by both arms.
         DataError: labels or outputs that do not fit the task.
     """
+    if labels is not None and len(labels) != _num_examples(inputs):
+        raise DataError(
+            f"There must be one label per example. Expected {_num_examples(inputs)} labels; fix the labels array "
+            f"(--labels). Received: {len(labels)} labels."
+        )
     runs = run_arms(client, model, inputs, options)
     baseline, candidate = runs.arms
     paired_batches = [

@@ -6,6 +6,10 @@ deadlines, retries and the metadata ``Any`` unpacking. ``ServingClient`` keeps o
 multiplexes concurrent calls over it), sets the limits and the retry policy once in the channel's service config, and
 returns plain dataclasses holding numpy arrays.
 
+Predict requests and responses are framed and parsed as bytes (``serving.codec.tensor_pieces``/``decode_bytes``), so
+each input array is copied once on its way out and outputs are views of the received buffer. The codec (and numpy)
+is imported on the first call that needs it, so importing the client, or checking a model's status, stays fast.
+
 Example:
     >>> with ServingClient("localhost:8500") as client:  # doctest: +SKIP
     ...     prediction = client.predict("model", {"inputs": batch}, signature=SIGNATURE_EMA)
@@ -18,7 +22,7 @@ import json
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -56,6 +60,14 @@ PREDICT_METHOD = f"/{PREDICTION_SERVICE}/Predict"
 _REQUEST_MODEL_SPEC, _REQUEST_INPUTS = 1, 2
 _RESPONSE_OUTPUTS, _RESPONSE_MODEL_SPEC = 1, 2
 _MAP_KEY, _MAP_VALUE = 1, 2
+
+# tensorflow.error.Code names by number, for GetModelStatus answers (StatusProto.error_code).
+_ERROR_CODES: dict[int, str] = {
+    value.number: value.name
+    for value in get_model_status_pb2.ModelVersionStatus.DESCRIPTOR.fields_by_name["status"]
+    .message_type.fields_by_name["error_code"]
+    .enum_type.values
+}
 
 DEFAULT_TIMEOUT_S = 30.0
 """Per-call deadline when none is given: long enough for a cold model's first batch, short enough to notice a hang."""
@@ -201,15 +213,20 @@ class VersionStatus:
     error_message: str
 
 
-@dataclass
 class PendingPrediction:
     """A Predict call in flight; ``result()`` waits for it. Lets callers send several calls at once without threads."""
 
-    _call: Any
-    _signature: str
-    _what: str
-    _started: float
-    _finished: list[float] = field(default_factory=list)
+    def __init__(self, call: Any, signature: str, what: str, started: float) -> None:
+        self._call = call
+        self._signature = signature
+        self._what = what
+        self._started = started
+        self._finished: float | None = None
+        # Note the arrival time from gRPC's thread, so latency excludes any wait before the caller asks for it.
+        call.add_done_callback(self._note_arrival)
+
+    def _note_arrival(self, _call: Any) -> None:
+        self._finished = time.perf_counter()
 
     def done(self) -> bool:
         """Whether the answer (or error) has arrived."""
@@ -231,8 +248,8 @@ class PendingPrediction:
             raise error_from_rpc(error, what=self._what) from error
         except grpc.FutureCancelledError as error:
             raise ServingError(f"{self._what} was cancelled before it finished.") from error
-        latency = (self._finished[0] if self._finished else time.perf_counter()) - self._started
-        return _prediction(response, self._signature, latency)
+        finished = self._finished if self._finished is not None else time.perf_counter()
+        return _prediction(response, self._signature, finished - self._started)
 
 
 class ServingClient:
@@ -321,9 +338,7 @@ class ServingClient:
             ServingError: a subclass per failure: ``ServerUnavailableError``, ``ModelNotFoundError``,
                 ``SignatureNotFoundError``, ``InvalidRequestError``, ``DeadlineExceededError``, ``CodecError``.
         """
-        self._check_open()
-        request = _predict_request_bytes(_model_spec(model, version, version_label, signature), inputs)
-        what = f"Predict(model={model!r}, signature={signature!r})"
+        request, what = self._predict_request(model, inputs, signature, version, version_label)
         started = time.perf_counter()
         try:
             # A blocking call costs the client about half the CPU of a future (no hand-off to gRPC's polling thread).
@@ -343,15 +358,10 @@ class ServingClient:
         timeout: float | None = None,
     ) -> PendingPrediction:
         """Start a Predict call and return at once; same arguments as ``predict``. Used to query arms concurrently."""
-        self._check_open()
-        request = _predict_request_bytes(_model_spec(model, version, version_label, signature), inputs)
-        what = f"Predict(model={model!r}, signature={signature!r})"
+        request, what = self._predict_request(model, inputs, signature, version, version_label)
         started = time.perf_counter()
         call = self._predict.future(request, timeout=self._deadline(timeout))
-        pending = PendingPrediction(call, signature, what, started)
-        # Record the arrival time from gRPC's thread, so latency excludes the time before the caller asks for it.
-        call.add_done_callback(lambda _call: pending._finished.append(time.perf_counter()))
-        return pending
+        return PendingPrediction(call, signature, what, started)
 
     def metadata(
         self,
@@ -382,7 +392,8 @@ class ServingClient:
             model_name=spec.name or model,
             version=spec.version.value if spec.HasField("version") else None,
             signatures={
-                name: _signature_spec(name, definition) for name, definition in sorted(signature_map.signature_def.items())
+                name: _signature_spec(name, definition)
+                for name, definition in sorted(signature_map.signature_def.items())
             },
         )
 
@@ -402,20 +413,23 @@ class ServingClient:
         request = GetModelStatusRequest()
         request.model_spec.CopyFrom(_model_spec(model, version, version_label))
         response = self._call(self._models.GetModelStatus, request, timeout, f"GetModelStatus(model={model!r})")
-        state_names = get_model_status_pb2.ModelVersionStatus.State
-        code_names = get_model_status_pb2.ModelVersionStatus.DESCRIPTOR.fields_by_name["status"].message_type
-        code_enum = code_names.fields_by_name["error_code"].enum_type
+        states = get_model_status_pb2.ModelVersionStatus.State
         return [
             VersionStatus(
                 version=item.version,
-                state=state_names.Name(item.state),
-                error_code=code_enum.values_by_number[item.status.error_code].name
-                if item.status.error_code in code_enum.values_by_number
-                else str(item.status.error_code),
+                state=states.Name(item.state) if item.state in states.values() else str(item.state),
+                error_code=_ERROR_CODES.get(item.status.error_code, str(item.status.error_code)),
                 error_message=item.status.error_message,
             )
             for item in sorted(response.model_version_status, key=lambda item: item.version)
         ]
+
+    def _predict_request(
+        self, model: str, inputs: Mapping[str, Any], signature: str, version: int | None, version_label: str | None
+    ) -> tuple[bytes, str]:
+        self._check_open()
+        spec = _model_spec(model, version, version_label, signature)
+        return _predict_request_bytes(spec, inputs), f"Predict(model={model!r}, signature={signature!r})"
 
     def _deadline(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else timeout

@@ -57,7 +57,9 @@ def _client(options: dict[str, Any]) -> Iterator[ServingClient]:
     """Open the client described by the shared options, turning library errors into one-line CLI errors."""
     tls = None
     if options["tls"] or options["tls_ca"] or options["tls_cert"]:
-        tls = TlsOptions.from_files(options["tls_ca"], options["tls_key"], options["tls_cert"], options["tls_server_name"])
+        tls = TlsOptions.from_files(
+            options["tls_ca"], options["tls_key"], options["tls_cert"], options["tls_server_name"]
+        )
     try:
         with ServingClient(options["target"], timeout=options["timeout"], tls=tls) as client:
             yield client
@@ -78,8 +80,10 @@ def _shared_options(command: Callable[..., None]) -> Callable[..., None]:
         ),
         click.option("--model", default=DEFAULT_MODEL_NAME, show_default=True, help="Served model name."),
         click.option("--version", type=int, default=None, help="Pin a version number (default: the server's choice)."),
-        click.option("--version-label", default=None, help="Pin a version label such as 'stable' (not with --version)."),
-        click.option("--timeout", type=float, default=DEFAULT_TIMEOUT_S, show_default=True, help="Per-call deadline, seconds."),
+        click.option("--version-label", default=None, help="Pin a version label, e.g. 'stable' (not with --version)."),
+        click.option(
+            "--timeout", type=float, default=DEFAULT_TIMEOUT_S, show_default=True, help="Per-call deadline, seconds."
+        ),
         click.option("--tls", is_flag=True, help="Use TLS with the system's root certificates."),
         click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False), help="PEM CA bundle (implies --tls)."),
         click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM client certificate (mTLS)."),
@@ -131,14 +135,14 @@ def _number(value: float | None, digits: int = 4) -> str:
 @click.command()
 @_shared_options
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help=".npz with arrays named like the signature's inputs, or .npy for a one-input signature.")  # fmt: skip
+              help=".npz with arrays named like the inputs (others are ignored), or .npy.")  # fmt: skip
 @click.option("--signature", default=SIGNATURE_DEFAULT, show_default=True,
               help=f"Signature to run ({SIGNATURE_LIVE}, {SIGNATURE_EMA}, {SIGNATURE_DEFAULT}...).")  # fmt: skip
 def predict(options: dict[str, Any], data_path: str, signature: str) -> None:
     """Run one signature on the inputs in --data and print its outputs."""
     with _client(options) as client:
         spec = client.metadata(options["model"], version=options["version"], version_label=options["version_label"])
-        dataset = load_dataset(data_path, spec.signature(signature))
+        dataset = load_dataset(data_path, spec.signature(signature), ignore_extra=True)
         result = client.predict(
             options["model"],
             dataset.inputs,
@@ -174,11 +178,12 @@ def _prediction_table(result: Prediction) -> str:
 @click.command()
 @_shared_options
 @click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help=".npz with arrays named like the signatures' inputs (plus labels), or .npy for one input.")  # fmt: skip
+              help=".npz with arrays named like the signatures' inputs (plus labels), or .npy.")  # fmt: skip
 @click.option("--labels", "labels_key", default=None, help="Name of the labels array in the .npz.")
-@click.option("--baseline", default=SIGNATURE_LIVE, show_default=True, help="Baseline arm (differences are candidate - baseline).")
+@click.option("--baseline", default=SIGNATURE_LIVE, show_default=True, help="Baseline arm (diff = candidate - it).")
 @click.option("--candidate", default=SIGNATURE_EMA, show_default=True, help="Candidate arm.")
-@click.option("--batch-size", type=int, default=CompareOptions.batch_size, show_default=True, help="Examples per request.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=CompareOptions.batch_size, show_default=True,
+              help="Examples per request.")  # fmt: skip
 @click.option("--output", "output_name", default=None, help="Output to compare when the signature has several.")
 @click.option("--task", type=click.Choice(["auto", "classification", "regression"]), default="auto", show_default=True,
               help="How to read the output: argmax class scores, or regression values.")  # fmt: skip
@@ -186,7 +191,7 @@ def _prediction_table(result: Prediction) -> str:
               help="Paired bootstrap resamples for regression intervals.")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
 @click.option("--in-flight", "in_flight", type=click.IntRange(min=1), default=CompareOptions.max_in_flight_batches,
-              show_default=True, help="Batches in flight at once; 1 measures latency without the run's own queueing.")  # fmt: skip
+              show_default=True, help="Batches in flight; 1 times each request alone.")  # fmt: skip
 def compare(
     options: dict[str, Any],
     data_path: str,
@@ -247,7 +252,8 @@ def _compare_table(report: CompareReport) -> str:
         lines.append(f"  top-1 agreement {report.agreement:.4f}, flip rate {report.flip_rate:.4f}")
     for label, interval in (("accuracy", report.accuracy_diff), ("MAE", report.mae_diff), ("MSE", report.mse_diff)):
         if interval is not None:
-            lines.append(f"  {label} diff {interval.estimate:+.4f} (95% CI {interval.low:+.4f} .. {interval.high:+.4f})")
+            estimate, low, high = interval.estimate, interval.low, interval.high
+            lines.append(f"  {label} diff {estimate:+.4f} (95% CI {low:+.4f} .. {high:+.4f})")
     if report.mcnemar_p is not None:
         lines.append(f"  exact McNemar p = {report.mcnemar_p:.4g} (discordant {report.discordant})")
     return "\n".join(lines)

@@ -1,8 +1,15 @@
 """numpy arrays <-> ``TensorProto``, without TensorFlow.
 
-Why not ``tf.make_tensor_proto`` / ``tf.make_ndarray``: they need the TensorFlow runtime (see ``serving.protocol``) and
-spend most of their time in Python-level type inference. This codec takes the dtype from numpy, writes the
-raw bytes once, and reads responses as a view over the received bytes.
+Why not ``tf.make_tensor_proto`` / ``tf.make_ndarray``: they need the TensorFlow runtime (see ``serving.protocol``),
+spend most of a small tensor's time in Python-level type inference, copy a large one several times on its way to the
+wire, and read typed fields one Python object per value. This codec takes the dtype from numpy and works on the
+serialized form directly:
+
+* ``encode_bytes`` / ``tensor_pieces``: an array to the bytes of a ``TensorProto``, copying its memory once (the
+  client frames the pieces straight into a PredictRequest);
+* ``decode_bytes``: serialized bytes to an array that is a view of the received buffer where the wire already holds
+  the array's bytes, and vectorised numpy where it holds varints;
+* ``encode`` / ``decode``: the same for ``TensorProto`` message objects, for callers that have messages.
 
 A ``TensorProto`` carries its values in one of two forms and a decoder must read both:
 
@@ -86,8 +93,8 @@ def _bfloat16() -> np.dtype:
 
 
 @functools.cache
-def _numpy_dtype(name: str) -> np.dtype:
-    """The numpy dtype for a codec dtype name, little-endian as on the wire (a no-op on every host TF supports)."""
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype for a codec dtype name (``object`` for strings), little-endian as on the wire."""
     if name == _BFLOAT16:
         return _bfloat16()
     if name == "string":
@@ -96,7 +103,7 @@ def _numpy_dtype(name: str) -> np.dtype:
 
 
 def dtype_name(datatype: int) -> str:
-    """The codec's name for a ``DataType`` enum value (``"float32"``, ``"string"``...), or TF's own (``"DT_RESOURCE"``)."""
+    """The codec's name for a ``DataType`` value (``"float32"``, ``"string"``...), else TF's own (``"DT_RESOURCE"``)."""
     known = _DATATYPES.get(datatype)
     if known is not None:
         return known[0]
@@ -111,21 +118,21 @@ def datatype_of(dtype: Any) -> int:
     """
     if isinstance(dtype, str) and dtype in _DATATYPE_BY_NAME:
         return _DATATYPE_BY_NAME[dtype]
-    numpy_dtype = np.dtype(dtype)
-    if numpy_dtype.kind in "OSU":
+    resolved = np.dtype(dtype)
+    if resolved.kind in "OSU":
         return DT_STRING
-    datatype = _DATATYPE_BY_NAME.get(numpy_dtype.name)
+    datatype = _DATATYPE_BY_NAME.get(resolved.name)
     if datatype is None:
         raise CodecError(
-            f"Cannot encode numpy dtype {numpy_dtype} as a TensorFlow tensor. Expected one of "
-            f"{', '.join(SUPPORTED_DTYPES)}; cast the array with .astype(...) first. Received: dtype={numpy_dtype}."
+            f"Cannot encode numpy dtype {resolved} as a TensorFlow tensor. Expected one of "
+            f"{', '.join(SUPPORTED_DTYPES)}; cast the array with .astype(...) first. Received: dtype={resolved}."
         )
     return datatype
 
 
 def _as_array(values: Any, dtype: Any) -> np.ndarray:
     if dtype is not None and not isinstance(dtype, np.dtype) and dtype in _DATATYPE_BY_NAME:
-        dtype = _numpy_dtype(dtype)
+        dtype = numpy_dtype(dtype)
     try:
         array = np.asarray(values, dtype=dtype)
         if array.dtype.kind in "SU" and not isinstance(values, np.ndarray):
@@ -296,7 +303,8 @@ def _tensor_header(datatype: int, shape: tuple[int, ...]) -> bytes:
             (field_key(_DIM_SIZE_FIELD, WIRE_VARINT) + encode_varint(size)) if size else b"" for size in shape
         )
     )
-    return field_key(_DTYPE_FIELD, WIRE_VARINT) + encode_varint(datatype) + length_delimited(_SHAPE_FIELD, len(dims)) + dims
+    dtype_field = field_key(_DTYPE_FIELD, WIRE_VARINT) + encode_varint(datatype)
+    return dtype_field + length_delimited(_SHAPE_FIELD, len(dims)) + dims
 
 
 def tensor_pieces(
@@ -362,7 +370,7 @@ def decode_bytes(data: bytes | memoryview, *, writable: bool = False) -> np.ndar
         )
     name, field = known
     num_elements = math.prod(shape)
-    dtype = _numpy_dtype(name)
+    dtype = numpy_dtype(name)
     if datatype == DT_STRING:
         flat = np.empty(len(strings), dtype=object)
         flat[:] = [bytes(item) for item in strings]

@@ -254,7 +254,9 @@ class Router:
                 if latency_s <= bound:
                     counter.buckets[index] += 1
 
-    def _start_shadow(self, primary: str, primary_call: PendingPrediction, shadow: str, call: PendingPrediction) -> None:
+    def _start_shadow(
+        self, primary: str, primary_call: PendingPrediction, shadow: str, call: PendingPrediction
+    ) -> None:
         with self._lock:
             self._in_flight_shadows += 1
             self._shadow_counters.setdefault((primary, shadow), _ShadowCounter())
@@ -333,9 +335,10 @@ class _PrometheusCollector:
         metrics = self._router.metrics()
         model = self._router.config.model
         arm_labels = ["model", "signature", "role"]
-        requests = counter_family(f"{self._prefix}_requests", "Predict requests sent, per arm and role.", labels=arm_labels)
-        errors = counter_family(f"{self._prefix}_errors", "Predict requests that failed, per arm and role.", labels=arm_labels)
-        latency = histogram_family(f"{self._prefix}_latency_seconds", "Predict latency per arm and role.", labels=arm_labels)
+        prefix = self._prefix
+        requests = counter_family(f"{prefix}_requests", "Predict requests sent, per arm and role.", labels=arm_labels)
+        errors = counter_family(f"{prefix}_errors", "Failed Predict requests, per arm and role.", labels=arm_labels)
+        latency = histogram_family(f"{prefix}_latency_seconds", "Predict latency per arm and role.", labels=arm_labels)
         for arm in metrics.arms:
             labels = [model, arm.signature, arm.role]
             requests.add_metric(labels, arm.requests)
@@ -345,13 +348,11 @@ class _PrometheusCollector:
             latency.add_metric(labels, buckets, arm.latency_sum_s)
         yield from (requests, errors, latency)
         shadow_labels = ["model", "primary", "shadow"]
-        comparisons = counter_family(f"{self._prefix}_shadow_comparisons", "Shadow answers compared.", labels=shadow_labels)
-        rows = counter_family(f"{self._prefix}_shadow_rows", "Examples compared on top-1 class.", labels=shadow_labels)
-        flips = counter_family(
-            f"{self._prefix}_shadow_disagreements", "Examples whose top-1 class differs.", labels=shadow_labels
-        )
-        shadow_errors = counter_family(f"{self._prefix}_shadow_errors", "Shadow requests that failed.", labels=shadow_labels)
-        largest = gauge_family(f"{self._prefix}_shadow_max_abs_diff", "Largest |primary - shadow| seen.", labels=shadow_labels)
+        comparisons = counter_family(f"{prefix}_shadow_comparisons", "Shadow answers compared.", labels=shadow_labels)
+        rows = counter_family(f"{prefix}_shadow_rows", "Examples compared on top-1 class.", labels=shadow_labels)
+        flips = counter_family(f"{prefix}_shadow_disagreements", "Examples whose top-1 differs.", labels=shadow_labels)
+        shadow_errors = counter_family(f"{prefix}_shadow_errors", "Shadow requests that failed.", labels=shadow_labels)
+        largest = gauge_family(f"{prefix}_shadow_max_abs_diff", "Largest |primary - shadow|.", labels=shadow_labels)
         for shadow in metrics.shadows:
             labels = [model, shadow.primary, shadow.shadow]
             comparisons.add_metric(labels, shadow.comparisons)
