@@ -24,7 +24,7 @@ from ema_export.fresh_model import ModelFactory, build_fresh_model, probe_inputs
 from ema_export.layouts import choose_layout
 from ema_export.locate import CheckpointSources, locate
 from ema_export.manifest import build_manifest, write_manifest
-from ema_export.restore import restore_live
+from ema_export.restore import restore
 from ema_export.verify import VerificationReport, verify
 from ema_export.versions import plan_version, publish, staging_directory
 from ema_export.write import write_savedmodel, write_warmup
@@ -118,7 +118,7 @@ def export(
     step(STAGES[1])
     fresh = build_fresh_model(sources.checkpoint_dir, model, options.input_signature)
     step(STAGES[2])
-    restored = restore_live(fresh, sources.training)
+    restored = restore(fresh, sources.training)
     step(STAGES[3])
     layout, reason = choose_layout(sources, restored, options.layout)
     match = layout.collect(sources, restored)

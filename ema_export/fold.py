@@ -107,7 +107,7 @@ def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_
             problems.append(f"non-finite shadow: {shadow.checkpoint_key} (for {variable.name}) has {bad} NaN/Inf values")
             continue
         values[index] = value
-        live = restored.reader.get_tensor(variable.checkpoint_key)
+        live = np.asarray(variable.variable.numpy())  # restored and checked equal to its checkpoint entry
         folded.append(FoldedVariable(variable.name, variable.path, variable.shape, variable.dtype.name,
                                      shadow.checkpoint_key, relative_l2(live, value)))
     if missing and not allow_missing:
@@ -123,7 +123,7 @@ def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_
             hint += "; --allow-missing keeps live values for variables without a shadow"
         raise FoldError(f"The EMA shadows in {match.source} do not fit the model ({len(problems)} problems):",
                         hint=hint, problems=problems)
-    warnings = []
+    warnings = list(match.warnings)
     report = FoldReport(match.layout, layout_reason, match.source, folded, kept, warnings, values)
     if report.ema_equals_live:
         warnings.append(

@@ -15,6 +15,8 @@ from ema_export.errors import CheckpointNotFoundError
 from ema_export.names import EMA_CHECKPOINT_SUBDIR
 
 _STATE_FILENAME = "checkpoint"
+KERAS_FILE_SUFFIXES = (".weights.h5", ".keras")
+"""Keras's own files, which hold model weights and (when compiled) optimizer variables, EMA averages included."""
 _PATH_IN_STATE = re.compile(r'^model_checkpoint_path:\s*"(.*)"\s*$', re.MULTILINE)
 
 
@@ -25,6 +27,11 @@ class CheckpointFiles:
     prefix: str
     files: tuple[str, ...]
     chosen_by: str
+
+    @property
+    def is_keras_file(self) -> bool:
+        """A `.keras` archive or `.weights.h5` file rather than a TensorFlow checkpoint."""
+        return self.prefix.endswith(KERAS_FILE_SUFFIXES)
 
     @property
     def number(self) -> int | None:
@@ -68,6 +75,10 @@ def _latest_in_directory(directory: Path, role: str, flag: str) -> CheckpointFil
                 hint=f"Restore the checkpoint files, or pass a checkpoint prefix directly with {flag}",
             )
     prefixes = sorted({str(p)[: -len(".index")] for p in directory.glob("*.index")})
+    if not prefixes:
+        keras_files = sorted(str(p) for suffix in KERAS_FILE_SUFFIXES for p in directory.glob("*" + suffix))
+        if len(keras_files) == 1:
+            return CheckpointFiles(keras_files[0], (keras_files[0],), f"only Keras file in {directory}")
     if len(prefixes) == 1:
         return CheckpointFiles(prefixes[0], _files_of(prefixes[0]), f"only checkpoint in {directory}")
     if prefixes:
@@ -97,6 +108,8 @@ def resolve_checkpoint(path: str | os.PathLike, role: str, flag: str) -> Checkpo
     if path.is_dir():
         return _latest_in_directory(path, role, flag)
     prefix = str(path)
+    if path.is_file() and prefix.endswith(KERAS_FILE_SUFFIXES):
+        return CheckpointFiles(prefix, (prefix,), "given as a Keras file")
     if prefix.endswith(".index"):
         prefix = prefix[: -len(".index")]
     elif ".data-" in os.path.basename(prefix):
@@ -110,14 +123,14 @@ def resolve_checkpoint(path: str | os.PathLike, role: str, flag: str) -> Checkpo
 
 
 def locate(checkpoint: str | os.PathLike, ema_checkpoint: str | os.PathLike | None = None,
-           require_ema: bool = True) -> CheckpointSources:
+           require_ema: bool = False) -> CheckpointSources:
     """Find the training checkpoint and the EMA checkpoint that goes with it.
 
     Args:
         checkpoint: CKPT_DIR or a training checkpoint prefix.
         ema_checkpoint: Directory or prefix of the EMA checkpoint; default `<CKPT_DIR>/ema/`.
-        require_ema: Raise when no separate EMA checkpoint exists (layouts that keep shadows inside the training
-            checkpoint pass False).
+        require_ema: Raise when no separate EMA checkpoint exists; by default its absence is left to the layouts,
+            several of which keep the shadows inside the training checkpoint.
 
     Raises:
         CheckpointNotFoundError: Either checkpoint is missing or ambiguous.

@@ -56,8 +56,10 @@ class RestoredModel:
     checkpoint: CheckpointFiles
     attachment: str
     variables: list[RestoredVariable]
-    reader: tf.train.CheckpointReader = field(repr=False)
+    reader: tf.train.CheckpointReader | None = field(repr=False)
     object_paths: dict[int, tuple[Any, Any, str]] = field(repr=False, default_factory=dict)
+    attachment_node: int | None = None
+    """Object-graph node the model hangs at (None for name-based or Keras-file checkpoints)."""
 
 
 def name_list(names: list[str]) -> str:
@@ -76,6 +78,19 @@ def model_variables(model: Any) -> list[Any]:
             seen.add(identity)
             result.append(variable)
     return result
+
+
+def restore(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredModel:
+    """Restore live values by whatever the checkpoint supports: its object graph, its names, or Keras's own file."""
+    if checkpoint.is_keras_file:
+        from ema_export.keras_files import restore_from_keras_file
+
+        return restore_from_keras_file(fresh, checkpoint)
+    if read_object_graph(tf.train.load_checkpoint(checkpoint.prefix)) is None:
+        from ema_export.restore_by_name import restore_by_name
+
+        return restore_by_name(fresh, checkpoint)
+    return restore_live(fresh, checkpoint)
 
 
 def restore_live(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredModel:
@@ -146,4 +161,4 @@ def restore_live(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredMode
             f"After restoring, {len(differing)} variables differ from their checkpoint entries: {name_list(differing)}",
             hint="The model and checkpoint disagree on structure; pass the --model that wrote this checkpoint",
         )
-    return RestoredModel(fresh, checkpoint, label, restored, reader, matched)
+    return RestoredModel(fresh, checkpoint, label, restored, reader, matched, node_id)

@@ -87,8 +87,8 @@ def test_missing_ema_directory_is_explained(tmp_path):
     for path in sorted((tmp_path / "ckpt" / "ema").iterdir()):
         path.unlink()
     (tmp_path / "ckpt" / "ema").rmdir()
-    assert_one_line_error(run(tmp_path / "ckpt", tmp_path / "models", "--model", MODEL), "No EMA checkpoint",
-                          "--ema-checkpoint")
+    assert_one_line_error(run(tmp_path / "ckpt", tmp_path / "models", "--model", MODEL), "No EMA shadows found",
+                          "Layouts tried: ema-checkpoint", "--ema-checkpoint")
 
 
 def test_existing_version_is_refused_with_the_fix(ckpt, tmp_path):

@@ -1,17 +1,46 @@
 """Checkpoint layouts: one strategy per way training code stores EMA shadows, and auto-detection among them.
 
-Adding a layout means adding a module with a `Layout` subclass and listing it in `LAYOUTS`; no other stage changes.
+Adding a layout means adding a module with a `Layout` subclass and naming it in `_LAYOUT_CLASSES`; no other stage
+changes. The order is the order auto-detection tries them in: the explicit layouts (a separate EMA checkpoint) before
+the ones inferred from names inside the training checkpoint.
 """
 
 from __future__ import annotations
 
+import importlib
+
 from ema_export.errors import LayoutError
 from ema_export.layouts.base import Layout, Shadow, ShadowMatch
-from ema_export.layouts.ema_checkpoint import EmaCheckpointLayout
 from ema_export.locate import CheckpointSources
 from ema_export.restore import RestoredModel
 
-LAYOUTS: dict[str, type[Layout]] = {layout.name: layout for layout in (EmaCheckpointLayout,)}
+_LAYOUT_CLASSES = (
+    "ema_export.layouts.ema_checkpoint:EmaCheckpointLayout",
+    "ema_export.layouts.tracked:TrackedShadowsLayout",
+    "ema_export.layouts.keras_optimizer:KerasOptimizerEmaLayout",
+    "ema_export.layouts.keras_optimizer:TfKerasOptimizerEmaLayout",
+    "ema_export.layouts.keras_file:KerasFileEmaLayout",
+    "ema_export.layouts.optimizer_slot:OptimizerSlotLayout",
+    "ema_export.layouts.tf1_names:Tf1NamesLayout",
+)
+
+
+def _load_layouts() -> dict[str, type[Layout]]:
+    layouts: dict[str, type[Layout]] = {}
+    for spec in _LAYOUT_CLASSES:
+        module_name, _, class_name = spec.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            continue  # a layout still being written
+        layout = getattr(module, class_name)
+        layouts[layout.name] = layout
+    return layouts
+
+
+LAYOUTS: dict[str, type[Layout]] = _load_layouts()
 """Every known layout by name, in the order auto-detection tries them."""
 
 
@@ -34,10 +63,10 @@ def choose_layout(sources: CheckpointSources, restored: RestoredModel, name: str
         reason = layout.detect(sources, restored)
         if reason:
             return layout, reason
-    tried = "; ".join(f"{n}: {cls.description}" for n, cls in LAYOUTS.items())
+    tried = "; ".join(f"{n} ({cls.description})" for n, cls in LAYOUTS.items())
     raise LayoutError(
         f"No EMA shadows found for {sources.training.prefix}. Layouts tried: {tried}",
-        hint="Pass --ema-checkpoint PATH if the shadows were saved elsewhere",
+        hint="Pass --ema-checkpoint PATH if the shadows were saved elsewhere, or --layout NAME to force one",
     )
 
 

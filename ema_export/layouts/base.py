@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import re
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -32,11 +32,11 @@ class Shadow:
     claimed_names: tuple[str, ...]
     shape: tuple[int, ...]
     dtype: tf.DType
-    reader: tf.train.CheckpointReader = field(repr=False, compare=False)
+    read: Callable[[], np.ndarray] = field(repr=False, compare=False)
 
     def value(self) -> np.ndarray:
-        """Read the value from the checkpoint."""
-        return np.asarray(self.reader.get_tensor(self.checkpoint_key))
+        """Read the value from its file (only folding does, once, so large checkpoints are not held twice)."""
+        return np.asarray(self.read())
 
 
 @dataclass
@@ -48,6 +48,7 @@ class ShadowMatch:
     matched: dict[int, Shadow]
     unmatched: list[Shadow]
     problems: list[str]
+    warnings: list[str] = field(default_factory=list)
 
 
 class Layout(abc.ABC):

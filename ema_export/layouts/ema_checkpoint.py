@@ -8,6 +8,8 @@ list gives positional keys. Either way the object graph records each shadow's ow
 
 from __future__ import annotations
 
+import functools
+
 import tensorflow as tf
 
 from ema_export.checkpoint_graph import iter_variables, read_object_graph
@@ -54,7 +56,7 @@ class EmaCheckpointLayout(Layout):
                     claimed_names=tuple(dict.fromkeys(name for name in claimed if name)),
                     shape=tuple(shapes[entry.checkpoint_key]),
                     dtype=tf.dtypes.as_dtype(dtypes[entry.checkpoint_key]),
-                    reader=reader,
+                    read=functools.partial(reader.get_tensor, entry.checkpoint_key),
                 )
             )
         return match_by_name(self.name, sources.ema.prefix, shadows, restored)
