@@ -16,6 +16,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "export": "ema_export.api",
+    "dry_run": "ema_export.api",
+    "DryRunResult": "ema_export.api",
     "ExportOptions": "ema_export.api",
     "ExportResult": "ema_export.api",
     "EmaExportError": "ema_export.errors",

@@ -19,9 +19,9 @@ import tensorflow as tf
 
 from ema_export.assemble import DEFAULT_ARMS, assemble
 from ema_export.errors import OutputDirError
-from ema_export.fold import FoldReport, fold
+from ema_export.fold import BN_STATS_POLICIES, FoldReport, fold
 from ema_export.fresh_model import ModelFactory, build_fresh_model, probe_inputs
-from ema_export.layouts import choose_layout
+from ema_export.layouts import LayoutSettings, choose_layout
 from ema_export.locate import CheckpointSources, locate
 from ema_export.manifest import build_manifest, write_manifest
 from ema_export.restore import restore
@@ -46,6 +46,9 @@ class ExportOptions:
         overwrite: Replace `version` if it exists.
         default_signature: Which arm `serving_default` aliases: "ema" or "live".
         layout: Checkpoint layout name; default auto-detected.
+        bn_stats: "live" (default) or "ema": whether `serve_ema` uses averaged BatchNorm statistics where the
+            checkpoint has them.
+        ema_name: The name a TF1 `ExponentialMovingAverage(name=...)` gave its shadows, when not the default.
     """
 
     ema_checkpoint: str | os.PathLike | None = None
@@ -55,6 +58,8 @@ class ExportOptions:
     overwrite: bool = False
     default_signature: str = "ema"
     layout: str | None = None
+    bn_stats: str = "live"
+    ema_name: str | None = None
 
 
 @dataclass
@@ -73,6 +78,76 @@ class ExportResult:
     @property
     def warnings(self) -> list[str]:
         return list(self.manifest["warnings"])
+
+
+@dataclass
+class DryRunResult:
+    """What an export would do: every stage up to folding, and the version it would write. Nothing is written."""
+
+    version: int
+    version_dir: Path
+    sources: CheckpointSources
+    model_source: str
+    attachment: str
+    fold: FoldReport
+
+
+@dataclass
+class _Prepared:
+    sources: CheckpointSources
+    fresh: Any
+    restored: Any
+    fold: FoldReport
+    version: int
+
+
+def _resolve_options(options: ExportOptions | None, overrides: dict[str, Any]) -> ExportOptions:
+    options = dataclasses.replace(options or ExportOptions(), **overrides)
+    if options.default_signature not in DEFAULT_ARMS:
+        raise OutputDirError(f"default signature must be one of {', '.join(DEFAULT_ARMS)}, got "
+                             f"{options.default_signature!r}", hint="Use --default-signature ema or live")
+    if options.bn_stats not in BN_STATS_POLICIES:
+        raise OutputDirError(f"bn_stats must be one of {', '.join(BN_STATS_POLICIES)}, got {options.bn_stats!r}",
+                             hint="Use --bn-stats live or ema")
+    return options
+
+
+def _prepare(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model: str | ModelFactory | None,
+             options: ExportOptions, step: Callable[[str], None]) -> _Prepared:
+    """Stages shared by `export` and `dry_run`: locate, build, restore, collect and fold."""
+    step(STAGES[0])
+    version = plan_version(output_dir, options.version, options.overwrite)  # fail before any expensive work
+    sources = locate(checkpoint, options.ema_checkpoint)
+    step(STAGES[1])
+    fresh = build_fresh_model(sources.checkpoint_dir, model, options.input_signature)
+    step(STAGES[2])
+    restored = restore(fresh, sources.training)
+    step(STAGES[3])
+    layout, reason = choose_layout(sources, restored, options.layout, LayoutSettings(ema_name=options.ema_name))
+    match = layout.collect(sources, restored)
+    step(STAGES[4])
+    report = fold(restored, match, reason, options.allow_missing, options.bn_stats)
+    return _Prepared(sources, fresh, restored, report, version)
+
+
+def dry_run(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    model: str | ModelFactory | None = None,
+    options: ExportOptions | None = None,
+    progress: Callable[[str], None] | None = None,
+    **overrides: Any,
+) -> DryRunResult:
+    """Run every stage up to folding and report the matching; write nothing.
+
+    Takes the same arguments as `export`. Raises the same errors it would, so a clean dry run means the export
+    can only fail in writing or verification.
+    """
+    options = _resolve_options(options, overrides)
+    prepared = _prepare(checkpoint, output_dir, model, options, progress or (lambda stage: None))
+    return DryRunResult(prepared.version, Path(output_dir) / str(prepared.version), prepared.sources,
+                        prepared.fresh.source, prepared.restored.attachment, prepared.fold)
 
 
 def export(
@@ -106,24 +181,10 @@ def export(
         >>> result.version_dir
         PosixPath('models/classifier/1')
     """
-    options = dataclasses.replace(options or ExportOptions(), **overrides)
-    if options.default_signature not in DEFAULT_ARMS:
-        raise OutputDirError(f"default signature must be one of {', '.join(DEFAULT_ARMS)}, got "
-                             f"{options.default_signature!r}", hint="Use --default-signature ema or live")
+    options = _resolve_options(options, overrides)
     step = progress or (lambda stage: None)
-
-    step(STAGES[0])
-    plan_version(output_dir, options.version, options.overwrite)  # fail before any expensive work
-    sources = locate(checkpoint, options.ema_checkpoint)
-    step(STAGES[1])
-    fresh = build_fresh_model(sources.checkpoint_dir, model, options.input_signature)
-    step(STAGES[2])
-    restored = restore(fresh, sources.training)
-    step(STAGES[3])
-    layout, reason = choose_layout(sources, restored, options.layout)
-    match = layout.collect(sources, restored)
-    step(STAGES[4])
-    report = fold(restored, match, reason, options.allow_missing)
+    prepared = _prepare(checkpoint, output_dir, model, options, step)
+    sources, fresh, restored, report = prepared.sources, prepared.fresh, prepared.restored, prepared.fold
     step(STAGES[5])
     assembly = assemble(restored, report, options.default_signature)
     report.values.clear()  # the averaged values now live in variables; the numpy copies only raise peak memory
@@ -135,7 +196,8 @@ def export(
         step(STAGES[7])
         verification = verify(staging, assembly, probe)
         version = plan_version(output_dir, options.version, options.overwrite)
-        manifest = build_manifest(sources, restored, report, assembly, verification, version)
+        manifest = build_manifest(sources, restored, report, assembly, verification, version,
+                                  {"bn_stats": options.bn_stats, "allow_missing": options.allow_missing})
         if not verification.arms_differ:
             manifest["warnings"].append("serve_live and serve_ema give identical outputs on the probe batch")
         write_manifest(staging, manifest)

@@ -57,17 +57,23 @@ def _keras_ema_call(restored: RestoredModel, report: FoldReport, root: tf.Module
     model = restored.fresh.model
     index_of = {variable_identity(item.variable): index for index, item in enumerate(restored.variables)}
     averaged: list[tf.Variable] = []
-    trainable_values: list[Any] = []
-    for variable in model.trainable_variables:
-        index = index_of[variable_identity(variable)]
-        if index in report.values:
-            average = tf.Variable(report.values[index], trainable=False,
-                                  name="ema/" + restored.variables[index].path.replace("/", "."))
-            averaged.append(average)
-            trainable_values.append(average)
-        else:
-            trainable_values.append(variable.value)  # no shadow (--allow-missing): share the live variable
-    non_trainable_values = [variable.value for variable in model.non_trainable_variables]
+
+    def values_for(variables: Sequence[Any]) -> list[Any]:
+        """The averaged copy where folding produced one, else the live variable itself (shared, stored once)."""
+        result = []
+        for variable in variables:
+            index = index_of[variable_identity(variable)]
+            if index in report.values:
+                average = tf.Variable(report.values[index], trainable=False,
+                                      name="ema/" + restored.variables[index].path.replace("/", "."))
+                averaged.append(average)
+                result.append(average)
+            else:
+                result.append(variable.value)
+        return result
+
+    trainable_values = values_for(model.trainable_variables)
+    non_trainable_values = values_for(model.non_trainable_variables)
     root.ema_variables = averaged
 
     def call(*inputs: tf.Tensor) -> Any:

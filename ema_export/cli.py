@@ -35,12 +35,8 @@ class _StageProgress:
 
 
 def _summary(result: Any) -> str:
-    sources, report, verification = result.sources, result.fold, result.verification
-    lines = [f"Training checkpoint  {sources.training.prefix}  ({sources.training.chosen_by})"]
-    if sources.ema:
-        lines.append(f"EMA checkpoint       {sources.ema.prefix}  ({sources.ema.chosen_by})")
-    lines.append(f"Model                {result.model_source}, attached at {result.attachment}")
-    lines.append(f"Layout               {report.layout}: {report.layout_reason}")
+    report, verification = result.fold, result.verification
+    lines = _sources_lines(result.sources, result.model_source, result.attachment, report)
     non_trainable = sum(1 for item in report.kept_live if item.reason.startswith("non-trainable"))
     lines.append(f"Variables            {len(report.folded)} folded, {len(report.kept_live)} kept live "
                  f"({non_trainable} non-trainable, {len(report.kept_live) - non_trainable} without shadow)")
@@ -58,6 +54,52 @@ def _summary(result: Any) -> str:
                  f"({SIGNATURE_LIVE}, {SIGNATURE_EMA}, {SIGNATURE_DEFAULT} -> {default})")
     lines += [f"warning: {text}" for text in result.warnings]
     return "\n".join(lines)
+
+
+def _sources_lines(sources: Any, model_source: str, attachment: str, report: Any) -> list[str]:
+    lines = [f"Training checkpoint  {sources.training.prefix}  ({sources.training.chosen_by})"]
+    if sources.ema:
+        lines.append(f"EMA checkpoint       {sources.ema.prefix}  ({sources.ema.chosen_by})")
+    lines.append(f"Model                {model_source}, attached at {attachment}")
+    lines.append(f"Layout               {report.layout}: {report.layout_reason}")
+    return lines
+
+
+def _dry_run_table(planned: Any) -> str:
+    report = planned.fold
+    lines = _sources_lines(planned.sources, planned.model_source, planned.attachment, report)
+    rows = [(item.name, "x".join(map(str, item.shape)) or "scalar", item.dtype, item.shadow_key,
+             f"{item.relative_l2:.4g}") for item in report.folded]
+    rows += [(item.name, "", "", f"(kept live: {item.reason})", "") for item in report.kept_live]
+    header = ("variable", "shape", "dtype", "shadow source key", "relative drift")
+    widths = [max(len(row[column]) for row in rows + [header]) for column in range(len(header))]
+    lines.append("")
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header] + rows]
+    lines.append("")
+    lines.append(f"Would write version {planned.version} to {planned.version_dir} with {SIGNATURE_LIVE}, "
+                 f"{SIGNATURE_EMA} and {SIGNATURE_DEFAULT} ({len(report.folded)} variables folded, "
+                 f"{len(report.kept_live)} kept live). Nothing was written (--dry-run).")
+    lines += [f"warning: {text}" for text in report.warnings]
+    return "\n".join(lines)
+
+
+def _dry_run_data(planned: Any) -> dict[str, Any]:
+    import dataclasses
+
+    report = planned.fold
+    return {
+        "dry_run": True,
+        "version": planned.version,
+        "version_dir": str(planned.version_dir),
+        "training_checkpoint": planned.sources.training.prefix,
+        "ema_checkpoint": planned.sources.ema.prefix if planned.sources.ema else None,
+        "model": planned.model_source,
+        "attachment": planned.attachment,
+        "layout": {"name": report.layout, "reason": report.layout_reason, "source": report.source},
+        "folded": [dataclasses.asdict(item) for item in report.folded],
+        "kept_live": [dataclasses.asdict(item) for item in report.kept_live],
+        "warnings": report.warnings,
+    }
 
 
 def _fail(message: str, code: int, as_json: bool, kind: str) -> None:
@@ -86,11 +128,24 @@ def _fail(message: str, code: int, as_json: bool, kind: str) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace version N if it already exists.")
 @click.option("--default-signature", type=click.Choice(["ema", "live"]), default="ema", show_default=True,
               help="Which arm serving_default serves.")
+@click.option("--layout", metavar="NAME",
+              help="Checkpoint layout to read shadows with (default: detected; the summary says which and why). "
+                   "Names: ema-checkpoint, tracked-shadows, keras-use-ema, tf-keras-use-ema, keras-file-use-ema, "
+                   "optimizer-slot, tf1-names.")
+@click.option("--bn-stats", type=click.Choice(["live", "ema"]), default="live", show_default=True,
+              help="Non-trainable statistics (BatchNorm moving mean/variance) in serve_ema: the live values, or "
+                   "their averages where the checkpoint has them.")
+@click.option("--ema-name", metavar="NAME",
+              help="Name given to a TF1 ExponentialMovingAverage(name=...), whose shadows are <var>/NAME.")
+@click.option("--dry-run", is_flag=True,
+              help="Run every stage up to folding, print the matching table and what would be written; "
+                   "write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result (the manifest plus version_dir) as JSON.")
 @click.option("--verbose", "-v", is_flag=True, help="Show TensorFlow's log output and full tracebacks.")
 def cli(ckpt_dir: str, out_dir: str, ema_checkpoint: str | None, model_spec: str | None,
         input_signature: tuple[str, ...], allow_missing: bool, version: int | None, overwrite: bool,
-        default_signature: str, as_json: bool, verbose: bool) -> None:
+        default_signature: str, layout: str | None, bn_stats: str, ema_name: str | None, dry_run: bool,
+        as_json: bool, verbose: bool) -> None:
     """Export the live and EMA weights of a training checkpoint as one SavedModel.
 
     Restores the latest checkpoint in CKPT_DIR (or the prefix given) and its EMA checkpoint, folds the averaged
@@ -105,12 +160,17 @@ def cli(ckpt_dir: str, out_dir: str, ema_checkpoint: str | None, model_spec: str
     from ema_export.errors import EmaExportError
 
     try:
-        from ema_export.api import ExportOptions, export
+        from ema_export.api import ExportOptions, dry_run as plan, export
 
         options = ExportOptions(ema_checkpoint=ema_checkpoint, input_signature=input_signature or None,
                                 allow_missing=allow_missing, version=version, overwrite=overwrite,
-                                default_signature=default_signature)
+                                default_signature=default_signature, layout=layout, bn_stats=bn_stats,
+                                ema_name=ema_name)
         progress = _StageProgress(enabled=not as_json and sys.stderr.isatty())
+        if dry_run:
+            planned = plan(ckpt_dir, out_dir, model=model_spec, options=options, progress=progress)
+            click.echo(json.dumps(_dry_run_data(planned), indent=2) if as_json else _dry_run_table(planned))
+            return
         result = export(ckpt_dir, out_dir, model=model_spec, options=options, progress=progress)
     except EmaExportError as error:
         _fail(str(error), error.exit_code, as_json, type(error).__name__)

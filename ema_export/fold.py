@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ema_export.errors import FoldError
-from ema_export.layouts import ShadowMatch
-from ema_export.restore import RestoredModel
+from ema_export.layouts import Shadow, ShadowMatch
+from ema_export.restore import RestoredModel, RestoredVariable
 
 KEPT_NON_TRAINABLE = "non-trainable: both arms share the live value"
 KEPT_NO_SHADOW = "no shadow (--allow-missing): the EMA arm uses the live value"
@@ -73,8 +73,38 @@ def relative_l2(live: np.ndarray, average: np.ndarray) -> float:
     return distance / scale if scale > 0 else distance
 
 
-def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_missing: bool = False) -> FoldReport:
+BN_STATS_POLICIES = ("live", "ema")
+"""`--bn-stats`: non-trainable statistics serve their live value in both arms, or their average in `serve_ema`."""
+
+KEPT_STATS_LIVE = "non-trainable: its shadow is not used (--bn-stats live); both arms share the live value"
+
+
+def _checked_value(variable: RestoredVariable, shadow: Shadow) -> tuple[np.ndarray | None, str | None]:
+    """The shadow's value if it can stand in for the variable, else the problem with it."""
+    if shadow.shape != variable.shape:
+        return None, (f"shape mismatch: {variable.name} is {list(variable.shape)}, its shadow "
+                      f"{shadow.checkpoint_key} is {list(shadow.shape)}")
+    if shadow.dtype != variable.dtype:
+        return None, (f"dtype mismatch: {variable.name} is {variable.dtype.name}, its shadow "
+                      f"{shadow.checkpoint_key} is {shadow.dtype.name}")
+    value = shadow.value()
+    if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
+        bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+        return None, f"non-finite shadow: {shadow.checkpoint_key} (for {variable.name}) has {bad} NaN/Inf values"
+    return value, None
+
+
+def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_missing: bool = False,
+         bn_stats: str = "live") -> FoldReport:
     """Check the pairing and collect averaged values.
+
+    Args:
+        restored: The model with its live values.
+        match: The layout's pairing of shadows with variables.
+        layout_reason: Why the layout was chosen, for the report.
+        allow_missing: Trainable variables without a shadow serve their live value instead of failing.
+        bn_stats: "live" keeps non-trainable variables (BatchNorm statistics) live in both arms even when the
+            checkpoint averaged them; "ema" uses their averages in `serve_ema` where the checkpoint has them.
 
     Raises:
         FoldError: Listing every missing, extra, mismatched, duplicated or non-finite shadow at once.
@@ -86,25 +116,18 @@ def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_
     missing: list[str] = []
     for index, variable in enumerate(restored.variables):
         shadow = match.matched.get(index)
-        if not variable.trainable:
-            kept.append(KeptVariable(variable.name, variable.path, KEPT_NON_TRAINABLE))
-            continue
         if shadow is None:
-            missing.append(variable.name)
-            kept.append(KeptVariable(variable.name, variable.path, KEPT_NO_SHADOW))
+            if variable.trainable:
+                missing.append(variable.name)
+            kept.append(KeptVariable(variable.name, variable.path,
+                                     KEPT_NO_SHADOW if variable.trainable else KEPT_NON_TRAINABLE))
             continue
-        if shadow.shape != variable.shape:
-            problems.append(f"shape mismatch: {variable.name} is {list(variable.shape)}, its shadow "
-                            f"{shadow.checkpoint_key} is {list(shadow.shape)}")
+        if not variable.trainable and bn_stats == "live":
+            kept.append(KeptVariable(variable.name, variable.path, KEPT_STATS_LIVE))
             continue
-        if shadow.dtype != variable.dtype:
-            problems.append(f"dtype mismatch: {variable.name} is {variable.dtype.name}, its shadow "
-                            f"{shadow.checkpoint_key} is {shadow.dtype.name}")
-            continue
-        value = shadow.value()
-        if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
-            bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
-            problems.append(f"non-finite shadow: {shadow.checkpoint_key} (for {variable.name}) has {bad} NaN/Inf values")
+        value, problem = _checked_value(variable, shadow)
+        if problem:
+            problems.append(problem)
             continue
         values[index] = value
         live = np.asarray(variable.variable.numpy())  # restored and checked equal to its checkpoint entry
@@ -130,6 +153,9 @@ def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_
             "every shadow equals its live value exactly: the EMA was never updated, or was saved as a copy of the "
             "weights (Keras fit() with use_ema=True overwrites the weights with the averages at its end)"
         )
+    if bn_stats == "ema" and not any(not v.trainable for i, v in enumerate(restored.variables) if i in values):
+        warnings.append("--bn-stats ema: the checkpoint has no averaged non-trainable statistics; both arms use the "
+                        "live ones")
     if missing:
         warnings.append(f"{len(missing)} trainable variables have no shadow and serve their live value in serve_ema")
     return report

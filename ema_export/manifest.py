@@ -45,6 +45,7 @@ def build_manifest(
     assembly: Assembly,
     verification: VerificationReport,
     version: int,
+    policies: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything worth knowing about an export, as JSON-ready data."""
     return {
@@ -62,6 +63,7 @@ def build_manifest(
             "attachment": restored.attachment,
         },
         "layout": {"name": report.layout, "reason": report.layout_reason, "source": report.source},
+        "policies": dict(policies or {}),
         "signatures": {
             "live": SIGNATURE_LIVE,
             "ema": SIGNATURE_EMA,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 
 from ema_export.errors import LayoutError
-from ema_export.layouts.base import Layout, Shadow, ShadowMatch
+from ema_export.layouts.base import Layout, LayoutSettings, Shadow, ShadowMatch
 from ema_export.locate import CheckpointSources
 from ema_export.restore import RestoredModel
 
@@ -44,7 +44,8 @@ LAYOUTS: dict[str, type[Layout]] = _load_layouts()
 """Every known layout by name, in the order auto-detection tries them."""
 
 
-def choose_layout(sources: CheckpointSources, restored: RestoredModel, name: str | None = None) -> tuple[Layout, str]:
+def choose_layout(sources: CheckpointSources, restored: RestoredModel, name: str | None = None,
+                  settings: LayoutSettings | None = None) -> tuple[Layout, str]:
     """The layout to read shadows with, and why it was chosen.
 
     Raises:
@@ -56,10 +57,10 @@ def choose_layout(sources: CheckpointSources, restored: RestoredModel, name: str
                 f"Unknown layout {name!r}: expected one of {', '.join(LAYOUTS)}",
                 hint="Omit --layout to detect it, or pick one of those names",
             )
-        layout = LAYOUTS[name]()
+        layout = LAYOUTS[name](settings)
         return layout, f"chosen with --layout ({layout.detect(sources, restored) or 'not detected'})"
     for layout_class in LAYOUTS.values():
-        layout = layout_class()
+        layout = layout_class(settings)
         reason = layout.detect(sources, restored)
         if reason:
             return layout, reason
@@ -70,4 +71,4 @@ def choose_layout(sources: CheckpointSources, restored: RestoredModel, name: str
     )
 
 
-__all__ = ["LAYOUTS", "Layout", "Shadow", "ShadowMatch", "choose_layout"]
+__all__ = ["LAYOUTS", "Layout", "LayoutSettings", "Shadow", "ShadowMatch", "choose_layout"]

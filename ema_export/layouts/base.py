@@ -51,11 +51,25 @@ class ShadowMatch:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class LayoutSettings:
+    """What a user can tell a layout that the checkpoint cannot.
+
+    Attributes:
+        ema_name: The `name=` a TF1 `ExponentialMovingAverage` was given (its shadows are `<var>/<ema_name>`).
+    """
+
+    ema_name: str | None = None
+
+
 class Layout(abc.ABC):
     """A way training code stores EMA shadows."""
 
     name: ClassVar[str]
     description: ClassVar[str]
+
+    def __init__(self, settings: LayoutSettings | None = None) -> None:
+        self.settings = settings or LayoutSettings()
 
     @abc.abstractmethod
     def detect(self, sources: CheckpointSources, restored: RestoredModel) -> str | None:
