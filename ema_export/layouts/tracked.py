@@ -1,0 +1,66 @@
+"""Shadows tracked in the training checkpoint itself, beside the model.
+
+Training code that saves `tf.train.Checkpoint(model=model, ema=[ema.average(v) for v in variables])` (or a dict, or
+any other attribute name) keeps one checkpoint. The shadows are whatever variables outside the model's own subtree
+carry the name `tf.train.ExponentialMovingAverage` gives them: `<variable>/ExponentialMovingAverage[_N]`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import tensorflow as tf
+
+from ema_export.checkpoint_graph import iter_variables, read_object_graph
+from ema_export.layouts.base import Layout, Shadow, ShadowMatch, match_by_name, strip_ema_suffix, strip_output_index
+from ema_export.locate import CheckpointSources
+from ema_export.restore import RestoredModel
+
+
+class TrackedShadowsLayout(Layout):
+    """EMA shadows saved in the training checkpoint, outside the model."""
+
+    name = "tracked-shadows"
+    description = "ema.average(v) values tracked in the training checkpoint beside the model"
+
+    def _shadows(self, sources: CheckpointSources, restored: RestoredModel) -> list[Shadow]:
+        if sources.training.is_keras_file or restored.reader is None:
+            return []
+        reader = restored.reader
+        graph = read_object_graph(reader)
+        if graph is None:
+            return []
+        shapes = reader.get_variable_to_shape_map()
+        dtypes = reader.get_variable_to_dtype_map()
+        suffix = f"/{self.settings.ema_name}" if self.settings.ema_name else None
+        shadows = []
+        for entry in iter_variables(graph):
+            if entry.node_id in restored.object_paths:
+                continue  # the model's own variables
+            if suffix and entry.full_name.endswith(suffix):
+                variable_name = entry.full_name[: -len(suffix)]
+            else:
+                variable_name = strip_ema_suffix(entry.full_name)
+            if variable_name is None:
+                continue
+            claimed = [variable_name, strip_output_index(entry.path[-1]) if entry.path else ""]
+            shadows.append(Shadow(
+                checkpoint_key=entry.checkpoint_key,
+                recorded_name=entry.full_name,
+                claimed_names=tuple(dict.fromkeys(name for name in claimed if name)),
+                shape=tuple(shapes[entry.checkpoint_key]),
+                dtype=tf.dtypes.as_dtype(dtypes[entry.checkpoint_key]),
+                read=functools.partial(reader.get_tensor, entry.checkpoint_key),
+            ))
+        return shadows
+
+    def detect(self, sources: CheckpointSources, restored: RestoredModel) -> str | None:
+        shadows = self._shadows(sources, restored)
+        if not shadows:
+            return None
+        containers = sorted({s.checkpoint_key.split("/", 1)[0] for s in shadows})
+        return (f"{sources.training.prefix} holds {len(shadows)} values named <variable>/ExponentialMovingAverage "
+                f"outside the model (under {', '.join(containers)})")
+
+    def collect(self, sources: CheckpointSources, restored: RestoredModel) -> ShadowMatch:
+        return match_by_name(self.name, sources.training.prefix, self._shadows(sources, restored), restored)
