@@ -119,6 +119,18 @@ def test_keras_models_fold_trainables_and_share_batchnorm_statistics(kind, tmp_p
     assert result.attachment == "model"
 
 
+@pytest.mark.parametrize("policy", ["live", "ema"])
+def test_bn_stats_policy_for_averaged_batchnorm_statistics(tmp_path, policy):
+    keys = tm.write_keras_checkpoints(tm.build_sequential, tmp_path / "ckpt", average_all=True)
+    result = ema_export.export(tmp_path / "ckpt", tmp_path / "models", model=tm.build_sequential, bn_stats=policy)
+    _, ema = tm.expected_mlp_outputs(tmp_path / "ckpt", keys, X, averaged_statistics=policy == "ema")
+    np.testing.assert_allclose(serve(result.version_dir, SIGNATURE_EMA, X, "features"), ema, rtol=1e-5, atol=1e-5)
+    assert len(result.fold.folded) == (8 if policy == "ema" else 6)
+    assert result.manifest["policies"]["bn_stats"] == policy
+    if policy == "live":
+        assert all("--bn-stats live" in item.reason for item in result.fold.kept_live)
+
+
 def test_default_signature_can_serve_live(seed_ckpt, tmp_path):
     result = ema_export.export(seed_ckpt, tmp_path / "models", model=tm.LinearModule, default_signature="live")
     np.testing.assert_array_equal(serve(result.version_dir, SIGNATURE_DEFAULT, X),

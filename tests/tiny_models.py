@@ -110,12 +110,13 @@ def build_subclassed():
 KERAS_BUILDERS = {"sequential": build_sequential, "functional": build_functional, "subclassed": build_subclassed}
 
 
-def write_keras_checkpoints(build, ckpt_dir, seed: int = 0, ema_key=lambda v: v.value.name, as_list=False):
+def write_keras_checkpoints(build, ckpt_dir, seed: int = 0, ema_key=lambda v: v.value.name, as_list=False,
+                            average_all=False):
     """Train-side: give a Keras model known weights and BN statistics, keep a real EMA of its trainable variables
     with known shadow values, and save `ckpt_dir/ckpt-1` (`Checkpoint(model=...)`) and `ckpt_dir/ema/ckpt-1`.
 
-    Returns the checkpoint keys holding, in model order, the live trainable values, the live non-trainable values
-    and the shadows, found by value in the files written.
+    Returns the checkpoint keys holding, in model order, the live trainable values, the live non-trainable values,
+    the shadows of the trainable ones and (with `average_all`) of the non-trainable ones, found by value in the files.
     """
     model = build()
     if not model.built:
@@ -126,20 +127,23 @@ def write_keras_checkpoints(build, ckpt_dir, seed: int = 0, ema_key=lambda v: v.
         if "variance" in variable.path:
             value = np.abs(value) + 0.5
         variable.assign(value)
-    tf_variables = [v.value for v in model.trainable_variables]
+    averaged = model.variables if average_all else model.trainable_variables  # all: BatchNorm statistics too
+    tf_variables = [v.value for v in averaged]
     average = tf.train.ExponentialMovingAverage(decay=0.9)
     average.apply(tf_variables)
     for variable in tf_variables:
         average.average(variable).assign(variable * 0.5 + 0.25)
     shadows = [average.average(v) for v in tf_variables]
-    container = shadows if as_list else {ema_key(v): average.average(v.value) for v in model.trainable_variables}
+    container = shadows if as_list else {ema_key(v): average.average(v.value) for v in averaged}
     tf.train.CheckpointManager(tf.train.Checkpoint(model=model), str(ckpt_dir), 3).save()
     tf.train.CheckpointManager(tf.train.Checkpoint(ema_weights=container), str(Path(ckpt_dir) / "ema"), 3).save()
     live_prefix = tf.train.latest_checkpoint(str(ckpt_dir))
     ema_prefix = tf.train.latest_checkpoint(str(Path(ckpt_dir) / "ema"))
     return ([_key_holding(live_prefix, v.numpy()) for v in model.trainable_variables],
             [_key_holding(live_prefix, v.numpy()) for v in model.non_trainable_variables],
-            [_key_holding(ema_prefix, average.average(v).numpy()) for v in tf_variables])
+            [_key_holding(ema_prefix, average.average(v.value).numpy()) for v in model.trainable_variables],
+            [_key_holding(ema_prefix, average.average(v.value).numpy()) for v in model.non_trainable_variables]
+            if average_all else [])
 
 
 def _key_holding(prefix, value):
@@ -159,15 +163,17 @@ def mlp_numpy(inputs, kernel1, bias1, gamma, beta, mean, variance, kernel2, bias
     return np.maximum(hidden, 0.0) @ kernel2 + bias2
 
 
-def expected_mlp_outputs(ckpt_dir, keys, inputs):
+def expected_mlp_outputs(ckpt_dir, keys, inputs, averaged_statistics=False):
     """(live, ema) outputs of the Keras MLP from the values stored in its two checkpoints."""
     live_reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(ckpt_dir)))
     ema_reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(Path(ckpt_dir) / "ema")))
-    trainable, non_trainable, shadows = keys
-    mean, variance = (live_reader.get_tensor(key) for key in non_trainable)
+    trainable, non_trainable, shadows, statistic_shadows = keys
+    live_statistics = [live_reader.get_tensor(key) for key in non_trainable]
+    ema_statistics = [ema_reader.get_tensor(key) for key in statistic_shadows] if averaged_statistics \
+        else live_statistics
 
-    def run(reader, names):
+    def run(reader, names, statistics):
         k1, b1, gamma, beta, k2, b2 = (reader.get_tensor(key) for key in names)
-        return mlp_numpy(inputs, k1, b1, gamma, beta, mean, variance, k2, b2)
+        return mlp_numpy(inputs, k1, b1, gamma, beta, *statistics, k2, b2)
 
-    return run(live_reader, trainable), run(ema_reader, shadows)
+    return run(live_reader, trainable, live_statistics), run(ema_reader, shadows, ema_statistics)

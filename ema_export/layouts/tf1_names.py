@@ -1,0 +1,78 @@
+"""TF1 name-based checkpoints: shadows saved by a `tf.compat.v1.train.Saver` under `<variable>/ExponentialMovingAverage`.
+
+`tf.compat.v1.train.ExponentialMovingAverage` names each shadow after its variable: `<var>/ExponentialMovingAverage`,
+with `_N` appended when the name was taken (a second EMA over the same variables), or `<var>/<name>` when the EMA was
+created with `name=`. Zero-debiasing adds `.../biased` and `.../local_step`, which are bookkeeping, not shadows.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import tensorflow as tf
+
+from ema_export.checkpoint_graph import read_object_graph
+from ema_export.layouts.base import Layout, Shadow, ShadowMatch
+from ema_export.locate import CheckpointSources
+from ema_export.restore import RestoredModel, name_list
+
+_DEFAULT_SUFFIX = r"ExponentialMovingAverage(_\d+)?"
+
+
+class Tf1NamesLayout(Layout):
+    """`<variable>/ExponentialMovingAverage[_N]` (or `<variable>/<--ema-name>`) in a name-based checkpoint."""
+
+    name = "tf1-names"
+    description = "<variable>/ExponentialMovingAverage entries of a name-based (TF1 Saver) checkpoint"
+
+    def _pattern(self) -> re.Pattern[str]:
+        suffix = re.escape(self.settings.ema_name) if self.settings.ema_name else _DEFAULT_SUFFIX
+        return re.compile(rf"^(?P<variable>.+)/(?P<suffix>{suffix})$")
+
+    def _shadow_keys(self, sources: CheckpointSources) -> dict[str, list[str]]:
+        """Variable name -> keys of its shadows, for a name-based training checkpoint (else empty)."""
+        if sources.training.is_keras_file:
+            return {}
+        reader = tf.train.load_checkpoint(sources.training.prefix)
+        if read_object_graph(reader) is not None:
+            return {}
+        pattern = self._pattern()
+        found: dict[str, list[str]] = {}
+        for key in sorted(reader.get_variable_to_shape_map()):
+            match = pattern.match(key)
+            if match:
+                found.setdefault(match.group("variable"), []).append(key)
+        return found
+
+    def detect(self, sources: CheckpointSources, restored: RestoredModel) -> str | None:
+        found = self._shadow_keys(sources)
+        if not found:
+            return None
+        suffix = self.settings.ema_name or "ExponentialMovingAverage"
+        return f"{sources.training.prefix} is name-based and holds {sum(map(len, found.values()))} <variable>/{suffix} entries"
+
+    def collect(self, sources: CheckpointSources, restored: RestoredModel) -> ShadowMatch:
+        reader = tf.train.load_checkpoint(sources.training.prefix)
+        shapes = reader.get_variable_to_shape_map()
+        dtypes = reader.get_variable_to_dtype_map()
+
+        def shadow(key: str, variable_name: str) -> Shadow:
+            return Shadow(key, key, (variable_name,), tuple(shapes[key]), tf.dtypes.as_dtype(dtypes[key]),
+                          functools.partial(reader.get_tensor, key))
+
+        found = self._shadow_keys(sources)
+        index_of = {variable.training_name: index for index, variable in enumerate(restored.variables)}
+        matched: dict[int, Shadow] = {}
+        unmatched: list[Shadow] = []
+        problems: list[str] = []
+        for variable_name, keys in found.items():
+            if variable_name not in index_of:
+                unmatched += [shadow(key, variable_name) for key in keys]
+            elif len(keys) > 1:
+                problems.append(
+                    f"ambiguous shadows for {variable_name}: {name_list(keys)} (two EMAs averaged it); pass "
+                    "--ema-name with the name of the one to export")
+            else:
+                matched[index_of[variable_name]] = shadow(keys[0], variable_name)
+        return ShadowMatch(self.name, sources.training.prefix, matched, unmatched, problems)
