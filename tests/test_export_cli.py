@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -139,3 +140,23 @@ def test_interrupted_export_publishes_nothing_and_the_next_one_succeeds(ckpt, tm
     result = run(ckpt, out, "--model", MODEL)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["1"], "the abandoned staging directory is cleaned up"
+
+
+def test_dry_run_prints_the_matching_table_and_writes_nothing(ckpt, tmp_path):
+    result = run(ckpt, tmp_path / "models", "--model", MODEL, "--dry-run")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "variable" in out and "shadow source key" in out and "relative drift" in out
+    assert re.search(r"weights +4x3 +float32 +ema_weights/weights:0/.ATTRIBUTES/VARIABLE_VALUE +0\.8852", out)
+    assert f"Would write version 1 to {tmp_path / 'models' / '1'}" in out
+    assert not (tmp_path / "models").exists()
+
+    data = json.loads(run(ckpt, tmp_path / "models", "--model", MODEL, "--dry-run", "--json").stdout)
+    assert data["dry_run"] is True and data["version"] == 1
+    assert {item["name"] for item in data["folded"]} == {"weights", "biases"}
+    assert not (tmp_path / "models").exists()
+
+
+def test_unknown_layout_lists_the_known_ones(ckpt, tmp_path):
+    assert_one_line_error(run(ckpt, tmp_path / "models", "--model", MODEL, "--layout", "nope"),
+                          "Unknown layout 'nope'", "ema-checkpoint", "tf1-names")
