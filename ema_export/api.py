@@ -49,6 +49,8 @@ class ExportOptions:
         bn_stats: "live" (default) or "ema": whether `serve_ema` uses averaged BatchNorm statistics where the
             checkpoint has them.
         ema_name: The name a TF1 `ExponentialMovingAverage(name=...)` gave its shadows, when not the default.
+        step: Export the training/EMA pair of this step instead of the newest complete pair.
+        allow_step_mismatch: Export an explicitly named pair whose steps differ (recorded in the manifest).
     """
 
     ema_checkpoint: str | os.PathLike | None = None
@@ -60,6 +62,8 @@ class ExportOptions:
     layout: str | None = None
     bn_stats: str = "live"
     ema_name: str | None = None
+    step: int | None = None
+    allow_step_mismatch: bool = False
 
 
 @dataclass
@@ -117,7 +121,8 @@ def _prepare(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model
     """Stages shared by `export` and `dry_run`: locate, build, restore, collect and fold."""
     step(STAGES[0])
     version = plan_version(output_dir, options.version, options.overwrite)  # fail before any expensive work
-    sources = locate(checkpoint, options.ema_checkpoint)
+    sources = locate(checkpoint, options.ema_checkpoint, step=options.step,
+                     allow_step_mismatch=options.allow_step_mismatch)
     step(STAGES[1])
     fresh = build_fresh_model(sources.checkpoint_dir, model, options.input_signature)
     step(STAGES[2])
@@ -197,7 +202,8 @@ def export(
         verification = verify(staging, assembly, probe)
         version = plan_version(output_dir, options.version, options.overwrite)
         manifest = build_manifest(sources, restored, report, assembly, verification, version,
-                                  {"bn_stats": options.bn_stats, "allow_missing": options.allow_missing})
+                                  {"bn_stats": options.bn_stats, "allow_missing": options.allow_missing,
+                                   "allow_step_mismatch": sources.step_mismatch_allowed})
         if not verification.arms_differ:
             manifest["warnings"].append("serve_live and serve_ema give identical outputs on the probe batch")
         write_manifest(staging, manifest)

@@ -57,9 +57,14 @@ def _summary(result: Any) -> str:
 
 
 def _sources_lines(sources: Any, model_source: str, attachment: str, report: Any) -> list[str]:
-    lines = [f"Training checkpoint  {sources.training.prefix}  ({sources.training.chosen_by})"]
+    def step_of(files: Any) -> str:
+        return f", step {files.step}" if files.step is not None else ""
+
+    lines = [f"Training checkpoint  {sources.training.prefix}  ({sources.training.chosen_by}{step_of(sources.training)})"]
     if sources.ema:
-        lines.append(f"EMA checkpoint       {sources.ema.prefix}  ({sources.ema.chosen_by})")
+        lines.append(f"EMA checkpoint       {sources.ema.prefix}  ({sources.ema.chosen_by}{step_of(sources.ema)})")
+    if sources.step_mismatch_allowed:
+        lines.append("warning: the two checkpoints are from different steps (--allow-step-mismatch)")
     lines.append(f"Model                {model_source}, attached at {attachment}")
     lines.append(f"Layout               {report.layout}: {report.layout_reason}")
     return lines
@@ -137,6 +142,10 @@ def _fail(message: str, code: int, as_json: bool, kind: str) -> None:
                    "their averages where the checkpoint has them.")
 @click.option("--ema-name", metavar="NAME",
               help="Name given to a TF1 ExponentialMovingAverage(name=...), whose shadows are <var>/NAME.")
+@click.option("--step", type=click.IntRange(min=0), metavar="N",
+              help="Export the training/EMA pair of step N (default: the newest step both checkpoints have).")
+@click.option("--allow-step-mismatch", is_flag=True,
+              help="Export an explicitly named pair whose steps differ (recorded in the manifest).")
 @click.option("--dry-run", is_flag=True,
               help="Run every stage up to folding, print the matching table and what would be written; "
                    "write nothing.")
@@ -144,7 +153,8 @@ def _fail(message: str, code: int, as_json: bool, kind: str) -> None:
 @click.option("--verbose", "-v", is_flag=True, help="Show TensorFlow's log output and full tracebacks.")
 def cli(ckpt_dir: str, out_dir: str, ema_checkpoint: str | None, model_spec: str | None,
         input_signature: tuple[str, ...], allow_missing: bool, version: int | None, overwrite: bool,
-        default_signature: str, layout: str | None, bn_stats: str, ema_name: str | None, dry_run: bool,
+        default_signature: str, layout: str | None, bn_stats: str, ema_name: str | None, step: int | None,
+        allow_step_mismatch: bool, dry_run: bool,
         as_json: bool, verbose: bool) -> None:
     """Export the live and EMA weights of a training checkpoint as one SavedModel.
 
@@ -165,7 +175,7 @@ def cli(ckpt_dir: str, out_dir: str, ema_checkpoint: str | None, model_spec: str
         options = ExportOptions(ema_checkpoint=ema_checkpoint, input_signature=input_signature or None,
                                 allow_missing=allow_missing, version=version, overwrite=overwrite,
                                 default_signature=default_signature, layout=layout, bn_stats=bn_stats,
-                                ema_name=ema_name)
+                                ema_name=ema_name, step=step, allow_step_mismatch=allow_step_mismatch)
         progress = _StageProgress(enabled=not as_json and sys.stderr.isatty())
         if dry_run:
             planned = plan(ckpt_dir, out_dir, model=model_spec, options=options, progress=progress)

@@ -6,6 +6,7 @@ checkpoint prefix (`.../ckpt-7`), which must have an `.index` file beside it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ class CheckpointFiles:
     prefix: str
     files: tuple[str, ...]
     chosen_by: str
+    step: int | None = None
+    step_source: str = ""
 
     @property
     def is_keras_file(self) -> bool:
@@ -42,11 +45,12 @@ class CheckpointFiles:
 
 @dataclass(frozen=True)
 class CheckpointSources:
-    """The pair of checkpoints an export reads."""
+    """The pair of checkpoints an export reads, and whether their steps were allowed to differ."""
 
     training: CheckpointFiles
     ema: CheckpointFiles | None
     checkpoint_dir: str
+    step_mismatch_allowed: bool = False
 
 
 def _files_of(prefix: str) -> tuple[str, ...]:
@@ -122,37 +126,138 @@ def resolve_checkpoint(path: str | os.PathLike, role: str, flag: str) -> Checkpo
     )
 
 
+STEP_VARIABLES = ("step", "global_step", "train_step")
+"""Root-level variables that record the training step, as the training helpers and common loops save them."""
+
+
+def read_step(files: CheckpointFiles) -> CheckpointFiles:
+    """The checkpoint with its step: a step variable saved in it, else the `-N` number of its prefix."""
+    if not files.is_keras_file:
+        import tensorflow as tf
+
+        reader = tf.train.load_checkpoint(files.prefix)
+        for name in STEP_VARIABLES:
+            for key in (f"{name}/.ATTRIBUTES/VARIABLE_VALUE", name):
+                if reader.has_tensor(key):
+                    return dataclasses.replace(files, step=int(reader.get_tensor(key)), step_source=f"variable {name}")
+    if files.number is not None:
+        return dataclasses.replace(files, step=files.number, step_source="checkpoint number")
+    return files
+
+
+def _resolve_for_pairing(path: str | os.PathLike, role: str, flag: str) -> CheckpointFiles:
+    """Like `resolve_checkpoint`, but a directory whose state file names deleted files still offers its checkpoints
+    for pairing by number (the newest one stands in until the pair is chosen)."""
+    try:
+        return resolve_checkpoint(path, role, flag)
+    except CheckpointNotFoundError:
+        prefixes = [str(p)[: -len(".index")] for p in Path(path).glob("*-*.index")] if Path(path).is_dir() else []
+        numbered = sorted((int(p.rsplit("-", 1)[1]), p) for p in prefixes if p.rsplit("-", 1)[1].isdigit())
+        if not numbered:
+            raise
+        prefix = numbered[-1][1]
+        return CheckpointFiles(prefix, _files_of(prefix), f"newest in {path} (its state file names missing files)")
+
+
+def _numbered(directory: Path, base: str) -> dict[int, str]:
+    """`<base>-N` prefixes with an .index file in `directory`, by N."""
+    found = {}
+    for index_file in directory.glob(f"{base}-*.index"):
+        number = index_file.name[len(base) + 1: -len(".index")]
+        if number.isdigit():
+            found[int(number)] = str(index_file)[: -len(".index")]
+    return found
+
+
+def _base_name(files: CheckpointFiles) -> str:
+    return re.sub(r"-\d+$", "", os.path.basename(files.prefix))
+
+
+def _pair_in_directories(training: CheckpointFiles, ema: CheckpointFiles, step: int | None,
+                         ema_explicit: bool) -> tuple[CheckpointFiles, CheckpointFiles]:
+    """Pair the two directories' checkpoints by number: `step`, else the newest number both have."""
+    live_numbers = _numbered(Path(training.prefix).parent, _base_name(training))
+    ema_numbers = _numbered(Path(ema.prefix).parent, _base_name(ema))
+    common = sorted(set(live_numbers) & set(ema_numbers))
+    if step is not None:
+        if step not in common:
+            raise CheckpointNotFoundError(
+                f"No complete checkpoint pair for step {step}: training has "
+                f"{'it' if step in live_numbers else 'no such checkpoint'}, EMA has "
+                f"{'it' if step in ema_numbers else 'no such checkpoint'}",
+                hint="Pick a step both have with --step. Received: complete pairs at steps "
+                + (", ".join(map(str, common)) or "none"),
+            )
+        chosen = step
+    elif not common:
+        return training, ema  # not numbered alike: the caller compares their steps
+    else:
+        chosen = common[-1]
+    how = f"step {chosen} given with --step" if step is not None else f"latest complete pair (step {chosen})"
+    if step is None and training.number is not None and training.number != chosen and not ema_explicit:
+        how += (f"; the newer training checkpoint {os.path.basename(training.prefix)} has no EMA partner "
+                "(interrupted between the two saves?)")
+    live_prefix, ema_prefix = live_numbers[chosen], ema_numbers[chosen]
+    return (CheckpointFiles(live_prefix, _files_of(live_prefix), how),
+            CheckpointFiles(ema_prefix, _files_of(ema_prefix), how))
+
+
 def locate(checkpoint: str | os.PathLike, ema_checkpoint: str | os.PathLike | None = None,
-           require_ema: bool = False) -> CheckpointSources:
-    """Find the training checkpoint and the EMA checkpoint that goes with it.
+           require_ema: bool = False, step: int | None = None,
+           allow_step_mismatch: bool = False) -> CheckpointSources:
+    """Find the training checkpoint and the EMA checkpoint of the same step.
+
+    Checkpoints in directories are paired by their numbers (`ckpt-N` with `ema/ckpt-N`): the newest number both
+    have, or `step`. Checkpoints named explicitly must record the same step (a step variable, or their numbers).
 
     Args:
         checkpoint: CKPT_DIR or a training checkpoint prefix.
         ema_checkpoint: Directory or prefix of the EMA checkpoint; default `<CKPT_DIR>/ema/`.
         require_ema: Raise when no separate EMA checkpoint exists; by default its absence is left to the layouts,
             several of which keep the shadows inside the training checkpoint.
+        step: Export this step's pair instead of the newest.
+        allow_step_mismatch: Accept an explicit pair whose steps differ (recorded in the manifest).
 
     Raises:
-        CheckpointNotFoundError: Either checkpoint is missing or ambiguous.
+        CheckpointNotFoundError: Either checkpoint is missing or ambiguous, or the steps do not pair.
     """
-    training = resolve_checkpoint(checkpoint, "training", "CKPT_DIR")
+    training = _resolve_for_pairing(checkpoint, "training", "CKPT_DIR")
     checkpoint_dir = str(checkpoint) if Path(checkpoint).is_dir() else os.path.dirname(training.prefix)
     if ema_checkpoint is not None:
-        ema = resolve_checkpoint(ema_checkpoint, "EMA", "--ema-checkpoint")
+        ema: CheckpointFiles | None = _resolve_for_pairing(ema_checkpoint, "EMA", "--ema-checkpoint")
         if os.path.realpath(ema.prefix) == os.path.realpath(training.prefix):
             raise CheckpointNotFoundError(
                 f"--ema-checkpoint resolves to the training checkpoint itself ({training.prefix}); its values are "
                 "the live weights, not their averages",
                 hint="Point --ema-checkpoint at the checkpoint the EMA shadows were saved to (by default CKPT_DIR/ema/)",
             )
-        return CheckpointSources(training, ema, checkpoint_dir)
-    default_ema = Path(checkpoint_dir) / EMA_CHECKPOINT_SUBDIR
-    if default_ema.is_dir():
-        return CheckpointSources(training, resolve_checkpoint(default_ema, "EMA", "--ema-checkpoint"), checkpoint_dir)
-    if require_ema:
+    elif (Path(checkpoint_dir) / EMA_CHECKPOINT_SUBDIR).is_dir():
+        ema = _resolve_for_pairing(Path(checkpoint_dir) / EMA_CHECKPOINT_SUBDIR, "EMA", "--ema-checkpoint")
+    elif require_ema:
         raise CheckpointNotFoundError(
-            f"No EMA checkpoint: expected a directory {default_ema} holding the shadows saved beside the training "
-            "checkpoint",
+            f"No EMA checkpoint: expected a directory {Path(checkpoint_dir) / EMA_CHECKPOINT_SUBDIR} holding the "
+            "shadows saved beside the training checkpoint",
             hint="Pass its location with --ema-checkpoint PATH (a directory or a prefix)",
         )
-    return CheckpointSources(training, None, checkpoint_dir)
+    else:
+        ema = None
+    if ema is None or training.is_keras_file or ema.is_keras_file:
+        if step is not None and training.number != step:
+            raise CheckpointNotFoundError(f"--step {step} given, but the training checkpoint is "
+                                          f"{training.prefix} and there is no EMA checkpoint to pair",
+                                          hint="Pass CKPT_DIR/ckpt-N directly, or drop --step")
+        return CheckpointSources(read_step(training), ema, checkpoint_dir)
+    both_directories = Path(checkpoint).is_dir() and (ema_checkpoint is None or Path(ema_checkpoint).is_dir())
+    if both_directories or step is not None:
+        training, ema = _pair_in_directories(training, ema, step, ema_checkpoint is not None)
+    training, ema = read_step(training), read_step(ema)
+    mismatch = training.step is not None and ema.step is not None and training.step != ema.step
+    if mismatch and not allow_step_mismatch:
+        raise CheckpointNotFoundError(
+            f"The training checkpoint is at step {training.step} ({training.step_source}) but the EMA checkpoint is "
+            f"at step {ema.step} ({ema.step_source}): exporting them together would pair weights and averages from "
+            "different moments",
+            hint=f"Pass the pair of one step (--step N), or --allow-step-mismatch to export them anyway. Received: "
+            f"{training.prefix} and {ema.prefix}",
+        )
+    return CheckpointSources(training, ema, checkpoint_dir, step_mismatch_allowed=mismatch)

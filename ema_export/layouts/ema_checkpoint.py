@@ -14,10 +14,10 @@ import tensorflow as tf
 
 from ema_export.checkpoint_graph import iter_variables, read_object_graph
 from ema_export.layouts.base import Layout, Shadow, ShadowMatch, match_by_name, strip_ema_suffix, strip_output_index
-from ema_export.locate import CheckpointSources
+from ema_export.locate import STEP_VARIABLES, CheckpointSources
 from ema_export.restore import RestoredModel
 
-_BOOKKEEPING = frozenset({"save_counter"})
+_BOOKKEEPING = frozenset({"save_counter", *STEP_VARIABLES})
 
 
 class EmaCheckpointLayout(Layout):
