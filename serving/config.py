@@ -151,7 +151,7 @@ def _model_problems(index: int, model: ModelConfig) -> list[str]:
     if not model.base_path:
         problems.append(f"{where}: base_path is empty")
     elif "://" in model.base_path:
-        problems.append(f"{where}: base_path {model.base_path!r} is a URI, but this local server reads local paths only")
+        problems.append(f"{where}: base_path {model.base_path!r} is a URI; this local server reads local paths")
     elif not os.path.isabs(model.base_path):
         problems.append(
             f"{where}: base_path must be absolute (TF Serving: 'Expected model {model.name} to have an absolute path "

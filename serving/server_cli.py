@@ -89,6 +89,8 @@ def serve(
     with _quiet_native_stderr(enabled=not verbose):
         from serving.config import ModelConfigError
         from serving.server import ServerError, ServerOptions, start_server
+    if not verbose:  # TensorFlow's Python warnings (deprecations) too
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
     options = ServerOptions(
         model_name=model_name,

@@ -6,7 +6,9 @@ version and which arm answered. The exports are done once per session (`seed_lib
 version directories into their own base path with `publish_version`, which renames a complete copy into place as
 the exporter does.
 
-Import the fixtures a module uses by name (``from serving_fixtures import seed_library``).
+Test modules load the fixtures with ``pytest_plugins = ["serving_fixtures"]``, so session fixtures run once, and
+import the helpers by name. Because they import it before pytest loads it as a plugin, pytest could not rewrite its
+asserts anyway and would warn about it: PYTEST_DONT_REWRITE says that is intended.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ VERSION_SCALE = {1: 1.0, 2: 2.0}
 """Version N's weights are the known weights times VERSION_SCALE[N]; biases are unchanged."""
 
 _temp_names = itertools.count()
-_LIBRARY: list[SeedLibrary] = []
 
 
 @dataclass(frozen=True)
@@ -51,26 +52,19 @@ class SeedLibrary:
 
 @pytest.fixture(scope="session")
 def seed_library(tmp_path_factory: pytest.TempPathFactory) -> SeedLibrary:
-    """Versions 1 and 2 of the seed model, exported once per session by `ema_export.export`.
-
-    Cached at module level: test modules import this fixture by name, and pytest would otherwise run a
-    session-scoped fixture once per importing module.
-    """
-    if _LIBRARY:
-        return _LIBRARY[0]
+    """Versions 1 and 2 of the seed model, exported once per session by `ema_export.export`."""
     root = tmp_path_factory.mktemp("seed_library")
     checkpoints = {}
     for version, scale in VERSION_SCALE.items():
         checkpoints[version] = root / f"ckpt{version}"
         write_seed_checkpoints(checkpoints[version], live=(LIVE_W * scale, LIVE_B), ema=(EMA_W * scale, EMA_B))
         ema_export.export(checkpoints[version], root / "versions", model=LinearModule, version=version)
-    _LIBRARY.append(SeedLibrary(root / "versions", checkpoints))
-    return _LIBRARY[0]
+    return SeedLibrary(root / "versions", checkpoints)
 
 
 @pytest.fixture(scope="module")
 def labelled_server(seed_library: SeedLibrary, tmp_path_factory: pytest.TempPathFactory):
-    """A server for the module: versions 1 and 2 (policy ``all``), labels ``stable`` -> 1 and ``canary`` -> 2, REST on."""
+    """A server for the module: versions 1 and 2 (policy ``all``), labels stable -> 1 and canary -> 2, REST on."""
     base_path = tmp_path_factory.mktemp("labelled") / "models"
     for version in (1, 2):
         publish_version(seed_library, base_path, version)

@@ -18,11 +18,12 @@ from serving_fixtures import (
     predict_request,
     publish_version,
     sample_inputs,
-    seed_library,  # noqa: F401 (fixture)
 )
 
 from serving.cli import main
 from serving.server_cli import serve
+
+pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library, labelled_server
 
 FLAGS = ["--model-name", "--model_name", "--model-base-path", "--model_base_path", "--port", "--rest-api-port",
          "--rest_api_port", "--model-config-file", "--model_config_file", "--file-system-poll-wait-seconds",

@@ -21,7 +21,6 @@ from serving_fixtures import (
     publish_version,
     rpc_error,
     sample_inputs,
-    seed_library,  # noqa: F401 (fixture)
     write_config,
 )
 from tensorflow_serving.apis import get_model_status_pb2, model_management_pb2, prediction_log_pb2
@@ -32,6 +31,8 @@ from ema_export.names import ASSETS_EXTRA_DIR, SIGNATURE_LIVE, WARMUP_FILENAME
 from serving.config import ModelConfigError
 from serving.server import ModelLoadError, ModelPathError, ServerStartError, start_server
 from serving.server import servable as servable_module
+
+pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library, labelled_server
 
 StatusCode = grpc.StatusCode
 State = get_model_status_pb2.ModelVersionStatus.State
@@ -285,9 +286,11 @@ def test_contradictory_or_missing_options_are_rejected(tmp_path):
 def test_port_in_use_is_a_clear_error(seed_library, tmp_path):
     base_path = tmp_path / "models"
     publish_version(seed_library, base_path, 1)
-    with start_server(model_base_path=base_path, port=0, file_system_poll_wait_seconds=0) as first:
-        with pytest.raises(ServerStartError, match="Could not bind the gRPC port"):
-            start_server(model_base_path=base_path, port=first.port, file_system_poll_wait_seconds=0)
+    with (
+        start_server(model_base_path=base_path, port=0, file_system_poll_wait_seconds=0) as first,
+        pytest.raises(ServerStartError, match="Could not bind the gRPC port"),
+    ):
+        start_server(model_base_path=base_path, port=first.port, file_system_poll_wait_seconds=0)
 
 
 def test_stop_lets_in_flight_requests_finish_then_refuses_new_ones(seed_library, tmp_path, monkeypatch):

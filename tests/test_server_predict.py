@@ -24,8 +24,6 @@ from serving_fixtures import (
     predict_request,
     rpc_error,
     sample_inputs,
-    labelled_server,  # noqa: F401 (fixture)
-    seed_library,  # noqa: F401 (fixture)
 )
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import (
@@ -39,11 +37,13 @@ from tensorflow_serving.apis import (
 
 from ema_export.names import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
 
+pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library, labelled_server
+
 StatusCode = grpc.StatusCode
 
 
 @pytest.fixture(scope="module")
-def stubs(labelled_server):  # noqa: F811 (fixture parameter)
+def stubs(labelled_server):
     connection = connect(labelled_server.port)
     yield connection
     connection.channel.close()

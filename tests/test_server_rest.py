@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import urllib.error
 import urllib.request
 
@@ -12,16 +13,16 @@ from serving_fixtures import (
     MODEL_NAME,
     OUTPUT_NAME,
     expected_output,
-    labelled_server,  # noqa: F401 (fixture)
     sample_inputs,
-    seed_library,  # noqa: F401 (fixture)
 )
 
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
 
+pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library, labelled_server
+
 
 @pytest.fixture(scope="module")
-def rest(labelled_server):  # noqa: F811 (fixture parameter)
+def rest(labelled_server):
     """Call the REST API: rest(path, body=None) -> (HTTP status, decoded JSON)."""
     root = f"http://127.0.0.1:{labelled_server.rest_port}"
 
@@ -77,7 +78,7 @@ def test_predict_writes_shortest_float_decimals(rest):
 
 @pytest.mark.parametrize(
     ("path", "body", "code", "fragment"),
-    [(f"/v1/models/nope:predict", {"instances": [[1, 2, 3, 4]]}, 404, "Servable not found for request: Latest(nope)"),
+    [("/v1/models/nope:predict", {"instances": [[1, 2, 3, 4]]}, 404, "Servable not found for request: Latest(nope)"),
      (f"/v1/models/{MODEL_NAME}/versions/9:predict", {"instances": [[1, 2, 3, 4]]}, 404, "Specific(model, 9)"),
      (f"/v1/models/{MODEL_NAME}/labels/nope:predict", {"instances": [[1, 2, 3, 4]]}, 400,
       "Unrecognized servable version label: nope"),
@@ -109,3 +110,10 @@ def test_bad_requests_leave_the_server_answering(rest):
     rest(f"/v1/models/{MODEL_NAME}:predict", raw=b"\xff" * 100)
     status, body = rest(f"/v1/models/{MODEL_NAME}:predict", {"instances": [[1, 2, 3, 4]]})
     assert status == 200 and OUTPUT_NAME not in body and len(body["predictions"]) == 1
+
+
+def test_a_stalled_client_does_not_block_others(rest, labelled_server):
+    with socket.create_connection(("127.0.0.1", labelled_server.rest_port), timeout=30) as stalled:
+        stalled.sendall(b"POST /v1/models/model:predict HTTP/1.0\r\nContent-Length: 1000\r\n\r\n{")  # and no more
+        status, body = rest(f"/v1/models/{MODEL_NAME}:predict", {"instances": [[1, 2, 3, 4]]})
+        assert status == 200 and len(body["predictions"]) == 1

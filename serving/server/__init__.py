@@ -40,7 +40,15 @@ _LAZY = {
     "ServerStartError": "serving.server.errors",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = [
+    "LocalServer",
+    "ModelLoadError",
+    "ModelPathError",
+    "ServerError",
+    "ServerOptions",
+    "ServerStartError",
+    "start_server",
+]
 
 
 def __getattr__(name: str) -> Any:

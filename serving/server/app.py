@@ -312,7 +312,7 @@ def _check_base_paths(config: ModelServerConfig) -> None:
     if problems:
         raise ModelPathError(
             "Cannot serve:",
-            hint="Point the base path at an ema-export OUT_DIR (run `ema-export` first), which holds <N>/saved_model.pb",
+            hint="Point the base path at an ema-export OUT_DIR (run `ema-export` first): it holds <N>/saved_model.pb",
             problems=problems,
         )
 
@@ -353,7 +353,9 @@ def _open_ports(options: ServerOptions, manager: ModelManager) -> LocalServer:
     try:
         port = grpc_server.add_insecure_port(address)
     except RuntimeError as error:
-        raise ServerStartError(f"Could not bind the gRPC port {address}: {error}", hint="Choose another --port") from None
+        raise ServerStartError(
+            f"Could not bind the gRPC port {address}: {error}", hint="Choose another --port"
+        ) from None
     if port == 0:
         raise ServerStartError(f"Could not bind the gRPC port {address}", hint="Choose another --port")
     rest_server = None

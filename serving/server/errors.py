@@ -53,7 +53,7 @@ class ServerStartError(ServerError):
     """A port could not be bound, or the options contradict each other."""
 
 
-class RpcStatus(Exception):
+class RpcStatus(Exception):  # noqa: N818 (an RPC's outcome, raised to unwind to the servicer)
     """A non-OK answer to one request: the gRPC status code and the message TF Serving would send.
 
     Args:

@@ -91,8 +91,8 @@ class ModelManager:
         options: Warmup and label behaviour.
     """
 
-    def __init__(self, options: ManagerOptions = ManagerOptions()) -> None:
-        self._options = options
+    def __init__(self, options: ManagerOptions | None = None) -> None:
+        self._options = options or ManagerOptions()
         self._sync_lock = threading.Lock()  # one config change or poll at a time
         self._lock = threading.Lock()  # guards the state and label maps below
         self._configs: dict[str, ModelConfig] = {}
@@ -183,6 +183,8 @@ class ModelManager:
                 self._labels = labels
             for name in removed:
                 self._unload_model(name)
+            for name in added:  # a model (re-)added by a config gets a fresh try at versions that failed before
+                self._failed.pop(name, None)
             for name in models:
                 self._sync_model(name)
             self._check_available(added)

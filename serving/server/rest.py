@@ -140,7 +140,9 @@ class RestApi:
         if signature is None:
             raise invalid_argument(f'Serving signature name: "{key}" not found in signature def')
         if "instances" in document and "inputs" in document:
-            raise invalid_argument("Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist")
+            raise invalid_argument(
+                "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist"
+            )
         if "instances" in document:
             arrays, row_format = _arrays_from_instances(document["instances"], signature), True
         elif "inputs" in document:
@@ -405,6 +407,10 @@ class _RestHttpServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         self.api = api
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that broke (timeout, reset) is logged, not printed to stderr as the base class does."""
+        logger.warning("REST connection from %s failed", client_address[0], exc_info=True)
 
 
 class RestServer:

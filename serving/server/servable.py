@@ -1,9 +1,15 @@
 """One loaded SavedModel version: its signatures, request validation, Predict, and warmup replay.
 
-A `LoadedVersion` is immutable once built and safe to call from many threads at once: TensorFlow runs concurrent
-calls of a loaded ``ConcreteFunction`` in parallel. The manager swaps versions by replacing references, so a request
-that already holds a version finishes on it even after that version is unloaded (Python keeps it alive until the
-last request lets go), which is how a hot swap never fails an in-flight request.
+Versions run the way TF Serving runs them: the SavedModel's ``serve`` MetaGraph is loaded into its own graph and
+session (``tf.compat.v1.saved_model.loader``, the Python face of TF Serving's ``SavedModelBundle``), and each
+signature becomes a session callable that feeds and fetches the SignatureDef's tensor names. Why not the eager
+``tf.saved_model.load(...).signatures``: a session callable costs ~90 us less Python per call and runs about twice as
+many small concurrent requests, and a SavedModel that loads here is one TF Serving's loader accepts.
+
+A `LoadedVersion` is immutable once built and safe to call from many threads at once (``Session.run`` is
+thread-safe). The manager swaps versions by replacing references, so a request that already holds a version finishes
+on it even after that version is unloaded: Python keeps the session alive until the last request lets go, which is
+how a hot swap never fails an in-flight request.
 
 Request checks happen before TensorFlow runs, so every bad input gets TF Serving's status code and a message that
 names the input: missing or extra inputs, wrong dtype, wrong rank or shape, undecodable tensors.
@@ -12,7 +18,7 @@ names the input: missing or extra inputs, wrong dtype, wrong rank or shape, unde
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,11 @@ from serving.server.errors import RpcStatus, failed_precondition, invalid_argume
 
 SERVE_TAG = "serve"
 """The MetaGraph tag TF Serving loads by default (``--saved_model_tags=serve``)."""
+
+_SERVING_METHODS = frozenset(
+    {"tensorflow/serving/predict", "tensorflow/serving/classify", "tensorflow/serving/regress"}
+)
+"""Signature methods TF Serving's Predict runs; any other (``__saved_model_init_op``) answers INTERNAL."""
 
 MAX_WARMUP_RECORDS = 1000
 """TF Serving's limit on warmup records (``WarmupConsts::kMaxNumRecords``)."""
@@ -58,22 +69,30 @@ class TensorSpecInfo:
 
 @dataclass(frozen=True)
 class Signature:
-    """A callable serving signature and the input specs requests are checked against."""
+    """A callable serving signature and the input specs requests are checked against.
+
+    Attributes:
+        name: The signature key.
+        inputs: Input specs, in the order ``call`` takes them.
+        output_names: Output aliases, in the order ``call`` returns them.
+        call: Runs the signature: input arrays in, output arrays out (a session callable).
+    """
 
     name: str
-    function: Any
     inputs: Mapping[str, TensorSpecInfo]
     output_names: tuple[str, ...]
+    call: Callable[..., list[np.ndarray]]
 
     def run(self, arrays: Mapping[str, np.ndarray], output_filter: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-        """Call the signature on already checked inputs; return the requested outputs (all when no filter)."""
+        """Run the signature on already checked inputs; return the requested outputs (all when no filter)."""
         try:
-            # Converting here is ~10% faster than letting the function convert numpy arrays while binding them.
-            results = self.function(**{name: tf.constant(array) for name, array in arrays.items()})
+            values = self.call(*(arrays[name] for name in self.inputs))
         except tf.errors.OpError as error:
             raise RpcStatus(_grpc_code(error.error_code), error.message) from None
-        names = output_filter or self.output_names
-        return {name: results[name].numpy() for name in names}
+        except (TypeError, ValueError) as error:  # feeding checks that the checks above should already have caught
+            raise invalid_argument(f"Could not feed the inputs of signature {self.name}: {error}") from None
+        results = dict(zip(self.output_names, values, strict=True))
+        return {name: results[name] for name in output_filter} if output_filter else results
 
 
 class LoadedVersion:
@@ -85,7 +104,7 @@ class LoadedVersion:
         path: The version directory.
         signature_defs: Every SignatureDef of the ``serve`` MetaGraph, for GetModelMetadata.
         signatures: The callable ones, by key.
-        loaded: The object ``tf.saved_model.load`` returned; held so its variables stay alive.
+        session: The session the version's graph runs in; held so it lives as long as the version.
     """
 
     def __init__(
@@ -95,7 +114,7 @@ class LoadedVersion:
         path: Path,
         signature_defs: Mapping[str, meta_graph_pb2.SignatureDef],
         signatures: Mapping[str, Signature],
-        loaded: Any,
+        session: tf.compat.v1.Session,
     ) -> None:
         self.model_name = model_name
         self.version = version
@@ -103,7 +122,7 @@ class LoadedVersion:
         self.signature_defs = signature_defs
         self.signatures = signatures
         self.num_warmup_records = 0
-        self._loaded = loaded
+        self._session = session
 
     def signature(self, signature_name: str) -> Signature:
         """The signature a request names (empty = ``serving_default``), or TF Serving's error for it."""
@@ -113,6 +132,10 @@ class LoadedVersion:
             return signature
         if key in self.signature_defs:
             method = self.signature_defs[key].method_name
+            if method in _SERVING_METHODS:
+                raise invalid_argument(
+                    f"Signature {key} has sparse or composite inputs or outputs, which Predict cannot feed or fetch"
+                )
             raise RpcStatus(
                 grpc.StatusCode.INTERNAL,
                 "Expected prediction signature method_name to be one of {tensorflow/serving/predict, "
@@ -122,7 +145,9 @@ class LoadedVersion:
             f'Serving signature key "{key}" not found. Available signatures: {sorted(self.signatures)}.'
         )
 
-    def predict(self, request: predict_pb2.PredictRequest, *, as_tensor_content: bool = False) -> predict_pb2.PredictResponse:
+    def predict(
+        self, request: predict_pb2.PredictRequest, *, as_tensor_content: bool = False
+    ) -> predict_pb2.PredictResponse:
         """Answer a PredictRequest as TF Serving's ``RunPredict`` does.
 
         Raises:
@@ -198,7 +223,7 @@ def _check_shape(spec: TensorSpecInfo, shape: tuple[int, ...]) -> None:
     if spec.shape is None:
         return
     if len(shape) != len(spec.shape) or any(
-        expected >= 0 and expected != size for expected, size in zip(spec.shape, shape)
+        expected >= 0 and expected != size for expected, size in zip(spec.shape, shape, strict=True)
     ):
         rank = f" (rank {len(shape)}, expected rank {len(spec.shape)})" if len(shape) != len(spec.shape) else ""
         raise invalid_argument(
@@ -208,29 +233,34 @@ def _check_shape(spec: TensorSpecInfo, shape: tuple[int, ...]) -> None:
 
 
 def load_version(model_name: str, version: int, path: Path, *, warmup: bool = True) -> LoadedVersion:
-    """Load one version directory, then replay its warmup requests if it has any.
+    """Load one version directory into its own session, then replay its warmup requests if it has any.
 
     Raises:
         VersionLoadError: the SavedModel cannot be read or loaded, has no ``serve`` MetaGraph, or a warmup
             request fails (TF Serving fails the load in each of these cases).
     """
-    signature_defs = _read_signature_defs(path)
+    _check_saved_model(path)
+    graph = tf.Graph()
+    session = tf.compat.v1.Session(graph=graph)
     try:
-        loaded = tf.saved_model.load(os.fspath(path), tags=[SERVE_TAG])
+        meta_graph = tf.compat.v1.saved_model.loader.load(session, [SERVE_TAG], os.fspath(path))
+        signature_defs = dict(meta_graph.signature_def)
+        signatures = {
+            key: _signature(key, signature_def, graph, session)
+            for key, signature_def in signature_defs.items()
+            if signature_def.method_name in _SERVING_METHODS and _feedable(signature_def)
+        }
     except Exception as error:  # TensorFlow raises many types for a broken SavedModel; each fails only this load.
+        session.close()
         raise VersionLoadError(f"Failed to load SavedModel at {path}: {type(error).__name__}: {error}") from None
-    signatures = {
-        key: _signature(key, function, signature_defs[key])
-        for key, function in loaded.signatures.items()
-        if key in signature_defs
-    }
-    servable = LoadedVersion(model_name, version, path, signature_defs, signatures, loaded)
+    servable = LoadedVersion(model_name, version, path, signature_defs, signatures, session)
     if warmup:
         servable.num_warmup_records = replay_warmup(servable)
     return servable
 
 
-def _read_signature_defs(path: Path) -> dict[str, meta_graph_pb2.SignatureDef]:
+def _check_saved_model(path: Path) -> None:
+    """Refuse a directory that is not a SavedModel with a ``serve`` MetaGraph, with a message naming the file."""
     saved_model = saved_model_pb2.SavedModel()
     try:
         saved_model.ParseFromString((path / "saved_model.pb").read_bytes())
@@ -239,18 +269,29 @@ def _read_signature_defs(path: Path) -> dict[str, meta_graph_pb2.SignatureDef]:
             f"Could not read {path / 'saved_model.pb'}: {error}. Expected a SavedModel directory",
             grpc.StatusCode.NOT_FOUND if isinstance(error, FileNotFoundError) else grpc.StatusCode.DATA_LOSS,
         ) from None
-    for meta_graph in saved_model.meta_graphs:
-        if SERVE_TAG in meta_graph.meta_info_def.tags:
-            return dict(meta_graph.signature_def)
-    raise VersionLoadError(f"SavedModel at {path} has no MetaGraph tagged {SERVE_TAG!r}")
+    if not any(SERVE_TAG in meta_graph.meta_info_def.tags for meta_graph in saved_model.meta_graphs):
+        raise VersionLoadError(f"SavedModel at {path} has no MetaGraph tagged {SERVE_TAG!r}")
 
 
-def _signature(key: str, function: Any, signature_def: meta_graph_pb2.SignatureDef) -> Signature:
+def _feedable(signature_def: meta_graph_pb2.SignatureDef) -> bool:
+    """Predict feeds and fetches tensors by name; sparse or composite tensors have none."""
+    infos = list(signature_def.inputs.values()) + list(signature_def.outputs.values())
+    return all(info.name for info in infos)
+
+
+def _signature(
+    key: str, signature_def: meta_graph_pb2.SignatureDef, graph: tf.Graph, session: tf.compat.v1.Session
+) -> Signature:
     inputs = {}
-    for name, info in signature_def.inputs.items():
+    for name, info in sorted(signature_def.inputs.items()):
         shape = None if info.tensor_shape.unknown_rank else tuple(dim.size for dim in info.tensor_shape.dim)
         inputs[name] = TensorSpecInfo(name, info.dtype, shape)
-    return Signature(key, function, inputs, tuple(sorted(signature_def.outputs)))
+    output_names = tuple(sorted(signature_def.outputs))
+    call = session.make_callable(
+        [graph.get_tensor_by_name(signature_def.outputs[name].name) for name in output_names],
+        feed_list=[graph.get_tensor_by_name(signature_def.inputs[name].name) for name in inputs],
+    )
+    return Signature(key, inputs, output_names, call)
 
 
 def replay_warmup(servable: LoadedVersion) -> int:

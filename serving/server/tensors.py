@@ -156,7 +156,7 @@ def _fill(flat: np.ndarray, dtype: np.dtype, shape: tuple[int, ...], num_element
     if len(flat) > num_elements:
         return flat[:num_elements].reshape(shape)
     if len(flat) == 0:
-        filled = np.full(num_elements, b"" if dtype == object else 0, dtype=dtype)
+        filled = np.full(num_elements, b"" if dtype.kind == "O" else 0, dtype=dtype)
         return filled.reshape(shape)
     filled = np.empty(num_elements, dtype=dtype)
     filled[: len(flat)] = flat
