@@ -1,9 +1,10 @@
 """The EMA workflow from training to serving, end to end, on generated data.
 
-1. Train a linear classifier with `tf.train.ExponentialMovingAverage` kept after every optimizer step.
-2. Save the live weights to CKPT_DIR and the shadows to CKPT_DIR/ema/, each with its own CheckpointManager (two
-   managers in one folder would overwrite each other's `checkpoint` state file).
-3. Export both with `ema_export.export` as one SavedModel: serve_live, serve_ema, serving_default.
+1. Train a linear classifier with a `tf.train.ExponentialMovingAverage` updated after every optimizer step.
+2. Save the live weights to CKPT_DIR/ckpt-N and the shadows to CKPT_DIR/ema/ckpt-N in lockstep with
+   `ema_export.training.EmaCheckpointer`, so the two halves of a step are never separated.
+3. Export the newest complete pair with `ema_export.export` as one SavedModel: serve_live, serve_ema,
+   serving_default.
 4. Load the export in-process and compare the two signatures on held-out data.
 
 Run it with `make demo`, or `python examples/seed_quickstart.py [OUTPUT_DIR]` (default: ./demo-out).
@@ -22,6 +23,7 @@ import tensorflow as tf  # noqa: E402
 
 import ema_export  # noqa: E402
 from ema_export.names import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE  # noqa: E402
+from ema_export.training import EmaCheckpointer  # noqa: E402
 
 NUM_FEATURES, NUM_CLASSES = 20, 3
 
@@ -48,13 +50,13 @@ def make_data(num_examples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return features.astype(np.float32), labels.astype(np.int64)
 
 
-def train(ckpt_dir: Path, steps: int = 300) -> None:
+def train(ckpt_dir: Path, steps: int = 300, save_every: int = 100) -> None:
     tf.random.set_seed(0)
     model = LinearClassifier()
     variables = [model.weights, model.biases]
-    average = tf.train.ExponentialMovingAverage(decay=0.99)
-    average.apply(variables)  # creates the shadows, initialised to the current values
     optimizer = tf.keras.optimizers.SGD(learning_rate=0.5)  # deliberately noisy
+    # Owns the EMA (shadows start at the current values) and saves both halves of a step together.
+    checkpointer = EmaCheckpointer(ckpt_dir, model, decay=0.99, max_to_keep=3, optimizer=optimizer)
     features, labels = make_data(4096, seed=1)
     dataset = tf.data.Dataset.from_tensor_slices((features, labels)).shuffle(4096, seed=0).repeat().batch(16)
 
@@ -64,18 +66,14 @@ def train(ckpt_dir: Path, steps: int = 300) -> None:
             loss = tf.reduce_mean(
                 tf.nn.sparse_softmax_cross_entropy_with_logits(labels=targets, logits=model(inputs)))
         optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        average.apply(variables)  # after the weights moved
         return loss
 
-    for inputs, targets in dataset.take(steps):
+    for step, (inputs, targets) in enumerate(dataset.take(steps), start=1):
         train_step(inputs, targets)
-
-    live = tf.train.CheckpointManager(tf.train.Checkpoint(weights=model.weights, biases=model.biases),
-                                      str(ckpt_dir), max_to_keep=3)
-    shadows = tf.train.CheckpointManager(
-        tf.train.Checkpoint(ema_weights={v.name: average.average(v) for v in variables}),
-        str(ckpt_dir / "ema"), max_to_keep=3)
-    print(f"saved live weights to {live.save()} and their averages to {shadows.save()}")
+        checkpointer.update()  # after the weights moved
+        if step % save_every == 0:
+            live, shadows = checkpointer.save(step)
+    print(f"saved live weights to {live} and their averages to {shadows}")
 
 
 def main(out_root: Path) -> None:
@@ -83,7 +81,7 @@ def main(out_root: Path) -> None:
     train(ckpt_dir)
 
     result = ema_export.export(ckpt_dir, models_dir, model=LinearClassifier)
-    print(f"exported version {result.version} to {result.version_dir}")
+    print(f"exported version {result.version} to {result.version_dir} (step {result.sources.training.step})")
     for item in result.fold.largest_drifts():
         print(f"  {item.name}: EMA is {item.relative_l2:.3f} (relative L2) from the live value")
     for check in result.verification.checks:

@@ -17,11 +17,14 @@ def test_seed_quickstart_trains_exports_and_queries(tmp_path):
     completed = subprocess.run([sys.executable, str(ROOT / "examples" / "seed_quickstart.py"), str(tmp_path)],
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    assert "exported version 1" in completed.stdout
+    assert "exported version 1" in completed.stdout and "(step 300)" in completed.stdout
     for signature in ("serve_live", "serve_ema", "serving_default"):
         assert f"{signature}" in completed.stdout and "held-out accuracy" in completed.stdout
     version_dir = tmp_path / "models" / "1"
     manifest = read_manifest(version_dir)
+    assert manifest["sources"]["training_step"] == manifest["sources"]["ema_step"] == 300
+    assert sorted(p.name for p in (tmp_path / "training").glob("*.index")) == [
+        "ckpt-100.index", "ckpt-200.index", "ckpt-300.index"]
     assert manifest["verification"]["passed"] and manifest["verification"]["arms_differ"]
     # The training run really updated the averages: they lag the live weights.
     assert all(item["relative_l2"] > 0 for item in manifest["variables"]["folded"])
