@@ -9,16 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-class EmaExportError(ValueError):
-    """Base class of every error ema-export raises on purpose.
+class HintedError(ValueError):
+    """An error that says what happened, how to fix it, and every offender; shared by the whole project.
 
     Args:
         message: What happened and what was expected.
         hint: How to fix it, usually naming a flag.
         problems: Every individual offender, when one error reports many (validation runs fully, then raises once).
     """
-
-    exit_code = 1
 
     def __init__(self, message: str, hint: str = "", problems: Sequence[str] = ()) -> None:
         super().__init__(message)
@@ -31,8 +29,14 @@ class EmaExportError(ValueError):
         if self.problems:
             text += " " + "; ".join(self.problems)
         if self.hint:
-            text += f". {self.hint}" if not text.endswith(".") else f" {self.hint}"
+            text = text.rstrip(".") + f". {self.hint}"
         return text
+
+
+class EmaExportError(HintedError):
+    """Base class of every error the exporter raises on purpose."""
+
+    exit_code = 1
 
 
 class CheckpointNotFoundError(EmaExportError):

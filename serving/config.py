@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
+from ema_export.errors import HintedError
 from ema_export.names import DEFAULT_MODEL_NAME
 
 ModelServerConfig = model_server_config_pb2.ModelServerConfig
@@ -31,28 +32,8 @@ TENSORFLOW_PLATFORM = "tensorflow"
 """The only ``model_platform`` this server (and a stock TF Serving build) loads."""
 
 
-class ModelConfigError(ValueError):
-    """A model config is unreadable or breaks one of TF Serving's rules.
-
-    Args:
-        message: What is wrong, naming the field.
-        hint: How to fix it.
-        problems: Every individual problem, when validation found several.
-    """
-
-    def __init__(self, message: str, hint: str = "", problems: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-        self.problems = list(problems)
-
-    def __str__(self) -> str:
-        text = self.message
-        if self.problems:
-            text += " " + "; ".join(self.problems)
-        if self.hint:
-            text = text.rstrip(".") + f". {self.hint}"
-        return text
+class ModelConfigError(HintedError):
+    """A model config is unreadable or breaks one of TF Serving's rules (message naming the field, hint, problems)."""
 
 
 def parse_model_server_config(text: str, source: str = "<model config>") -> ModelServerConfig:

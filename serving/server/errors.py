@@ -12,33 +12,13 @@ This module imports neither TensorFlow nor anything heavy.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import grpc
 
+from ema_export.errors import HintedError
 
-class ServerError(ValueError):
-    """Base class of every error that prevents the local server from starting.
 
-    Args:
-        message: What happened and what was expected.
-        hint: How to fix it, usually naming a flag.
-        problems: Every individual failure, when one error reports several.
-    """
-
-    def __init__(self, message: str, hint: str = "", problems: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-        self.problems = list(problems)
-
-    def __str__(self) -> str:
-        text = self.message
-        if self.problems:
-            text += " " + "; ".join(self.problems)
-        if self.hint:
-            text = text.rstrip(".") + f". {self.hint}"
-        return text
+class ServerError(HintedError):
+    """Base class of every error that prevents the local server from starting (message, hint, problems)."""
 
 
 class ModelPathError(ServerError):
