@@ -156,6 +156,9 @@ def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_
     if bn_stats == "ema" and not any(not v.trainable for i, v in enumerate(restored.variables) if i in values):
         warnings.append("--bn-stats ema: the checkpoint has no averaged non-trainable statistics; both arms use the "
                         "live ones")
+    if values and all(not np.any(value) for value in values.values()):
+        warnings.append("every shadow is all zeros: averages initialised to zero (as Model Garden's EMA optimizer "
+                        "does) that were never updated, or saved before the first step")
     if missing:
         warnings.append(f"{len(missing)} trainable variables have no shadow and serve their live value in serve_ema")
     return report

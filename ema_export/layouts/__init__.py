@@ -49,8 +49,16 @@ def choose_layout(sources: CheckpointSources, restored: RestoredModel, name: str
     """The layout to read shadows with, and why it was chosen.
 
     Raises:
-        LayoutError: `name` is unknown, or no layout finds shadows (the message names every layout tried).
+        LayoutError: `name` is unknown, a checkpoint is an inverted EMA checkpoint (the model holds the averages),
+            or no layout finds shadows (the message names every layout tried).
     """
+    from ema_export.layouts.optimizer_slot import find_inversion, refuse_inverted
+
+    # An inverted checkpoint has the keys of a regular one, so any layout would misread it: refuse it first.
+    for files in (sources.training, sources.ema):
+        inversion = find_inversion(files.prefix) if files is not None and not files.is_keras_file else None
+        if inversion is not None:
+            raise refuse_inverted(inversion)
     if name is not None:
         if name not in LAYOUTS:
             raise LayoutError(

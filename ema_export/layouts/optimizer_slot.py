@@ -1,0 +1,302 @@
+"""Optimizer slots named `average`: the shadows a moving-average optimizer wrapper keeps in the training checkpoint.
+
+TF Addons' `MovingAverage` (inner optimizer tracked as `awg_optimizer`) and Model Garden's `ExponentialMovingAverage`
+(`base_optimizer`) wrap another optimizer and give every variable a slot `average`, saved beside the live value as
+`<variable path>/.OPTIMIZER_SLOT/<optimizer path>/average/.ATTRIBUTES/VARIABLE_VALUE`. The object graph records each
+slot on its optimizer's node as (original variable node, slot name, slot node), so a slot is paired with its variable
+by node, exactly and without reading any name. Two `average` slots for one variable (nested or parallel averaging
+wrappers, e.g. TF Addons SWA over MovingAverage) are reported with both candidates, never chosen between. Slots of
+variables the model does not own (a head trained beside it) are skipped with a warning, as restoring skips their
+values; slots of non-trainable variables (Model Garden's `trainable_weights_only=False`) pair, and folding keeps those
+variables live in both arms.
+
+Model Garden's `EMACheckpointing` also writes *inverted* checkpoints, `<model_dir>/ema_checkpoints/average_weights-N`:
+weights and averages are swapped before saving, so the model holds the averages and the slots the raw weights. Their
+keys and object graph are those of a regular checkpoint; only Model Garden's names for them, and a comparison with
+the regular checkpoint of the same step, tell them apart. They are refused rather than exported with the arms swapped
+back: the swap is arithmetic (`a += b; b = a - b; a -= b`), so neither value survives it exactly, while the regular
+checkpoint Model Garden writes beside it holds both exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+from ema_export.checkpoint_graph import VARIABLE_VALUE, read_object_graph
+from ema_export.errors import CheckpointNotFoundError, LayoutError
+from ema_export.layouts.base import Layout, Shadow, ShadowMatch
+from ema_export.locate import CheckpointSources, resolve_checkpoint
+from ema_export.restore import RestoredModel, name_list
+
+AVERAGE_SLOT = "average"
+"""The slot name every moving-average optimizer wrapper uses for its shadows."""
+
+INNER_OPTIMIZERS = {
+    "awg_optimizer": "TF Addons MovingAverage",
+    "base_optimizer": "Model Garden ExponentialMovingAverage",
+}
+"""How each known wrapper tracks the optimizer it wraps, which names the producer."""
+
+INVERTED_DIRECTORY = "ema_checkpoints"
+INVERTED_NAME = re.compile(r"^average_weights-(\d+)$")
+"""Where Model Garden's `EMACheckpointing` writes: `<model_dir>/ema_checkpoints/average_weights-<step>`."""
+
+_MIRROR_CHECKS = 4  # variables compared against the regular checkpoint to confirm an inversion (smallest first)
+
+GraphProto = trackable_object_graph_pb2.TrackableObjectGraph
+SerializedTensor = GraphProto.TrackableObject.SerializedTensor
+
+
+@dataclass(frozen=True)
+class AverageSlot:
+    """One `average` slot: the variable it belongs to, and the optimizer that keeps it."""
+
+    optimizer_node: int
+    owner_key: str
+    owner_name: str
+    optimizer_path: str
+    checkpoint_key: str
+    full_name: str
+
+
+def _node_paths(graph: GraphProto) -> dict[int, str]:
+    """Breadth-first path of every node reachable from the root, as TensorFlow builds checkpoint keys."""
+    paths = {0: ""}
+    queue = deque([0])
+    while queue:
+        node_id = queue.popleft()
+        for child in graph.nodes[node_id].children:
+            if child.node_id not in paths:
+                paths[child.node_id] = f"{paths[node_id]}/{child.local_name}".lstrip("/")
+                queue.append(child.node_id)
+    return paths
+
+
+def _value_attribute(graph: GraphProto, node_id: int) -> SerializedTensor | None:
+    return next((a for a in graph.nodes[node_id].attributes if a.name == VARIABLE_VALUE), None)
+
+
+def find_average_slots(graph: GraphProto) -> list[AverageSlot]:
+    """Every `average` slot of the checkpoint, paired with its variable through the optimizer's slot records."""
+    paths = _node_paths(graph)
+    slots = []
+    for optimizer_node, node in enumerate(graph.nodes):
+        for record in node.slot_variables:
+            if record.slot_name != AVERAGE_SLOT:
+                continue
+            slot_value = _value_attribute(graph, record.slot_variable_node_id)
+            owner_value = _value_attribute(graph, record.original_variable_node_id)
+            if slot_value is None or owner_value is None:
+                continue
+            slots.append(AverageSlot(optimizer_node, owner_value.checkpoint_key,
+                                     owner_value.full_name, paths.get(optimizer_node, f"node {optimizer_node}"),
+                                     slot_value.checkpoint_key, slot_value.full_name))
+    return slots
+
+
+def slot_names(graph: GraphProto) -> list[str]:
+    """The names of every optimizer slot in the checkpoint, for messages when none is `average`."""
+    return sorted({record.slot_name for node in graph.nodes for record in node.slot_variables})
+
+
+def describe_wrappers(graph: GraphProto, slots: list[AverageSlot]) -> str:
+    """`the optimizer at 'optimizer' (TF Addons MovingAverage: inner optimizer tracked as awg_optimizer)`."""
+    described = []
+    for slot in {slot.optimizer_node: slot for slot in slots}.values():
+        children = {child.local_name for child in graph.nodes[slot.optimizer_node].children}
+        known = [f"{producer}: inner optimizer tracked as {inner}" for inner, producer in INNER_OPTIMIZERS.items()
+                 if inner in children]
+        described.append(f"{slot.optimizer_path!r} ({known[0] if known else 'a moving-average optimizer wrapper'})")
+    return "the optimizer at " + ", ".join(described)
+
+
+@dataclass(frozen=True)
+class InvertedCheckpoint:
+    """Why a checkpoint is taken for an inverted EMA checkpoint, and the regular checkpoint to pass instead."""
+
+    prefix: str
+    signs: tuple[str, ...]
+    regular: str | None
+    regular_is_same_step: bool = False
+
+
+def find_inversion(prefix: str) -> InvertedCheckpoint | None:
+    """Recognise Model Garden's inverted EMA checkpoint by where it lives, and confirm it by value when the regular
+    checkpoint of the same step is beside it.
+
+    Returns:
+        The evidence, or None when nothing marks `prefix` as inverted.
+    """
+    path = Path(prefix)
+    signs = []
+    if path.parent.name == INVERTED_DIRECTORY:
+        signs.append(f"it lies in an {INVERTED_DIRECTORY}/ directory")
+    name = INVERTED_NAME.match(path.name)
+    if name:
+        signs.append("its name is average_weights-<step>")
+    if not signs:
+        return None
+    model_dir = path.parent.parent if path.parent.name == INVERTED_DIRECTORY else path.parent
+    same_step = model_dir / f"ckpt-{name.group(1)}" if name else None
+    if same_step is not None and same_step.with_name(same_step.name + ".index").is_file():
+        if _mirrors(prefix, str(same_step)):
+            signs.append(f"its model values are the 'average' slots of {same_step.name}, the regular checkpoint "
+                         "of the same step")
+        return InvertedCheckpoint(prefix, tuple(signs), str(same_step), regular_is_same_step=True)
+    try:
+        regular: str | None = resolve_checkpoint(model_dir, "training", "CKPT_DIR").prefix
+    except CheckpointNotFoundError:
+        regular = None
+    if regular is not None and Path(regular).resolve() == path.resolve():
+        regular = None  # the latest checkpoint beside it is itself
+    return InvertedCheckpoint(prefix, tuple(signs), regular)
+
+
+def _mirrors(inverted_prefix: str, regular_prefix: str) -> bool:
+    """Whether the inverted checkpoint's weights equal the regular one's averages (to within the swap's rounding)."""
+    inverted, regular = tf.train.load_checkpoint(inverted_prefix), tf.train.load_checkpoint(regular_prefix)
+    graph = read_object_graph(regular)
+    if graph is None:
+        return False
+    shapes = inverted.get_variable_to_shape_map()
+    slots = [s for s in find_average_slots(graph) if s.owner_key in shapes and regular.has_tensor(s.checkpoint_key)]
+    slots.sort(key=lambda slot: int(np.prod(shapes[slot.owner_key])))
+    return bool(slots) and all(
+        np.allclose(inverted.get_tensor(slot.owner_key), regular.get_tensor(slot.checkpoint_key), rtol=1e-5,
+                    atol=1e-6) for slot in slots[:_MIRROR_CHECKS])
+
+
+def refuse_inverted(inversion: InvertedCheckpoint) -> LayoutError:
+    """The error for an inverted checkpoint: what it is, why it is not exported, which checkpoint to pass."""
+    if inversion.regular is None:
+        instead = "the regular checkpoint in the training's model directory (the parent of ema_checkpoints/)"
+    else:
+        which = ("the regular checkpoint of the same step" if inversion.regular_is_same_step
+                 else "the latest regular checkpoint in the model directory, from another step")
+        instead = f"{inversion.regular} ({which})"
+    return LayoutError(
+        f"{inversion.prefix} is an inverted EMA checkpoint, as Model Garden's EMACheckpointing writes them "
+        f"({'; '.join(inversion.signs)}): weights and averages were swapped before saving, so its model holds the "
+        "moving averages and its 'average' slots the raw weights, both rounded by the swap. Expected a training "
+        "checkpoint whose model holds the raw weights",
+        hint=f"Pass {instead} as CKPT_DIR instead; it holds both exactly. Received: {inversion.prefix}",
+    )
+
+
+def _read_average_slots(
+    sources: CheckpointSources,
+) -> tuple[tf.train.CheckpointReader | None, GraphProto | None, list[AverageSlot]]:
+    """The training checkpoint's reader, object graph and `average` slots (None, None, [] for a Keras file)."""
+    if sources.training.is_keras_file:
+        return None, None, []
+    reader = tf.train.load_checkpoint(sources.training.prefix)
+    graph = read_object_graph(reader)
+    return reader, graph, find_average_slots(graph) if graph is not None else []
+
+
+class OptimizerSlotLayout(Layout):
+    """Shadows in the `average` slots of a moving-average optimizer wrapper, inside the training checkpoint."""
+
+    name = "optimizer-slot"
+    description = ("optimizer slots named 'average' in the training checkpoint (TF Addons MovingAverage, "
+                   "Model Garden ExponentialMovingAverage)")
+
+    def detect(self, sources: CheckpointSources, restored: RestoredModel) -> str | None:
+        _, graph, slots = _read_average_slots(sources)
+        if graph is None or not slots:
+            return None
+        inversion = find_inversion(sources.training.prefix)
+        if inversion is not None:
+            return f"{sources.training.prefix} is an inverted EMA checkpoint ({'; '.join(inversion.signs)})"
+        owned = {v.checkpoint_key for v in restored.variables}
+        num_owned = sum(1 for slot in slots if slot.owner_key in owned)
+        return (f"{len(slots)} optimizer slots named 'average' in {sources.training.prefix}, {num_owned} of them "
+                f"for model variables, kept by {describe_wrappers(graph, slots)}")
+
+    def collect(self, sources: CheckpointSources, restored: RestoredModel) -> ShadowMatch:
+        """Pair each model variable with its `average` slot.
+
+        Raises:
+            LayoutError: The checkpoint is an inverted EMA checkpoint, has no `average` slot at all, or has two for
+                one variable.
+        """
+        prefix = sources.training.prefix
+        reader, graph, slots = _read_average_slots(sources)
+        if reader is None or graph is None or not slots:
+            names = slot_names(graph) if graph is not None else []
+            present = (f"optimizer slots {', '.join(names)}" if names else "no optimizer slots" if graph is not None
+                       else "a checkpoint without an object graph")
+            raise LayoutError(
+                f"No optimizer slot named 'average' in {prefix}: expected the slots a moving-average optimizer "
+                "wrapper keeps (TF Addons MovingAverage, Model Garden ExponentialMovingAverage)",
+                hint=f"Omit --layout to detect where the shadows are. Received: {present}",
+            )
+        inversion = find_inversion(prefix)
+        if inversion is not None:
+            raise refuse_inverted(inversion)
+        shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
+        index_of = {variable.checkpoint_key: index for index, variable in enumerate(restored.variables)}
+        candidates: dict[int, list[AverageSlot]] = defaultdict(list)
+        outside: list[AverageSlot] = []
+        for slot in slots:
+            if slot.owner_key in index_of:
+                candidates[index_of[slot.owner_key]].append(slot)
+            else:
+                outside.append(slot)  # like the optimizer's other state, it belongs to something the model is not
+
+        ambiguous = {index: found for index, found in candidates.items() if len(found) > 1}
+        if ambiguous:
+            raise self._ambiguity(prefix, restored, ambiguous)
+        matched = {index: self._shadow(found[0], reader, shapes, dtypes) for index, found in candidates.items()}
+        return ShadowMatch(self.name, prefix, matched, [], [], self._warnings(restored, matched, outside))
+
+    @staticmethod
+    def _ambiguity(prefix: str, restored: RestoredModel, ambiguous: dict[int, list[AverageSlot]]) -> LayoutError:
+        """Two averages for one variable (nested or parallel averaging wrappers): list them, never pick one."""
+        optimizers = list(dict.fromkeys(slot.optimizer_path for found in ambiguous.values() for slot in found))
+        candidates = [f"{restored.variables[index].name}: " + " or ".join(slot.checkpoint_key for slot in found)
+                      for index, found in sorted(ambiguous.items())]
+        return LayoutError(
+            f"{len(ambiguous)} model variables have more than one 'average' slot in {prefix}, kept by the averaging "
+            f"optimizers at {', '.join(repr(path) for path in optimizers)}: expected one per variable, and the "
+            "exporter does not guess which average serve_ema should serve",
+            hint="Save the averages of the optimizer to serve as a separate EMA checkpoint, e.g. "
+            "tf.train.Checkpoint(ema_weights={v.name: optimizer.get_slot(v, 'average') for v in variables}), and "
+            f"pass it with --ema-checkpoint. Received: {name_list(candidates)}",
+        )
+
+    @staticmethod
+    def _shadow(slot: AverageSlot, reader: tf.train.CheckpointReader, shapes: dict, dtypes: dict) -> Shadow:
+        return Shadow(
+            checkpoint_key=slot.checkpoint_key,
+            recorded_name=slot.full_name,
+            claimed_names=(slot.owner_name,),
+            shape=tuple(shapes[slot.checkpoint_key]),
+            dtype=tf.dtypes.as_dtype(dtypes[slot.checkpoint_key]),
+            read=functools.partial(reader.get_tensor, slot.checkpoint_key),
+        )
+
+    @staticmethod
+    def _warnings(restored: RestoredModel, matched: dict[int, Shadow], outside: list[AverageSlot]) -> list[str]:
+        warnings = []
+        non_trainable = [restored.variables[i].name for i in matched if not restored.variables[i].trainable]
+        if non_trainable:
+            warnings.append(
+                f"{len(non_trainable)} non-trainable variables also have an 'average' slot "
+                f"({name_list(non_trainable)}; Model Garden's trainable_weights_only=False averages BatchNorm "
+                "statistics too): both arms serve their live values unless --bn-stats ema"
+            )
+        if outside:
+            warnings.append(
+                f"skipped {len(outside)} 'average' slots of variables outside the model: "
+                + name_list([slot.checkpoint_key for slot in outside])
+            )
+        return warnings

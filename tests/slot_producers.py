@@ -1,0 +1,302 @@
+"""Real producers of optimizer-slot EMA checkpoints, for the tests of the `optimizer-slot` layout.
+
+TF Addons' `MovingAverage` and Model Garden's `ExponentialMovingAverage` keep their averages as optimizer slots named
+`average`, created through tf-keras's legacy OptimizerV2 slot machinery. Neither package installs beside TF 2.21, so
+this module rebuilds both wrappers, from their documented behaviour, on that same machinery (`add_slot`, slot
+tracking, checkpoint keys): the checkpoints the tests export are written by TensorFlow exactly as those wrappers
+would have them written. `EmaCheckpointing` is Model Garden's eval action that writes the inverted checkpoints.
+
+Every producer trains a few real steps with gradients before it checkpoints, so the averages are genuine. The decays
+default to 0.9 (0.99 upstream) so that four steps move the averages visibly away from the weights.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+import tf_keras
+
+import tiny_models as tm
+
+AVERAGE_SLOT = "average"
+TFA_INNER_NAME = "awg_optimizer"
+MODEL_GARDEN_INNER_NAME = "base_optimizer"
+EMA_CHECKPOINTS_SUBDIR = "ema_checkpoints"
+EMA_CHECKPOINT_NAME = "average_weights"
+
+
+class MovingAverage(tf_keras.optimizers.legacy.Optimizer):
+    """TF Addons `MovingAverage` semantics: the inner optimizer steps, then each `average` slot moves towards it.
+
+    The inner optimizer is tracked as `awg_optimizer` and shares this wrapper's step counter. A variable's slot is
+    created on its first update holding the variable's value, and after every inner step becomes
+    `decay * average + (1 - decay) * variable`.
+    """
+
+    def __init__(self, optimizer: tf_keras.optimizers.legacy.Optimizer, average_decay: float = 0.9,
+                 name: str = "MovingAverage") -> None:
+        super().__init__(name)
+        self._optimizer = optimizer
+        self._average_decay = average_decay
+        self._track_trackable(optimizer, TFA_INNER_NAME)
+
+    def _average_initial_value(self, variable: tf.Variable) -> tf.Tensor | str:
+        return variable.read_value()
+
+    def _create_slots(self, var_list: Sequence[tf.Variable]) -> None:
+        self._optimizer._create_slots(var_list=var_list)
+        for variable in var_list:
+            self.add_slot(variable, AVERAGE_SLOT, self._average_initial_value(variable))
+
+    def _create_hypers(self) -> None:
+        self._optimizer._create_hypers()
+
+    def _prepare(self, var_list: Sequence[tf.Variable]) -> dict:
+        return self._optimizer._prepare(var_list)
+
+    def apply_gradients(self, grads_and_vars, name: str | None = None, **kwargs) -> tf.Operation:
+        self._optimizer._iterations = self.iterations  # one step counter for both, as the wrapper does
+        return super().apply_gradients(grads_and_vars, name, **kwargs)
+
+    def _resource_apply_dense(self, grad: tf.Tensor, variable: tf.Variable, apply_state: dict | None = None):
+        step = self._optimizer._resource_apply_dense(grad, variable, apply_state)
+        with tf.control_dependencies([step]):  # average the value after this step, not before it
+            return self._update_average(self.get_slot(variable, AVERAGE_SLOT), variable)
+
+    def _update_average(self, average: tf.Variable, variable: tf.Variable):
+        return average.assign_sub((1.0 - self._average_decay) * (average - variable))
+
+    def assign_average_vars(self, var_list: Sequence[tf.Variable]) -> None:
+        """Overwrite the variables with their averages (TF Addons' way to save averaged weights)."""
+        for variable in var_list:
+            variable.assign(self.get_slot(variable, AVERAGE_SLOT))
+
+    def get_config(self) -> dict:
+        return {"name": self._name, "average_decay": self._average_decay}
+
+
+class ColumnAverage(MovingAverage):
+    """A wrapper that keeps something else under the slot name `average`: the moving average of each weight
+    column's mean. Its slots have the shape of a bias, not of their variable, which an export must catch."""
+
+    def _average_initial_value(self, variable: tf.Variable) -> tf.Tensor | str:
+        return tf.reduce_mean(variable, axis=0) if variable.shape.rank > 1 else variable.read_value()
+
+    def _update_average(self, average: tf.Variable, variable: tf.Variable):
+        value = tf.reduce_mean(variable, axis=0) if variable.shape.rank > 1 else variable
+        return average.assign_sub((1.0 - self._average_decay) * (average - value))
+
+
+class ExponentialMovingAverage(tf_keras.optimizers.legacy.Optimizer):
+    """Model Garden `ExponentialMovingAverage` semantics.
+
+    The inner optimizer is tracked as `base_optimizer` and owns the step counter. `shadow_copy` creates the `average`
+    slots filled with zeros, for the trainable variables or, with `trainable_weights_only=False`, for all of them
+    (BatchNorm statistics included). After each inner step the averages move with a decay that starts near 0.1
+    and grows to `average_decay`: `min(average_decay, (1 + step) / (10 + step))`.
+    """
+
+    def __init__(self, optimizer: tf_keras.optimizers.legacy.Optimizer, average_decay: float = 0.9,
+                 trainable_weights_only: bool = True, dynamic_decay: bool = True,
+                 name: str = "ExponentialMovingAverage") -> None:
+        super().__init__(name)
+        self._optimizer = optimizer
+        self._average_decay = average_decay
+        self._trainable_weights_only = trainable_weights_only
+        self._dynamic_decay = dynamic_decay
+        self._track_trackable(optimizer, MODEL_GARDEN_INNER_NAME)
+        self._model_weights: list[tf.Variable] = []
+        self._average_weights: list[tf.Variable] = []
+
+    @property
+    def iterations(self) -> tf.Variable:
+        return self._optimizer.iterations
+
+    @iterations.setter
+    def iterations(self, variable: tf.Variable) -> None:
+        self._optimizer.iterations = variable
+
+    def shadow_copy(self, model: tf.Module) -> None:
+        """Create the zero-initialised `average` slots for the model's weights."""
+        self._model_weights = list(model.trainable_variables if self._trainable_weights_only else model.variables)
+        self._average_weights = [self.add_slot(v, AVERAGE_SLOT, initializer="zeros") for v in self._model_weights]
+
+    def apply_gradients(self, grads_and_vars, name: str | None = None, **kwargs) -> tf.Operation:
+        result = self._optimizer.apply_gradients(grads_and_vars, name, **kwargs)
+        self.update_average()
+        return result
+
+    def decay(self) -> float:
+        """The decay the next average update uses (the step counter has already counted the inner step)."""
+        step = float(self.iterations.numpy())
+        return min(self._average_decay, (1.0 + step) / (10.0 + step)) if self._dynamic_decay else self._average_decay
+
+    def update_average(self) -> None:
+        decay = self.decay()
+        for average, variable in zip(self._average_weights, self._model_weights):
+            average.assign_sub((1.0 - decay) * (average - variable))
+
+    def swap_weights(self) -> None:
+        """Exchange weights and averages in place, without a third buffer: a += b; b = a - b; a -= b.
+
+        The arithmetic rounds, so after a swap both hold their partner's value to within float precision only.
+        """
+        for average, variable in zip(self._average_weights, self._model_weights):
+            average.assign_add(variable)
+            variable.assign(average - variable)
+            average.assign_sub(variable)
+
+    def _create_slots(self, var_list: Sequence[tf.Variable]) -> None:
+        self._optimizer._create_slots(var_list=var_list)
+
+    def _create_hypers(self) -> None:
+        self._optimizer._create_hypers()
+
+    def _prepare(self, var_list: Sequence[tf.Variable]) -> dict:
+        return self._optimizer._prepare(var_list)
+
+    def _resource_apply_dense(self, grad: tf.Tensor, variable: tf.Variable, apply_state: dict | None = None):
+        return self._optimizer._resource_apply_dense(grad, variable, apply_state)
+
+    def get_config(self) -> dict:
+        return {"name": self._name, "average_decay": self._average_decay}
+
+
+class EmaCheckpointing:
+    """Model Garden's `EMACheckpointing` eval action: swap weights and averages, save, swap back.
+
+    The checkpoint is the trainer's own (`global_step`, `model`, `optimizer`), saved to
+    `<model_dir>/ema_checkpoints/average_weights-<step>`: there the model holds the averages and the `average` slots
+    hold the raw weights.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, optimizer: ExponentialMovingAverage,
+                 checkpoint: tf.train.Checkpoint, max_to_keep: int = 1) -> None:
+        self._optimizer = optimizer
+        self._manager = tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, EMA_CHECKPOINTS_SUBDIR),
+                                                   max_to_keep=max_to_keep, checkpoint_name=EMA_CHECKPOINT_NAME)
+
+    def __call__(self) -> str:
+        self._optimizer.swap_weights()
+        try:
+            return self._manager.save(checkpoint_number=self._optimizer.iterations)
+        finally:
+            self._optimizer.swap_weights()
+
+
+class StandardizedLinearModule(tm.LinearModule):
+    """The linear model on centred inputs: `(x - input_mean) @ weights + biases`.
+
+    `input_mean` is a non-trainable running statistic, updated while training like BatchNorm's moving mean.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_mean = tf.Variable(tf.zeros([tm.NUM_FEATURES]), trainable=False, name="input_mean")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, tm.NUM_FEATURES], tf.float32, name="inputs")])
+    def __call__(self, inputs: tf.Tensor) -> tf.Tensor:
+        return tf.matmul(inputs - self.input_mean, self.weights) + self.biases
+
+
+def standardized_linear_numpy(inputs: np.ndarray, weights: np.ndarray, biases: np.ndarray,
+                              input_mean: np.ndarray) -> np.ndarray:
+    return tm.linear_numpy(inputs - input_mean, weights, biases)
+
+
+@dataclass
+class Trajectory:
+    """The trainable values by variable name before training and after each step, to check the averages against."""
+
+    initial: dict[str, np.ndarray]
+    steps: list[dict[str, np.ndarray]]
+
+
+def _values(variables: Sequence[tf.Variable]) -> dict[str, np.ndarray]:
+    return {variable.name.split(":")[0]: variable.numpy() for variable in variables}
+
+
+def train(module: tm.LinearModule, optimizer: tf_keras.optimizers.legacy.Optimizer, num_steps: int = 4,
+          seed: int = 0) -> Trajectory:
+    """Fit the module to a random linear target by mean squared error, one batch per step.
+
+    The weights start from random values (not zeros) so every variable moves and differs from its average.
+    """
+    rng = np.random.default_rng(seed)
+    for variable in module.trainable_variables:
+        variable.assign(rng.standard_normal(variable.shape).astype(np.float32))
+    target_weights = rng.standard_normal((tm.NUM_FEATURES, tm.NUM_CLASSES)).astype(np.float32)
+    trajectory = Trajectory(_values(module.trainable_variables), [])
+    for _ in range(num_steps):
+        inputs = rng.standard_normal((8, tm.NUM_FEATURES)).astype(np.float32) + 1.0
+        if isinstance(module, StandardizedLinearModule):
+            module.input_mean.assign(0.5 * module.input_mean + 0.5 * inputs.mean(axis=0))
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(module(inputs) - inputs @ target_weights))
+        variables = module.trainable_variables
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+        trajectory.steps.append(_values(variables))
+    return trajectory
+
+
+def sgd() -> tf_keras.optimizers.legacy.Optimizer:
+    """The inner optimizer: SGD with momentum, so the checkpoint also holds a slot that is not an average."""
+    return tf_keras.optimizers.legacy.SGD(learning_rate=0.05, momentum=0.9)
+
+
+@dataclass
+class TfaRun:
+    """What a TF Addons-style training run left: its checkpoint, and the objects that wrote it."""
+
+    prefix: str
+    module: tm.LinearModule
+    optimizer: MovingAverage
+    trajectory: Trajectory
+
+
+def write_tfa_checkpoint(ckpt_dir: str | os.PathLike, optimizer: MovingAverage | None = None,
+                         attach_at_root: bool = True, num_steps: int = 4) -> TfaRun:
+    """Train `LinearModule` with a TF Addons-style wrapper and checkpoint it with its optimizer.
+
+    `attach_at_root` saves `Checkpoint(weights=..., biases=..., optimizer=...)`, otherwise
+    `Checkpoint(model=..., optimizer=...)`.
+    """
+    module = tm.LinearModule()
+    optimizer = optimizer or MovingAverage(sgd())
+    trajectory = train(module, optimizer, num_steps)
+    if attach_at_root:
+        checkpoint = tf.train.Checkpoint(weights=module.weights, biases=module.biases, optimizer=optimizer)
+    else:
+        checkpoint = tf.train.Checkpoint(model=module, optimizer=optimizer)
+    prefix = tf.train.CheckpointManager(checkpoint, str(ckpt_dir), max_to_keep=3).save()
+    return TfaRun(prefix, module, optimizer, trajectory)
+
+
+@dataclass
+class ModelGardenRun:
+    """What a Model Garden-style training run left in its model directory."""
+
+    model_dir: Path
+    regular: str
+    inverted: str
+    trajectory: Trajectory
+
+
+def write_model_garden_run(model_dir: str | os.PathLike, trainable_weights_only: bool = True,
+                           num_steps: int = 4) -> ModelGardenRun:
+    """Train with a Model Garden-style wrapper, then save as its trainer does: the regular checkpoint
+    `<model_dir>/ckpt-<step>` and, from the eval action, the inverted `ema_checkpoints/average_weights-<step>`."""
+    module = StandardizedLinearModule() if not trainable_weights_only else tm.LinearModule()
+    optimizer = ExponentialMovingAverage(sgd(), trainable_weights_only=trainable_weights_only)
+    optimizer.shadow_copy(module)
+    trajectory = train(module, optimizer, num_steps)
+    checkpoint = tf.train.Checkpoint(global_step=optimizer.iterations, model=module, optimizer=optimizer)
+    regular = tf.train.CheckpointManager(checkpoint, str(model_dir), max_to_keep=3).save(
+        checkpoint_number=optimizer.iterations)
+    inverted = EmaCheckpointing(model_dir, optimizer, checkpoint)()
+    return ModelGardenRun(Path(model_dir), regular, inverted, trajectory)
