@@ -8,7 +8,9 @@ progress goes to an optional callback and the outcome comes back as an `ExportRe
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import gc
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,9 +25,9 @@ from ema_export.fold import BN_STATS_POLICIES, FoldReport, fold
 from ema_export.fresh_model import ModelFactory, build_fresh_model, probe_inputs
 from ema_export.layouts import LayoutSettings, choose_layout
 from ema_export.locate import CheckpointSources, locate
-from ema_export.manifest import build_manifest, write_manifest
+from ema_export.manifest import add_verification, build_manifest, write_manifest
 from ema_export.restore import restore
-from ema_export.verify import VerificationReport, verify
+from ema_export.verify import VerificationReport, reference_outputs, verify
 from ema_export.versions import plan_version, publish, staging_directory
 from ema_export.write import write_savedmodel, write_warmup
 
@@ -194,20 +196,28 @@ def export(
     assembly = assemble(restored, report, options.default_signature)
     report.values.clear()  # the averaged values now live in variables; the numpy copies only raise peak memory
     probe = probe_inputs(fresh.input_signature)
+    manifest = build_manifest(sources, restored, report, assembly, prepared.version,
+                              {"bn_stats": options.bn_stats, "allow_missing": options.allow_missing,
+                               "allow_step_mismatch": sources.step_mismatch_allowed})
+    model_source, attachment = fresh.source, restored.attachment
     with staging_directory(output_dir) as staging:
         step(STAGES[6])
-        write_savedmodel(assembly, staging)
-        write_warmup(assembly, staging, probe)
+        # The in-memory reference answers are computed while the SavedModel is written (TensorFlow releases the GIL
+        # in both)...
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(reference_outputs, assembly, probe)
+            write_savedmodel(assembly, staging)
+            write_warmup(assembly, staging, probe)
+            reference = pending.result()
+        # ...then the in-memory models are released, so loading the written copy does not stack on their memory.
+        del assembly, prepared, fresh, restored
+        gc.collect()
         step(STAGES[7])
-        verification = verify(staging, assembly, probe)
+        verification = verify(staging, reference)
+        add_verification(manifest, verification)
         version = plan_version(output_dir, options.version, options.overwrite)
-        manifest = build_manifest(sources, restored, report, assembly, verification, version,
-                                  {"bn_stats": options.bn_stats, "allow_missing": options.allow_missing,
-                                   "allow_step_mismatch": sources.step_mismatch_allowed})
-        if not verification.arms_differ:
-            manifest["warnings"].append("serve_live and serve_ema give identical outputs on the probe batch")
+        manifest["version"] = version
         write_manifest(staging, manifest)
         step(STAGES[8])
         version_dir = publish(staging, output_dir, version, options.overwrite)
-    return ExportResult(version, version_dir, sources, fresh.source, restored.attachment, report, verification,
-                        manifest)
+    return ExportResult(version, version_dir, sources, model_source, attachment, report, verification, manifest)

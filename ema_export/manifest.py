@@ -43,11 +43,10 @@ def build_manifest(
     restored: RestoredModel,
     report: FoldReport,
     assembly: Assembly,
-    verification: VerificationReport,
     version: int,
     policies: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything worth knowing about an export, as JSON-ready data."""
+    """Everything worth knowing about an export, as JSON-ready data; `add_verification` completes it."""
     return {
         "format": MANIFEST_FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -83,16 +82,22 @@ def build_manifest(
             "kept_live": [dataclasses.asdict(item) for item in report.kept_live],
             "copied_non_averaged": assembly.copied_non_averaged,
         },
-        "verification": {
-            "passed": verification.passed,
-            "batch_size": verification.batch_size,
-            "checks": [dict(dataclasses.asdict(c), passed=c.passed) for c in verification.checks],
-            "arms_differ": verification.arms_differ,
-            "max_arm_difference": verification.max_arm_difference,
-        },
         "warnings": list(report.warnings),
         "versions": _versions(),
     }
+
+
+def add_verification(manifest: dict[str, Any], verification: VerificationReport) -> None:
+    """Record what verification found."""
+    manifest["verification"] = {
+        "passed": verification.passed,
+        "batch_size": verification.batch_size,
+        "checks": [dict(dataclasses.asdict(c), passed=c.passed) for c in verification.checks],
+        "arms_differ": verification.arms_differ,
+        "max_arm_difference": verification.max_arm_difference,
+    }
+    if not verification.arms_differ:
+        manifest["warnings"].append("serve_live and serve_ema give identical outputs on the probe batch")
 
 
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:

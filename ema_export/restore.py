@@ -3,8 +3,8 @@
 The model may hang at the checkpoint's root (`tf.train.Checkpoint(weights=W, biases=b)` with a module that has
 `weights` and `biases`) or under a named child (`tf.train.Checkpoint(model=model, optimizer=...)`). The attachment
 point is chosen by lining the object graph up with the model before anything is read, then values are restored by
-`tf.train.Checkpoint` through the object graph and every variable is compared with its checkpoint entry: no variable
-may silently keep its initializer.
+`tf.train.Checkpoint` through the object graph, which must match every object of the model: no variable may silently
+keep its initializer.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 
 from ema_export.checkpoint_graph import iter_variables, match_objects, read_object_graph, variable_identity
@@ -134,31 +133,27 @@ def restore_live(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredMode
         )
 
     root = tf.train.Checkpoint(root=fresh.model) if node_id == 0 else tf.train.Checkpoint(**{label: fresh.model})
-    # Optimizer state, step counters and anything else the model does not own are skipped on purpose.
-    root.read(checkpoint.prefix).expect_partial()
-
-    restored = []
-    differing = []
-    for variable in variables:
-        entry = found[variable_identity(variable)]
-        expected = reader.get_tensor(entry.checkpoint_key)
-        if not np.array_equal(np.asarray(variable.numpy()), expected, equal_nan=expected.dtype.kind == "f"):
-            differing.append(entry.checkpoint_key)
-        restored.append(
-            RestoredVariable(
-                variable=variable,
-                path="/".join(entry.path),
-                checkpoint_key=entry.checkpoint_key,
-                training_name=entry.full_name,
-                trainable=bool(variable.trainable),
-                shape=tuple(variable.shape),
-                dtype=tf.dtypes.as_dtype(variable.dtype),
-                keras_path=getattr(variable, "path", "") if not isinstance(variable, tf.Variable) else "",
-            )
-        )
-    if differing:
+    status = root.read(checkpoint.prefix)
+    status.expect_partial()  # optimizer state, step counters and other objects the model does not own: on purpose
+    try:
+        # Every object of the model found its checkpoint entry, so no variable kept its initializer.
+        status.assert_existing_objects_matched()
+    except AssertionError as error:
         raise RestoreError(
-            f"After restoring, {len(differing)} variables differ from their checkpoint entries: {name_list(differing)}",
+            f"Restoring {checkpoint.prefix} left part of the model unmatched ({str(error).splitlines()[0]})",
             hint="The model and checkpoint disagree on structure; pass the --model that wrote this checkpoint",
+        ) from error
+    restored = [
+        RestoredVariable(
+            variable=variable,
+            path="/".join(found[variable_identity(variable)].path),
+            checkpoint_key=found[variable_identity(variable)].checkpoint_key,
+            training_name=found[variable_identity(variable)].full_name,
+            trainable=bool(variable.trainable),
+            shape=tuple(variable.shape),
+            dtype=tf.dtypes.as_dtype(variable.dtype),
+            keras_path=getattr(variable, "path", "") if not isinstance(variable, tf.Variable) else "",
         )
+        for variable in variables
+    ]
     return RestoredModel(fresh, checkpoint, label, restored, reader, matched, node_id)

@@ -9,7 +9,6 @@ so a client can switch arms by signature name alone. Every failure is collected,
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,23 +103,38 @@ def run_like_tf_serving(directory: Path, feed: dict[str, np.ndarray]) -> dict[st
         logger.setLevel(level)
 
 
-def verify(directory: Path, assembly: Assembly, probe: Sequence[np.ndarray]) -> VerificationReport:
-    """Reload `directory` and check every signature against the in-memory functions.
+@dataclass(frozen=True)
+class Reference:
+    """What the in-memory models answer on the probe batch: everything verification needs from them.
+
+    Computing it before verification lets the export release the in-memory models first, so the written copy is
+    never loaded while they still hold memory.
+    """
+
+    input_names: tuple[str, ...]
+    probe: tuple[np.ndarray, ...]
+    outputs: dict[str, dict[str, np.ndarray]]
+
+
+def reference_outputs(assembly: Assembly, probe: Sequence[np.ndarray]) -> Reference:
+    """Run the in-memory live and EMA functions on the probe batch; `serving_default` expects its arm's answer."""
+    outputs = {arm: {k: v.numpy() for k, v in assembly.functions[arm](*map(tf.constant, probe)).items()}
+               for arm in (SIGNATURE_LIVE, SIGNATURE_EMA)}
+    outputs[SIGNATURE_DEFAULT] = outputs[DEFAULT_ARMS[assembly.default_arm]]
+    return Reference(tuple(spec.name for spec in assembly.input_signature), tuple(probe), outputs)
+
+
+def verify(directory: Path, reference: Reference) -> VerificationReport:
+    """Load `directory` as TF Serving would and check every signature against the in-memory reference.
 
     Raises:
         VerificationError: A signature is missing, the signatures disagree on inputs or outputs, the batch dimension
             is not dynamic, or an output differs from the in-memory model beyond its tolerance.
     """
-    names = [spec.name for spec in assembly.input_signature]
-    feed = dict(zip(names, probe))
-    # Loading and running the written model overlaps with computing the in-memory reference (TensorFlow releases the
-    # GIL in both), which halves the time verification adds to an export of a large model.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(run_like_tf_serving, directory, feed)
-        expected = {arm: {k: v.numpy() for k, v in assembly.functions[arm](*map(tf.constant, probe)).items()}
-                    for arm in (SIGNATURE_LIVE, SIGNATURE_EMA)}
-        served = pending.result()
-    expected[SIGNATURE_DEFAULT] = expected[DEFAULT_ARMS[assembly.default_arm]]
+    names = list(reference.input_names)
+    probe = reference.probe
+    expected = reference.outputs
+    served = run_like_tf_serving(directory, dict(zip(names, probe)))
 
     problems: list[str] = []
     checks: list[OutputCheck] = []

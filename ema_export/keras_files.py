@@ -1,0 +1,224 @@
+"""Keras's own files as training sources: `.weights.h5` (`save_weights`) and `.keras` (`save`, which zips one).
+
+Both hold an HDF5 tree written by Keras's saving library: each layer's variables at `<path>/vars/<i>` (paths named
+after layer classes, `layers/dense_1`, so they do not depend on auto-generated layer names), and a compiled model's
+optimizer state at `optimizer/vars/<i>`, positionally, with no variable names. A `.keras` archive also keeps the
+model and optimizer configuration in `config.json`.
+
+Which variable sits at which path is learnt from Keras itself, by running its saving walk over the fresh model with
+a store that records instead of writing; values are then loaded by Keras's loader and every one is checked against
+its entry in the file, as strictly as `restore.restore_live` checks a TensorFlow checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+import tensorflow as tf
+
+from ema_export.checkpoint_graph import variable_identity
+from ema_export.errors import RestoreError
+from ema_export.fresh_model import FreshModel
+from ema_export.locate import CheckpointFiles
+from ema_export.restore import RestoredModel, RestoredVariable, model_variables, name_list
+
+WEIGHTS_MEMBER = "model.weights.h5"
+"""The HDF5 file inside a `.keras` archive."""
+CONFIG_MEMBER = "config.json"
+OPTIMIZER_GROUP = "optimizer/vars"
+"""Where Keras stores a compiled model's optimizer variables, in `optimizer.variables` order."""
+
+
+@dataclass(frozen=True)
+class StoredValue:
+    """One dataset of a Keras weights file."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: tf.DType
+
+
+@contextlib.contextmanager
+def open_weights(path: str) -> Iterator[h5py.File]:
+    """The HDF5 weights of a `.weights.h5` file, or of the `model.weights.h5` inside a `.keras` archive."""
+    if not path.endswith(".keras"):
+        with h5py.File(path, "r") as weights:
+            yield weights
+        return
+    with zipfile.ZipFile(path) as archive:
+        if WEIGHTS_MEMBER not in archive.namelist():
+            raise RestoreError(
+                f"{path} has no {WEIGHTS_MEMBER}: expected a .keras archive written by Keras 3's model.save()",
+                hint=f"Re-save it with model.save('model.keras'). Received members: {', '.join(archive.namelist())}",
+            )
+        with archive.open(WEIGHTS_MEMBER) as member, h5py.File(member, "r") as weights:
+            yield weights
+
+
+def _dtype(dataset: h5py.Dataset) -> tf.DType:
+    if dataset.attrs.get("dtype") == "bfloat16":  # Keras stores bfloat16 as raw 16-bit data with this marker
+        return tf.bfloat16
+    return tf.dtypes.as_dtype(dataset.dtype)
+
+
+def _as_array(dataset: h5py.Dataset) -> np.ndarray:
+    value = np.asarray(dataset[()])
+    if dataset.attrs.get("dtype") == "bfloat16":
+        value = value.view(tf.bfloat16.as_numpy_dtype)
+    return value
+
+
+def read_value(path: str, key: str) -> np.ndarray:
+    """Read one dataset; opened per call so shadows are only read when folding needs them."""
+    with open_weights(path) as weights:
+        return _as_array(weights[key])
+
+
+def optimizer_values(path: str) -> list[StoredValue]:
+    """The optimizer's stored variables in their numeric order (`optimizer/vars/0`, `1`, ..., not `1`, `10`, `2`)."""
+    with open_weights(path) as weights:
+        if OPTIMIZER_GROUP not in weights:
+            return []
+        group = weights[OPTIMIZER_GROUP]
+        return [StoredValue(f"{OPTIMIZER_GROUP}/{name}", tuple(group[name].shape), _dtype(group[name]))
+                for name in sorted(group, key=int)]
+
+
+def optimizer_config(path: str) -> dict[str, Any] | None:
+    """The serialized optimizer (`{"class_name", "config", ...}`) a `.keras` archive was compiled with, if any."""
+    if not path.endswith(".keras"):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        try:
+            config = json.loads(archive.read(CONFIG_MEMBER))
+        except (KeyError, ValueError):
+            return None
+    optimizer = (config.get("compile_config") or {}).get("optimizer")
+    return optimizer if isinstance(optimizer, dict) else None
+
+
+def _recording_store() -> Any:
+    from keras.src.saving import saving_lib
+
+    class RecordingStore(saving_lib.H5IOStore):
+        """Keras's own weights store, made to note where each variable would be written instead of writing it."""
+
+        def __init__(self) -> None:
+            super().__init__(io.BytesIO(), mode="w")
+            self.paths: dict[int, str] = {}
+            self._current = ""
+
+        def make(self, path: str, metadata: dict | None = None) -> RecordingStore:
+            self._current = path
+            return self
+
+        def __setitem__(self, key: str, value: Any) -> None:
+            self.paths.setdefault(variable_identity(value), "/".join(filter(None, (self._current, "vars", key))))
+
+    return RecordingStore()
+
+
+def weight_paths(model: Any) -> dict[int, str]:
+    """Where Keras's saving walk stores each of the model's variables (`layers/dense/vars/0`), by identity.
+
+    This is Keras's own traversal (`saving_lib._save_state`, what `save_weights` runs), so the paths are exactly
+    those of any file saved from this architecture. Layers that save a transformed value (LoRA kernels merged on
+    save) have no path; Keras's loader still restores them. The optimizer is skipped: it is not part of the model.
+    """
+    from keras.src.saving import saving_lib
+
+    store = _recording_store()
+    skipped = {id(model.optimizer)} if getattr(model, "optimizer", None) is not None else set()
+    try:
+        saving_lib._save_state(model, store, None, "", skipped)
+    finally:
+        store.close()
+    return store.paths
+
+
+def _load(model: Any, path: str) -> None:
+    """Load the model's weights with Keras's loader, never the fresh model's optimizer (it is not exported)."""
+    from keras.src.saving import saving_lib
+
+    optimizer = getattr(model, "optimizer", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mismatches are errors below; Keras's own warnings would only repeat them
+        saving_lib.load_weights_only(model, path, objects_to_skip=[optimizer] if optimizer is not None else None)
+
+
+def _training_name(weights: h5py.File, key: str, variable: Any) -> str:
+    """`dense/kernel`: the layer name Keras recorded beside the values (Keras 3.10+), and the variable's name."""
+    recorded = weights[key].parent.attrs.get("name")
+    return f"{recorded}/{variable.name}" if recorded else getattr(variable, "path", variable.name)
+
+
+def restore_from_keras_file(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredModel:
+    """Restore the live values of a Keras model from a `.keras` or `.weights.h5` file, strictly.
+
+    Raises:
+        RestoreError: The model is not a Keras model, Keras cannot load the file into it, or some variable's value
+            differs from its entry in the file (or the file has layers the model lacks).
+    """
+    path = checkpoint.prefix
+    if not fresh.is_keras:
+        raise RestoreError(
+            f"{path} is a Keras file, but the model from {fresh.source} is a {type(fresh.model).__name__}: only a "
+            "Keras 3 model can load it",
+            hint="Pass a --model factory that builds the Keras model that was trained",
+        )
+    model = fresh.model
+    paths = weight_paths(model)
+    try:
+        _load(model, path)
+    except Exception as error:  # Keras raises ValueError, KeyError, OSError ... for files that do not fit
+        raise RestoreError(
+            f"Keras could not load {path} into the model from {fresh.source}: {error}",
+            hint="Pass the --model that was trained (same layers, same order)",
+        ) from error
+
+    restored: list[RestoredVariable] = []
+    differing: list[str] = []
+    with open_weights(path) as weights:
+        stored = set()
+        weights.visititems(lambda name, item: stored.add(name) if isinstance(item, h5py.Dataset) else None)
+        for variable in model_variables(model):
+            key = paths.get(variable_identity(variable), "")
+            if key:
+                expected = _as_array(weights[key]) if key in weights else None
+                if expected is None or not np.array_equal(np.asarray(variable.numpy()), expected,
+                                                          equal_nan=expected.dtype.kind == "f"):
+                    differing.append(key)
+            restored.append(RestoredVariable(
+                variable=variable,
+                path=key or variable.path,
+                checkpoint_key=key,
+                training_name=_training_name(weights, key, variable) if key and key in weights else variable.path,
+                trainable=bool(variable.trainable),
+                shape=tuple(variable.shape),
+                dtype=tf.dtypes.as_dtype(variable.dtype),
+                keras_path=variable.path,
+            ))
+        # Entries nothing loads mean layers the model lacks; unless some layer saves transformed values, which
+        # then have entries of their own that no variable maps to.
+        unmapped = any(not item.checkpoint_key for item in restored)
+        extra = [] if unmapped else sorted(k for k in stored - set(paths.values()) if not k.startswith("optimizer/"))
+    if differing or extra:
+        problems = ([f"{len(differing)} variables differ from their entries: {name_list(differing)}"] if differing
+                    else []) + ([f"{len(extra)} entries belong to no model variable: {name_list(extra)}"] if extra
+                                else [])
+        raise RestoreError(
+            f"After loading {path}, the model from {fresh.source} does not reproduce the file:",
+            hint="The model and the file disagree on structure; pass the --model that was trained",
+            problems=problems,
+        )
+    member = f"{WEIGHTS_MEMBER} in the .keras archive" if path.endswith(".keras") else "the .weights.h5 file"
+    return RestoredModel(fresh, checkpoint, f"Keras file ({member})", restored, None)
