@@ -148,7 +148,7 @@ def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_
                         hint=hint, problems=problems)
     warnings = list(match.warnings)
     report = FoldReport(match.layout, layout_reason, match.source, folded, kept, warnings, values)
-    if report.ema_equals_live:
+    if report.ema_equals_live and not match.explains_equality:
         warnings.append(
             "every shadow equals its live value exactly: the EMA was never updated, or was saved as a copy of the "
             "weights (Keras fit() with use_ema=True overwrites the weights with the averages at its end)"

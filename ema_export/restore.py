@@ -80,7 +80,8 @@ def model_variables(model: Any) -> list[Any]:
 
 
 def restore(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredModel:
-    """Restore live values by whatever the checkpoint supports: its object graph, its names, or Keras's own file."""
+    """Restore live values by whatever the checkpoint supports: its object graph, its names (`restore_by_name`), or
+    Keras's own `.keras` / `.weights.h5` file (`keras_files.restore_from_keras_file`)."""
     if checkpoint.is_keras_file:
         from ema_export.keras_files import restore_from_keras_file
 

@@ -49,6 +49,8 @@ class ShadowMatch:
     unmatched: list[Shadow]
     problems: list[str]
     warnings: list[str] = field(default_factory=list)
+    explains_equality: bool = False
+    """The layout's warnings already explain why the shadows equal the live values (e.g. Keras `fit()` finalizing)."""
 
 
 @dataclass(frozen=True)

@@ -194,4 +194,5 @@ class KerasFileEmaLayout(Layout):
         warning = finalized_warning(match, restored, steps, f"The optimizer saved in {plan.path}")
         if warning:
             match.warnings.append(warning)
+            match.explains_equality = True
         return match

@@ -159,6 +159,7 @@ def _warn_if_finalized(match: ShadowMatch, restored: RestoredModel, optimizers: 
     warning = finalized_warning(match, restored, steps, f"The optimizer ({', '.join(i.path for i in optimizers)})")
     if warning:
         match.warnings.append(warning)
+        match.explains_equality = True
 
 
 def _flat(name: str) -> str:
