@@ -189,7 +189,20 @@ def export(
         PosixPath('models/classifier/1')
     """
     options = _resolve_options(options, overrides)
-    step = progress or (lambda stage: None)
+    # Objects that exist before the export (TensorFlow's and Keras's own) are set aside from garbage collection, so
+    # the collection that frees the in-memory models before verification scans only what the export created.
+    frozen_here = gc.get_freeze_count() == 0
+    if frozen_here:
+        gc.freeze()
+    try:
+        return _export(checkpoint, output_dir, model, options, progress or (lambda stage: None))
+    finally:
+        if frozen_here:
+            gc.unfreeze()
+
+
+def _export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model: str | ModelFactory | None,
+            options: ExportOptions, step: Callable[[str], None]) -> ExportResult:
     prepared = _prepare(checkpoint, output_dir, model, options, step)
     sources, fresh, restored, report = prepared.sources, prepared.fresh, prepared.restored, prepared.fold
     step(STAGES[5])

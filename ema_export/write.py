@@ -9,13 +9,51 @@ from typing import Any
 
 import tensorflow as tf
 
-from ema_export.assemble import Assembly
-from ema_export.names import ARM_SIGNATURES, ASSETS_EXTRA_DIR, DEFAULT_MODEL_NAME, WARMUP_FILENAME
+from ema_export.assemble import DEFAULT_ARMS, Assembly
+from ema_export.names import (ARM_SIGNATURES, ASSETS_EXTRA_DIR, DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT,
+                              WARMUP_FILENAME)
 
 
 def write_savedmodel(assembly: Assembly, directory: Path) -> None:
-    """Save the export root with its signatures into `directory` (which exists and is empty)."""
-    tf.saved_model.save(assembly.root, str(directory), signatures=assembly.signatures)
+    """Save the export root with its signatures into `directory` (which exists and is empty).
+
+    `serving_default` is not saved as a third function: TensorFlow would wrap the same concrete function again, and
+    every loader, TF Serving included, would instantiate and warm up that copy separately. Instead its SignatureDef
+    (what TF Serving reads) and its entry in the object graph's signature map (what `tf.saved_model.load` reads) are
+    made to name exactly what the default arm's do.
+    """
+    default_arm = DEFAULT_ARMS[assembly.default_arm]
+    arms = {name: function for name, function in assembly.signatures.items() if name != SIGNATURE_DEFAULT}
+    tf.saved_model.save(assembly.root, str(directory), signatures=arms)
+    alias_signature(directory, SIGNATURE_DEFAULT, default_arm)
+
+
+def alias_signature(directory: Path, alias: str, target: str) -> None:
+    """Make signature `alias` of the SavedModel in `directory` an exact alias of signature `target`."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    path = directory / tf.saved_model.SAVED_MODEL_FILENAME_PB
+    saved_model = saved_model_pb2.SavedModel.FromString(path.read_bytes())
+    meta_graph = saved_model.meta_graphs[0]
+    meta_graph.signature_def[alias].CopyFrom(meta_graph.signature_def[target])
+    for node in meta_graph.object_graph_def.nodes:
+        if node.WhichOneof("kind") == "user_object" and node.user_object.identifier == "signature_map":
+            target_id = next(child.node_id for child in node.children if child.local_name == target)
+            node.children.add(local_name=alias, node_id=target_id)
+    path.write_bytes(saved_model.SerializeToString(deterministic=True))
+    _refresh_fingerprint(directory)
+
+
+def _refresh_fingerprint(directory: Path) -> None:
+    """Rewrite `fingerprint.pb` (a checksum of saved_model.pb, among others) after editing saved_model.pb."""
+    fingerprint = directory / "fingerprint.pb"
+    if not fingerprint.exists():
+        return
+    try:
+        from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
+    except ImportError:  # pragma: no cover - a TensorFlow without fingerprints: nothing to refresh
+        return
+    fingerprint.write_bytes(fingerprinting.CreateFingerprintDef(str(directory)))
 
 
 def write_warmup(assembly: Assembly, directory: Path, probe: Sequence[Any]) -> Path:

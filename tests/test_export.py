@@ -131,8 +131,23 @@ def test_bn_stats_policy_for_averaged_batchnorm_statistics(tmp_path, policy):
         assert all("--bn-stats live" in item.reason for item in result.fold.kept_live)
 
 
+def signature_defs(version_dir):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel.FromString((version_dir / "saved_model.pb").read_bytes())
+    return saved_model.meta_graphs[0].signature_def
+
+
+def test_serving_default_is_an_exact_alias_of_its_arm(seed_ckpt, tmp_path):
+    result = ema_export.export(seed_ckpt, tmp_path / "models", model=tm.LinearModule)
+    defs = signature_defs(result.version_dir)
+    assert defs[SIGNATURE_DEFAULT] == defs[SIGNATURE_EMA] != defs[SIGNATURE_LIVE]
+
+
 def test_default_signature_can_serve_live(seed_ckpt, tmp_path):
     result = ema_export.export(seed_ckpt, tmp_path / "models", model=tm.LinearModule, default_signature="live")
+    defs = signature_defs(result.version_dir)
+    assert defs[SIGNATURE_DEFAULT] == defs[SIGNATURE_LIVE]
     np.testing.assert_array_equal(serve(result.version_dir, SIGNATURE_DEFAULT, X),
                                   serve(result.version_dir, SIGNATURE_LIVE, X))
     assert result.manifest["signatures"]["default_serves"] == SIGNATURE_LIVE
