@@ -7,6 +7,7 @@ model variable, and which variables have none? It only finds and pairs; `fold` v
 from __future__ import annotations
 
 import abc
+import functools
 import re
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from typing import ClassVar
 import numpy as np
 import tensorflow as tf
 
+from ema_export.checkpoint_graph import GraphVariable
 from ema_export.locate import CheckpointSources
 from ema_export.restore import RestoredModel, name_list
 
@@ -62,6 +64,26 @@ class LayoutSettings:
     """
 
     ema_name: str | None = None
+
+
+class GraphShadows:
+    """Builds shadows from the variable entries of one TF2 checkpoint (its shape and dtype maps read once)."""
+
+    def __init__(self, reader: tf.train.CheckpointReader) -> None:
+        self.reader = reader
+        self.shapes = reader.get_variable_to_shape_map()
+        self.dtypes = reader.get_variable_to_dtype_map()
+
+    def shadow(self, entry: GraphVariable, claimed: Sequence[str | None]) -> Shadow:
+        """A shadow for one object-graph entry, claiming the given names (blanks dropped, order kept)."""
+        return Shadow(
+            checkpoint_key=entry.checkpoint_key,
+            recorded_name=entry.full_name,
+            claimed_names=tuple(dict.fromkeys(name for name in claimed if name)),
+            shape=tuple(self.shapes[entry.checkpoint_key]),
+            dtype=tf.dtypes.as_dtype(self.dtypes[entry.checkpoint_key]),
+            read=functools.partial(self.reader.get_tensor, entry.checkpoint_key),
+        )
 
 
 class Layout(abc.ABC):

@@ -8,12 +8,11 @@ list gives positional keys. Either way the object graph records each shadow's ow
 
 from __future__ import annotations
 
-import functools
-
 import tensorflow as tf
 
 from ema_export.checkpoint_graph import iter_variables, read_object_graph
-from ema_export.layouts.base import Layout, Shadow, ShadowMatch, match_by_name, strip_ema_suffix, strip_output_index
+from ema_export.layouts.base import (GraphShadows, Layout, ShadowMatch, match_by_name, strip_ema_suffix,
+                                     strip_output_index)
 from ema_export.locate import STEP_VARIABLES, CheckpointSources
 from ema_export.restore import RestoredModel
 
@@ -42,21 +41,10 @@ class EmaCheckpointLayout(Layout):
         reader = tf.train.load_checkpoint(sources.ema.prefix)
         graph = read_object_graph(reader)
         assert graph is not None
-        shapes = reader.get_variable_to_shape_map()
-        dtypes = reader.get_variable_to_dtype_map()
-        shadows = []
-        for entry in iter_variables(graph):
-            if not entry.path or entry.path[0] in _BOOKKEEPING:
-                continue
-            claimed = [strip_ema_suffix(entry.full_name), strip_output_index(entry.path[-1]), entry.full_name]
-            shadows.append(
-                Shadow(
-                    checkpoint_key=entry.checkpoint_key,
-                    recorded_name=entry.full_name,
-                    claimed_names=tuple(dict.fromkeys(name for name in claimed if name)),
-                    shape=tuple(shapes[entry.checkpoint_key]),
-                    dtype=tf.dtypes.as_dtype(dtypes[entry.checkpoint_key]),
-                    read=functools.partial(reader.get_tensor, entry.checkpoint_key),
-                )
-            )
+        build = GraphShadows(reader)
+        shadows = [
+            build.shadow(entry, [strip_ema_suffix(entry.full_name), strip_output_index(entry.path[-1]),
+                                              entry.full_name])
+            for entry in iter_variables(graph) if entry.path and entry.path[0] not in _BOOKKEEPING
+        ]
         return match_by_name(self.name, sources.ema.prefix, shadows, restored)

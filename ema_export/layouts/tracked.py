@@ -7,12 +7,9 @@ carry the name `tf.train.ExponentialMovingAverage` gives them: `<variable>/Expon
 
 from __future__ import annotations
 
-import functools
-
-import tensorflow as tf
-
 from ema_export.checkpoint_graph import iter_variables, read_object_graph
-from ema_export.layouts.base import Layout, Shadow, ShadowMatch, match_by_name, strip_ema_suffix, strip_output_index
+from ema_export.layouts.base import (GraphShadows, Layout, Shadow, ShadowMatch, match_by_name, strip_ema_suffix,
+                                     strip_output_index)
 from ema_export.locate import CheckpointSources
 from ema_export.restore import RestoredModel
 
@@ -30,8 +27,7 @@ class TrackedShadowsLayout(Layout):
         graph = read_object_graph(reader)
         if graph is None:
             return []
-        shapes = reader.get_variable_to_shape_map()
-        dtypes = reader.get_variable_to_dtype_map()
+        build = GraphShadows(reader)
         suffix = f"/{self.settings.ema_name}" if self.settings.ema_name else None
         shadows = []
         for entry in iter_variables(graph):
@@ -43,15 +39,8 @@ class TrackedShadowsLayout(Layout):
                 variable_name = strip_ema_suffix(entry.full_name)
             if variable_name is None:
                 continue
-            claimed = [variable_name, strip_output_index(entry.path[-1]) if entry.path else ""]
-            shadows.append(Shadow(
-                checkpoint_key=entry.checkpoint_key,
-                recorded_name=entry.full_name,
-                claimed_names=tuple(dict.fromkeys(name for name in claimed if name)),
-                shape=tuple(shapes[entry.checkpoint_key]),
-                dtype=tf.dtypes.as_dtype(dtypes[entry.checkpoint_key]),
-                read=functools.partial(reader.get_tensor, entry.checkpoint_key),
-            ))
+            claimed = [variable_name, strip_output_index(entry.path[-1]) if entry.path else None]
+            shadows.append(build.shadow(entry, claimed))
         return shadows
 
     def detect(self, sources: CheckpointSources, restored: RestoredModel) -> str | None:
