@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +14,17 @@ from ema_export.manifest import read_manifest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_seed_quickstart_trains_exports_and_queries(tmp_path):
+def test_seed_quickstart_trains_exports_serves_and_compares(tmp_path):
     completed = subprocess.run([sys.executable, str(ROOT / "examples" / "seed_quickstart.py"), str(tmp_path)],
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "exported version 1" in completed.stdout and "(step 300)" in completed.stdout
-    for signature in ("serve_live", "serve_ema", "serving_default"):
-        assert f"{signature}" in completed.stdout and "held-out accuracy" in completed.stdout
+    # Served by the embedded server and compared over gRPC with the TensorFlow-free client.
+    assert "(TF Serving's gRPC API)" in completed.stdout
+    for signature in ("serve_live", "serve_ema"):
+        assert re.search(rf"{signature} +accuracy 0\.9\d\d +latency p50", completed.stdout), completed.stdout
+    assert "McNemar exact p =" in completed.stdout
+    assert "Traceback" not in completed.stderr and "I0000" not in completed.stderr
     version_dir = tmp_path / "models" / "1"
     manifest = read_manifest(version_dir)
     assert manifest["sources"]["training_step"] == manifest["sources"]["ema_step"] == 300
