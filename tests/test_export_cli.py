@@ -160,3 +160,11 @@ def test_dry_run_prints_the_matching_table_and_writes_nothing(ckpt, tmp_path):
 def test_unknown_layout_lists_the_known_ones(ckpt, tmp_path):
     assert_one_line_error(run(ckpt, tmp_path / "models", "--model", MODEL, "--layout", "nope"),
                           "Unknown layout 'nope'", "ema-checkpoint", "tf1-names")
+
+
+def test_help_names_every_registered_layout():
+    from ema_export.layouts import LAYOUTS
+
+    help_text = "".join(run("--help").output.split())  # click may wrap a name at its hyphens
+    for name in LAYOUTS:
+        assert name in help_text
