@@ -61,7 +61,10 @@ def _client(options: dict[str, Any]) -> Iterator[ServingClient]:
             options["tls_ca"], options["tls_key"], options["tls_cert"], options["tls_server_name"]
         )
     try:
-        with ServingClient(options["target"], timeout=options["timeout"], tls=tls) as client:
+        # Round robin spreads calls over every address the target resolves to (a headless Service's pods); gRPC's
+        # default, pick_first, sends them all down one connection to one pod.
+        balancing = (("grpc.lb_policy_name", "round_robin"),) if options["round_robin"] else ()
+        with ServingClient(options["target"], timeout=options["timeout"], tls=tls, channel_options=balancing) as client:
             yield client
     except ServingError as error:
         code = next((code for kind, code in _EXIT_CODES if isinstance(error, kind)), 1)
@@ -89,13 +92,16 @@ def _shared_options(command: Callable[..., None]) -> Callable[..., None]:
         click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM client certificate (mTLS)."),
         click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM client key (mTLS)."),
         click.option("--tls-server-name", default=None, help="Name expected in the server certificate."),
+        click.option("--round-robin", is_flag=True,
+                     help="Spread calls over every address the target resolves to, e.g. a headless Kubernetes "
+                          "Service: --target dns:///ema-serving-grpc.NAMESPACE.svc.cluster.local:8500."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table."),
     ]
 
     @functools.wraps(command)
     def wrapper(**kwargs: Any) -> None:
         names = ("target", "model", "version", "version_label", "timeout", "tls", "tls_ca", "tls_cert", "tls_key",
-                 "tls_server_name", "as_json")  # fmt: skip
+                 "tls_server_name", "round_robin", "as_json")  # fmt: skip
         options = {name: kwargs.pop(name) for name in names}
         command(options=options, **kwargs)
 

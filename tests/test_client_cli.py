@@ -56,6 +56,14 @@ def test_metadata_and_status_tables(classifier) -> None:
     assert "1 AVAILABLE OK -" in " ".join(run("status", "--target", classifier.target).output.split())
 
 
+def test_round_robin_works_with_a_multi_address_target(classifier) -> None:
+    # Two addresses of the same loopback server stand in for a headless Service's pods.
+    port = classifier.target.rsplit(":", 1)[1]
+    target = f"ipv4:127.0.0.1:{port},127.0.0.1:{port}"
+    status = json.loads(run("status", "--target", target, "--round-robin", "--json").output)
+    assert status["versions"][0]["state"] == "AVAILABLE"
+
+
 def test_predict_prints_the_arms_outputs(classifier, data_file) -> None:
     path, inputs, _ = data_file
     # The .npz also holds labels: predict skips arrays that are not inputs.
