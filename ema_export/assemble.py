@@ -112,14 +112,23 @@ def _share(parent: Any, name: str, old: Any, new: Any) -> bool:
 def _module_ema_call(restored: RestoredModel, report: FoldReport, root: tf.Module, copied: list[str]) -> Any:
     fresh = restored.fresh
     copy = fresh.factory()
+    fresh.build(copy)
+    own: list[Any] = []  # variables of the copy that its EMA arm really reads (not replaced by a live one)
     for index, item in enumerate(restored.variables):
         target, parent, name = _follow(copy, item.path)
         if index in report.values:
             target.assign(report.values[index])
+            own.append(target)
         elif not _share(parent, name, target, item.variable):
             target.assign(item.variable)
             copied.append(item.name)
-    root.ema_model = copy
+            own.append(target)
+    if fresh.is_tf_keras:
+        # As for Keras 3: track variables, not the model object (Keras 2 would also save every layer's traced
+        # functions). A replaced variable stays in its layer's weight list but is read by nothing, so not saved.
+        root.ema_variables = own
+    else:
+        root.ema_model = copy
     return lambda *inputs: fresh.call(copy, inputs)
 
 
@@ -133,6 +142,9 @@ def assemble(restored: RestoredModel, report: FoldReport, default_arm: str = "em
         # the session-based loader TF Serving uses ("Could not find variable ..."); Keras's own export does the same.
         root.live_variables = [variable.value for variable in fresh.model.variables]
         ema_call = _keras_ema_call(restored, report, root)
+    elif fresh.is_tf_keras:
+        root.live_variables = list(fresh.model.variables)
+        ema_call = _module_ema_call(restored, report, root, copied)
     else:
         root.live_model = fresh.model
         ema_call = _module_ema_call(restored, report, root, copied)

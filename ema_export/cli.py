@@ -120,7 +120,8 @@ def _fail(message: str, code: int, as_json: bool, kind: str) -> None:
 @click.option("--ema-checkpoint", metavar="PATH",
               help="EMA checkpoint directory or prefix. Default: CKPT_DIR/ema/.")
 @click.option("--model", "model_spec", metavar="MODULE:FACTORY",
-              help="Function building the untrained model, e.g. my_project.models:build. "
+              help="Function building the untrained model (Keras 3, tf-keras or a tf.Module with a serving "
+                   "tf.function), e.g. my_project.models:build. "
                    "Default: model.keras or model.json in CKPT_DIR (architecture only).")
 @click.option("--input-signature", multiple=True, metavar="NAME:DTYPE:[SHAPE]",
               help="Serving input for models that do not define one, e.g. 'inputs:float32:[None,28,28,1]'. "

@@ -35,13 +35,29 @@ class FreshModel:
     factory: ModelFactory
     source: str
     input_signature: list[tf.TensorSpec]
-    is_keras: bool
+    kind: str
+    """"keras" (Keras 3), "tf_keras" (Keras 2, the tf-keras package) or "module" (a plain tf.Module)."""
+
+    @property
+    def is_keras(self) -> bool:
+        """A Keras 3 model: its EMA arm runs through `stateless_call` on the same instance."""
+        return self.kind == "keras"
+
+    @property
+    def is_tf_keras(self) -> bool:
+        """A tf-keras (Keras 2) model: its EMA arm is a second instance, like a tf.Module's."""
+        return self.kind == "tf_keras"
 
     def call(self, model: Any, inputs: Sequence[tf.Tensor]) -> Any:
         """Run `model` (this one or a copy) on serving inputs, in inference mode."""
-        if self.is_keras:
+        if self.kind in ("keras", "tf_keras"):
             return model(inputs[0] if len(inputs) == 1 else list(inputs), training=False)
         return _serving_function(model)(*inputs)
+
+    def build(self, model: Any) -> None:
+        """Create a Keras model's variables (Keras does on the first call) so they can be restored or assigned."""
+        if self.kind in ("keras", "tf_keras") and (not model.built or not model.variables):
+            self.call(model, [tf.zeros([1] + spec.shape.as_list()[1:], spec.dtype) for spec in self.input_signature])
 
 
 def _is_keras_model(obj: Any) -> bool:
@@ -50,6 +66,11 @@ def _is_keras_model(obj: Any) -> bool:
     except ImportError:  # pragma: no cover - keras ships with tensorflow
         return False
     return isinstance(obj, keras.Model)
+
+
+def _is_tf_keras_model(obj: Any) -> bool:
+    tf_keras = sys.modules.get("tf_keras")  # imported by the factory if it built a tf-keras model
+    return tf_keras is not None and isinstance(obj, tf_keras.Model)
 
 
 def _serving_function(module: Any) -> Any:
@@ -218,8 +239,8 @@ def build_fresh_model(
     given = [s for s in (input_signature or []) if isinstance(s, tf.TensorSpec)] or (
         parse_input_signature([s for s in input_signature or [] if isinstance(s, str)]) if input_signature else []
     )
-    is_keras = _is_keras_model(instance)
-    if is_keras:
+    kind = "keras" if _is_keras_model(instance) else "tf_keras" if _is_tf_keras_model(instance) else "module"
+    if kind != "module":
         specs = given or _keras_signature(instance)
     elif isinstance(instance, tf.Module):
         function = _serving_function(instance)
@@ -231,7 +252,8 @@ def build_fresh_model(
         specs = given or list(function.input_signature)
     else:
         raise ModelLoadError(
-            f"The model from {source} is a {type(instance).__name__}; expected a Keras model or a tf.Module",
+            f"The model from {source} is a {type(instance).__name__}; expected a Keras (3 or tf-keras) model or a "
+            "tf.Module",
             hint="Return the model object itself from the factory",
         )
     if not specs:
@@ -240,10 +262,8 @@ def build_fresh_model(
             hint="Pass --input-signature NAME:DTYPE:[None,...] once per input",
         )
     specs = _with_dynamic_batch(specs, _default_names(len(specs)))
-    fresh = FreshModel(instance, factory, source, specs, is_keras)
-    if is_keras and (not instance.built or not instance.variables):
-        # Variables must exist before restoring (Keras creates them on the first call); one example builds them.
-        fresh.call(instance, [tf.zeros([1] + s.shape.as_list()[1:], s.dtype) for s in specs])
+    fresh = FreshModel(instance, factory, source, specs, kind)
+    fresh.build(instance)
     return fresh
 
 
