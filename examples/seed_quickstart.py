@@ -106,9 +106,21 @@ def main(out_root: Path) -> None:
         difference = report.accuracy_diff
         print(f"  agreement {report.agreement:.3f}, EMA - live accuracy {difference.estimate:+.3f} "
               f"(95% CI {difference.low:+.3f} to {difference.high:+.3f}), McNemar exact p = {report.mcnemar_p:.3g}")
-    print(f"try it yourself: ema-serving serve --model-name classifier --model-base-path {models_dir} --port 8500\n"
-          f"                 ema-serving compare --target localhost:8500 --model classifier "
+    command = _console_script("ema-serving")
+    print(f"try it yourself: {command} serve --model-name classifier --model-base-path {models_dir} --port 8500\n"
+          f"                 {command} compare --target localhost:8500 --model classifier "
           f"--data {out_root / 'heldout.npz'} --labels labels")
+
+
+def _console_script(name: str) -> str:
+    """The command as this environment installed it (`.venv/bin/ema-serving` under `make demo`)."""
+    beside_python = Path(sys.executable).parent / name
+    if beside_python.exists():
+        try:
+            return str(beside_python.relative_to(Path.cwd()))
+        except ValueError:
+            return str(beside_python)
+    return name
 
 
 if __name__ == "__main__":
