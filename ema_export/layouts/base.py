@@ -17,7 +17,6 @@ from typing import ClassVar
 import numpy as np
 import tensorflow as tf
 
-from ema_export.checkpoint_graph import GraphVariable
 from ema_export.locate import CheckpointSources
 from ema_export.restore import RestoredModel, name_list
 
@@ -66,23 +65,27 @@ class LayoutSettings:
     ema_name: str | None = None
 
 
-class GraphShadows:
-    """Builds shadows from the variable entries of one TF2 checkpoint (its shape and dtype maps read once)."""
+class CheckpointShadows:
+    """Builds shadows from the entries of one TensorFlow checkpoint, its shape and dtype maps read once.
+
+    Every layout that reads a checkpoint makes its shadows here: building the maps per shadow would read the whole
+    index once per entry.
+    """
 
     def __init__(self, reader: tf.train.CheckpointReader) -> None:
         self.reader = reader
         self.shapes = reader.get_variable_to_shape_map()
         self.dtypes = reader.get_variable_to_dtype_map()
 
-    def shadow(self, entry: GraphVariable, claimed: Sequence[str | None]) -> Shadow:
-        """A shadow for one object-graph entry, claiming the given names (blanks dropped, order kept)."""
+    def shadow(self, checkpoint_key: str, recorded_name: str, claimed: Sequence[str | None]) -> Shadow:
+        """The shadow stored under `checkpoint_key`, claiming the given names (blanks dropped, order kept)."""
         return Shadow(
-            checkpoint_key=entry.checkpoint_key,
-            recorded_name=entry.full_name,
+            checkpoint_key=checkpoint_key,
+            recorded_name=recorded_name,
             claimed_names=tuple(dict.fromkeys(name for name in claimed if name)),
-            shape=tuple(self.shapes[entry.checkpoint_key]),
-            dtype=tf.dtypes.as_dtype(self.dtypes[entry.checkpoint_key]),
-            read=functools.partial(self.reader.get_tensor, entry.checkpoint_key),
+            shape=tuple(self.shapes[checkpoint_key]),
+            dtype=tf.dtypes.as_dtype(self.dtypes[checkpoint_key]),
+            read=functools.partial(self.reader.get_tensor, checkpoint_key),
         )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from ema_export.checkpoint_graph import iter_variables, read_object_graph
-from ema_export.layouts.base import (GraphShadows, Layout, ShadowMatch, match_by_name, strip_ema_suffix,
+from ema_export.layouts.base import (CheckpointShadows, Layout, ShadowMatch, match_by_name, strip_ema_suffix,
                                      strip_output_index)
 from ema_export.locate import STEP_VARIABLES, CheckpointSources
 from ema_export.restore import RestoredModel
@@ -41,9 +41,9 @@ class EmaCheckpointLayout(Layout):
         reader = tf.train.load_checkpoint(sources.ema.prefix)
         graph = read_object_graph(reader)
         assert graph is not None
-        build = GraphShadows(reader)
+        build = CheckpointShadows(reader)
         shadows = [
-            build.shadow(entry, [strip_ema_suffix(entry.full_name), strip_output_index(entry.path[-1]),
+            build.shadow(entry.checkpoint_key, entry.full_name, [strip_ema_suffix(entry.full_name), strip_output_index(entry.path[-1]),
                                               entry.full_name])
             for entry in iter_variables(graph) if entry.path and entry.path[0] not in _BOOKKEEPING
         ]

@@ -18,7 +18,6 @@ after it holds two equal copies of the averages and no raw weights, which is rep
 
 from __future__ import annotations
 
-import functools
 import re
 from collections import deque
 from collections.abc import Sequence
@@ -30,7 +29,7 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from ema_export.checkpoint_graph import VARIABLE_VALUE, GraphVariable, read_object_graph
 from ema_export.errors import LayoutError
-from ema_export.layouts.base import Layout, Shadow, ShadowMatch, match_by_name, strip_output_index
+from ema_export.layouts.base import CheckpointShadows, Layout, ShadowMatch, match_by_name, strip_output_index
 from ema_export.locate import CheckpointSources
 from ema_export.restore import RestoredModel, name_list
 
@@ -120,19 +119,6 @@ def _optimizers(restored: RestoredModel) -> list[EmaOptimizer]:
     return find_ema_optimizers(graph) if graph is not None else []
 
 
-def _shadow(restored: RestoredModel, average: GraphVariable, claimed: Sequence[str]) -> Shadow:
-    reader = restored.reader
-    assert reader is not None
-    return Shadow(
-        checkpoint_key=average.checkpoint_key,
-        recorded_name=average.full_name,
-        claimed_names=tuple(claimed),
-        shape=tuple(reader.get_variable_to_shape_map()[average.checkpoint_key]),
-        dtype=tf.dtypes.as_dtype(reader.get_variable_to_dtype_map()[average.checkpoint_key]),
-        read=functools.partial(reader.get_tensor, average.checkpoint_key),
-    )
-
-
 def finalized_warning(match: ShadowMatch, restored: RestoredModel, steps: int, where: str) -> str | None:
     """The warning for a checkpoint written after Keras `fit()` copied the averages into the weights.
 
@@ -214,6 +200,7 @@ class _ModelIndex:
     restored: RestoredModel
     by_node: dict[int, int]
     by_flat_name: dict[str, list[int]]
+    shadows: CheckpointShadows
 
     @classmethod
     def of(cls, restored: RestoredModel) -> _ModelIndex:
@@ -232,7 +219,7 @@ class _ModelIndex:
         for index, item in enumerate(restored.variables):
             for alias in dict.fromkeys(_flat(name) for name in item.aliases):
                 by_flat_name.setdefault(alias, []).append(index)
-        return cls(restored, by_node, by_flat_name)
+        return cls(restored, by_node, by_flat_name, CheckpointShadows(restored.reader))
 
     def label(self, index: int) -> str:
         """The variable's recorded name, with its checkpoint path when another variable was recorded as well."""
@@ -269,8 +256,8 @@ def _pair(variables: _ModelIndex, optimizer: EmaOptimizer, position: int, averag
         match.warnings.append(
             f"the name {average.full_name!r} flattens the paths of {len(by_name)} variables "
             f"({variables.labels(by_name)}); its position in {optimizer.path} pairs it with {variables.label(owner)}")
-    shadow = _shadow(variables.restored, average, [variables.restored.variables[owner].name] if owner is not None
-                     else [])
+    shadow = variables.shadows.shadow(average.checkpoint_key, average.full_name,
+                                      [variables.restored.variables[owner].name] if owner is not None else [])
     if owner is None:
         match.unmatched.append(shadow)
     elif owner in match.matched:
@@ -305,13 +292,15 @@ class TfKerasOptimizerEmaLayout(Layout):
     def collect(self, sources: CheckpointSources, restored: RestoredModel) -> ShadowMatch:
         optimizers = self._tf_keras(restored)
         _require(optimizers, self.name, "tf-keras use_ema averages", sources)
+        build = CheckpointShadows(restored.reader)
         shadows = []
         for optimizer in optimizers:
             for _, average in sorted(optimizer.averages.items()):
                 name_match = TF_KERAS_NAME.match(average.full_name)
                 assert name_match is not None
                 variable = name_match.group("variable")
-                shadows.append(_shadow(restored, average, dict.fromkeys([variable, strip_output_index(variable)])))
+                shadows.append(build.shadow(average.checkpoint_key, average.full_name,
+                                            [variable, strip_output_index(variable)]))
         match = match_by_name(self.name, sources.training.prefix, shadows, restored)
         _warn_if_finalized(match, restored, optimizers)
         return match

@@ -20,7 +20,6 @@ checkpoint Model Garden writes beside it holds both exactly.
 
 from __future__ import annotations
 
-import functools
 import re
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from ema_export.checkpoint_graph import VARIABLE_VALUE, read_object_graph
 from ema_export.errors import CheckpointNotFoundError, LayoutError
-from ema_export.layouts.base import Layout, Shadow, ShadowMatch
+from ema_export.layouts.base import CheckpointShadows, Layout, Shadow, ShadowMatch
 from ema_export.locate import CheckpointSources, resolve_checkpoint
 from ema_export.restore import RestoredModel, name_list
 
@@ -242,7 +241,7 @@ class OptimizerSlotLayout(Layout):
         inversion = find_inversion(prefix)
         if inversion is not None:
             raise refuse_inverted(inversion)
-        shapes, dtypes = reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
+        build = CheckpointShadows(reader)
         index_of = {variable.checkpoint_key: index for index, variable in enumerate(restored.variables)}
         candidates: dict[int, list[AverageSlot]] = defaultdict(list)
         outside: list[AverageSlot] = []
@@ -255,7 +254,8 @@ class OptimizerSlotLayout(Layout):
         ambiguous = {index: found for index, found in candidates.items() if len(found) > 1}
         if ambiguous:
             raise self._ambiguity(prefix, restored, ambiguous)
-        matched = {index: self._shadow(found[0], reader, shapes, dtypes) for index, found in candidates.items()}
+        matched = {index: build.shadow(found[0].checkpoint_key, found[0].full_name, [found[0].owner_name])
+                   for index, found in candidates.items()}
         return ShadowMatch(self.name, prefix, matched, [], [], self._warnings(restored, matched, outside))
 
     @staticmethod
@@ -271,17 +271,6 @@ class OptimizerSlotLayout(Layout):
             hint="Save the averages of the optimizer to serve as a separate EMA checkpoint, e.g. "
             "tf.train.Checkpoint(ema_weights={v.name: optimizer.get_slot(v, 'average') for v in variables}), and "
             f"pass it with --ema-checkpoint. Received: {name_list(candidates)}",
-        )
-
-    @staticmethod
-    def _shadow(slot: AverageSlot, reader: tf.train.CheckpointReader, shapes: dict, dtypes: dict) -> Shadow:
-        return Shadow(
-            checkpoint_key=slot.checkpoint_key,
-            recorded_name=slot.full_name,
-            claimed_names=(slot.owner_name,),
-            shape=tuple(shapes[slot.checkpoint_key]),
-            dtype=tf.dtypes.as_dtype(dtypes[slot.checkpoint_key]),
-            read=functools.partial(reader.get_tensor, slot.checkpoint_key),
         )
 
     @staticmethod

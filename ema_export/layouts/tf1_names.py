@@ -7,13 +7,12 @@ created with `name=`. Zero-debiasing adds `.../biased` and `.../local_step`, whi
 
 from __future__ import annotations
 
-import functools
 import re
 
 import tensorflow as tf
 
 from ema_export.checkpoint_graph import read_object_graph
-from ema_export.layouts.base import Layout, Shadow, ShadowMatch
+from ema_export.layouts.base import CheckpointShadows, Layout, Shadow, ShadowMatch
 from ema_export.locate import CheckpointSources
 from ema_export.restore import RestoredModel, name_list
 
@@ -53,13 +52,10 @@ class Tf1NamesLayout(Layout):
         return f"{sources.training.prefix} is name-based and holds {sum(map(len, found.values()))} <variable>/{suffix} entries"
 
     def collect(self, sources: CheckpointSources, restored: RestoredModel) -> ShadowMatch:
-        reader = tf.train.load_checkpoint(sources.training.prefix)
-        shapes = reader.get_variable_to_shape_map()
-        dtypes = reader.get_variable_to_dtype_map()
+        build = CheckpointShadows(tf.train.load_checkpoint(sources.training.prefix))
 
         def shadow(key: str, variable_name: str) -> Shadow:
-            return Shadow(key, key, (variable_name,), tuple(shapes[key]), tf.dtypes.as_dtype(dtypes[key]),
-                          functools.partial(reader.get_tensor, key))
+            return build.shadow(key, key, [variable_name])
 
         found = self._shadow_keys(sources)
         index_of = {variable.training_name: index for index, variable in enumerate(restored.variables)}

@@ -8,7 +8,7 @@ carry the name `tf.train.ExponentialMovingAverage` gives them: `<variable>/Expon
 from __future__ import annotations
 
 from ema_export.checkpoint_graph import iter_variables, read_object_graph
-from ema_export.layouts.base import (GraphShadows, Layout, Shadow, ShadowMatch, match_by_name, strip_ema_suffix,
+from ema_export.layouts.base import (CheckpointShadows, Layout, Shadow, ShadowMatch, match_by_name, strip_ema_suffix,
                                      strip_output_index)
 from ema_export.locate import CheckpointSources
 from ema_export.restore import RestoredModel
@@ -27,7 +27,7 @@ class TrackedShadowsLayout(Layout):
         graph = read_object_graph(reader)
         if graph is None:
             return []
-        build = GraphShadows(reader)
+        build = CheckpointShadows(reader)
         suffix = f"/{self.settings.ema_name}" if self.settings.ema_name else None
         shadows = []
         for entry in iter_variables(graph):
@@ -40,7 +40,7 @@ class TrackedShadowsLayout(Layout):
             if variable_name is None:
                 continue
             claimed = [variable_name, strip_output_index(entry.path[-1]) if entry.path else None]
-            shadows.append(build.shadow(entry, claimed))
+            shadows.append(build.shadow(entry.checkpoint_key, entry.full_name, claimed))
         return shadows
 
     def detect(self, sources: CheckpointSources, restored: RestoredModel) -> str | None:
