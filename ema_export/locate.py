@@ -151,21 +151,23 @@ def _resolve_for_pairing(path: str | os.PathLike, role: str, flag: str) -> Check
     try:
         return resolve_checkpoint(path, role, flag)
     except CheckpointNotFoundError:
-        prefixes = [str(p)[: -len(".index")] for p in Path(path).glob("*-*.index")] if Path(path).is_dir() else []
-        numbered = sorted((int(p.rsplit("-", 1)[1]), p) for p in prefixes if p.rsplit("-", 1)[1].isdigit())
+        numbered = _numbered(Path(path)) if Path(path).is_dir() else {}
         if not numbered:
             raise
-        prefix = numbered[-1][1]
+        prefix = numbered[max(numbered)]
         return CheckpointFiles(prefix, _files_of(prefix), f"newest in {path} (its state file names missing files)")
 
 
-def _numbered(directory: Path, base: str) -> dict[int, str]:
-    """`<base>-N` prefixes with an .index file in `directory`, by N."""
+_NUMBERED_INDEX = re.compile(r"^(?P<base>.+)-(?P<number>\d+)\.index$")
+
+
+def _numbered(directory: Path, base: str | None = None) -> dict[int, str]:
+    """`<base>-N` prefixes (any base when None) with an .index file in `directory`, by N."""
     found = {}
-    for index_file in directory.glob(f"{base}-*.index"):
-        number = index_file.name[len(base) + 1: -len(".index")]
-        if number.isdigit():
-            found[int(number)] = str(index_file)[: -len(".index")]
+    for index_file in directory.glob("*-*.index"):
+        match = _NUMBERED_INDEX.match(index_file.name)
+        if match and (base is None or match["base"] == base):
+            found[int(match["number"])] = str(index_file)[: -len(".index")]
     return found
 
 
