@@ -75,14 +75,11 @@ def _is_tf_keras_model(obj: Any) -> bool:
 
 def _serving_function(module: Any) -> Any:
     """The tf.function of a tf.Module that defines an input signature (`__call__` first)."""
-    candidates = []
     for name in ["__call__"] + sorted(dir(type(module))):
         function = getattr(module, name, None)
         if getattr(function, "input_signature", None) is not None:
-            candidates.append((name, function))
-    if not candidates:
-        return None
-    return candidates[0][1]
+            return function
+    return None
 
 
 def load_factory(spec: str) -> ModelFactory:
@@ -236,9 +233,8 @@ def build_fresh_model(
         raise ModelLoadError(f"The model factory ({source}) raised {type(error).__name__}: {error}",
                              hint="Make the factory build the model with no arguments") from error
 
-    given = [s for s in (input_signature or []) if isinstance(s, tf.TensorSpec)] or (
-        parse_input_signature([s for s in input_signature or [] if isinstance(s, str)]) if input_signature else []
-    )
+    given = [spec if isinstance(spec, tf.TensorSpec) else parse_input_signature([spec])[0]
+             for spec in input_signature or []]
     kind = "keras" if _is_keras_model(instance) else "tf_keras" if _is_tf_keras_model(instance) else "module"
     if kind != "module":
         specs = given or _keras_signature(instance)
