@@ -63,6 +63,13 @@ def tolerance_for(dtype: tf.DType, expected: np.ndarray) -> float:
     return relative * max(1.0, scale)
 
 
+def max_abs_difference(actual: np.ndarray, expected: np.ndarray) -> float:
+    """Largest elementwise |actual - expected|, in float64; for non-numeric outputs 0 when equal, else infinity."""
+    if expected.size and expected.dtype.kind in "fiub":
+        return float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64))))
+    return 0.0 if np.array_equal(actual, expected) else np.inf
+
+
 def _signature_interface(signature: Any) -> tuple[dict[str, tuple], dict[str, tuple]]:
     def describe(infos: Any) -> dict[str, tuple]:
         return {name: (tf.dtypes.as_dtype(info.dtype).name, tuple(tf.TensorShape(info.tensor_shape).as_list()))
@@ -158,16 +165,14 @@ def verify(directory: Path, reference: Reference) -> VerificationReport:
             if actual.shape != value.shape:
                 problems.append(f"{signature} output {output!r} has shape {actual.shape}, expected {value.shape}")
                 continue
-            difference = float(np.max(np.abs(actual.astype(np.float64) - value.astype(np.float64)))) \
-                if value.size and value.dtype.kind in "fiub" else (0.0 if np.array_equal(actual, value) else np.inf)
-            checks.append(OutputCheck(signature, output, difference,
+            checks.append(OutputCheck(signature, output, max_abs_difference(actual, value),
                                       tolerance_for(tf.dtypes.as_dtype(actual.dtype), value)))
     if len(set(map(repr, interfaces.values()))) > 1:
         problems.append("signatures differ in input or output names, dtypes or shapes: "
                         + "; ".join(f"{k}: {v}" for k, v in interfaces.items()))
     arm_difference = max(
-        (float(np.max(np.abs(expected[SIGNATURE_LIVE][k].astype(np.float64) - v.astype(np.float64))))
-         for k, v in expected[SIGNATURE_EMA].items() if v.size and v.dtype.kind in "fiub"),
+        (max_abs_difference(expected[SIGNATURE_LIVE][k], v) for k, v in expected[SIGNATURE_EMA].items()
+         if v.size and v.dtype.kind in "fiub"),
         default=0.0,
     )
     report = VerificationReport(len(probe[0]) if len(probe) else 0, checks, arm_difference > 0, arm_difference,
