@@ -8,10 +8,12 @@ messages still reach the terminal. Only command-line entry points call this, and
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 
 
 def wants_verbose(argv: list[str]) -> bool:
@@ -33,3 +35,25 @@ def hide_native_logs() -> None:
         return
     sys.stderr = io.TextIOWrapper(os.fdopen(real, "wb", buffering=0), encoding="utf-8", errors="replace",
                                   line_buffering=True, write_through=True)
+
+
+@contextlib.contextmanager
+def quiet_native_stderr(enabled: bool) -> Iterator[None]:
+    """Silence native stderr for a block only (TensorFlow's import), then give the descriptor back.
+
+    The scoped form of `hide_native_logs`, for commands that run inside a test runner capturing stderr or that must
+    keep native error output (a crashing kernel) visible once TensorFlow is up.
+    """
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

@@ -9,17 +9,16 @@ TensorFlow at module level: the server is imported inside the command, after Ten
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import click
 
+from ema_export.console import quiet_native_stderr
 from ema_export.names import DEFAULT_GRPC_PORT, DEFAULT_MODEL_NAME, DEFAULT_REST_PORT
 
 _LOGGER_NAME = "serving.server"
@@ -86,7 +85,7 @@ def serve(
       ema-serving serve --model_config_file=serving/configs/models.config --allow_version_labels_for_unavailable_models
     """
     _configure_logging(verbose)
-    with _quiet_native_stderr(enabled=not verbose):
+    with quiet_native_stderr(enabled=not verbose):
         from serving.config import ModelConfigError
         from serving.server import ServerError, ServerOptions, start_server
     if not verbose:  # TensorFlow's Python warnings (deprecations) too
@@ -153,23 +152,3 @@ def _configure_logging(verbose: bool) -> None:
     logger.propagate = False
 
 
-@contextlib.contextmanager
-def _quiet_native_stderr(enabled: bool) -> Iterator[None]:
-    """Silence what TensorFlow's C++ side writes to stderr while it is imported.
-
-    Why: those lines ("oneDNN custom operations are on", "Could not find cuda drivers") are printed before
-    TensorFlow reads TF_CPP_MIN_LOG_LEVEL, so the variable alone cannot hide them.
-    """
-    if not enabled:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
