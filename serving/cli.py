@@ -17,6 +17,7 @@ _COMMANDS = (
     ("serving.client_cli", "compare"),
     ("serving.client_cli", "metadata"),
     ("serving.client_cli", "status"),
+    ("serving.canary_cli", "canary"),
 )
 
 
