@@ -1,4 +1,4 @@
-"""The TF Serving deployment (serving/configs/, k8s/), checked statically against TF Serving's own definitions.
+"""The TF Serving deployment (serving/configs/, k8s/base/), checked statically against TF Serving's own definitions.
 
 Neither Docker nor ``tensorflow_model_server`` runs here, so everything TF Serving would read is checked the way it
 reads it: config files parsed strictly with its protos, container flags against the flag list in its ``main.cc``,
@@ -31,7 +31,8 @@ from serving.server import start_server
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPOSITORY / "serving" / "configs"
-K8S_DIR = REPOSITORY / "k8s"
+K8S_DIR = REPOSITORY / "k8s" / "base"
+"""The kustomize base every overlay builds on; tests/test_k8s_overlays.py renders and checks the overlays."""
 
 LOCAL_ONLY_CONFIGS = {"models.config"}
 """Files in serving/configs/ the cluster does not get: models.config is the bare-metal and local-server example (its
@@ -149,7 +150,7 @@ def _kustomization() -> dict[str, Any]:
 
 def _one(kind: str) -> dict[str, Any]:
     found = [document for (found_kind, _), document in _manifests().items() if found_kind == kind]
-    assert len(found) == 1, f"Expected exactly one {kind} in k8s/. Received: {len(found)}"
+    assert len(found) == 1, f"Expected exactly one {kind} in k8s/base/. Received: {len(found)}"
     return found[0]
 
 
@@ -304,7 +305,7 @@ def test_config_map_holds_the_repository_files_byte_for_byte():
     )
     for key, embedded in data.items():
         assert embedded == (CONFIG_DIR / key).read_text(), (
-            f"k8s/configmap.yaml data[{key!r}] differs from serving/configs/{key}. Expected a byte-for-byte copy, "
+            f"k8s/base/configmap.yaml data[{key!r}] differs from serving/configs/{key}. Expected a byte-for-byte copy, "
             f"so the cluster runs what these tests check; paste the file under data.{key} as a `|` block."
         )
 
