@@ -410,3 +410,36 @@ def test_local_server_serves_an_export_under_the_shipped_model_config(file_name,
             for label in model.version_labels or [None]:
                 answer = client.predict(model.name, {"inputs": inputs}, signature=SIGNATURE_EMA, version_label=label)
                 np.testing.assert_allclose(answer.outputs["output_0"], linear_numpy(inputs, EMA_W, EMA_B), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ the README guide
+def _deploy_guide() -> str:
+    readme = (REPOSITORY / "README.md").read_text()
+    start = readme.index("## Deploying to TF Serving")
+    return readme[start:readme.index("\n## ", start + 1)]
+
+
+def test_deploy_guide_names_only_paths_that_exist():
+    paths = set(re.findall(r"\b(k8s/[\w./-]+|serving/configs/[\w.-]+|tests/test_[\w]+\.py)", _deploy_guide()))
+    missing = sorted(path for path in paths if "{" not in path and not (REPOSITORY / path.rstrip(".")).exists())
+    assert paths and not missing, f"README's deploy guide names paths that do not exist: {missing}"
+
+
+def test_deploy_guide_commands_use_only_options_the_commands_accept():
+    import click
+
+    from serving.cli import main
+
+    problems = []
+    for line in _deploy_guide().replace("\\\n", " ").splitlines():
+        command_line = line.strip().lstrip("`")
+        if not command_line.startswith("ema-serving "):
+            continue
+        words = command_line.split()[1:]
+        command: click.Command = main
+        while isinstance(command, click.Group) and words and words[0] in command.commands:
+            command, words = command.commands[words[0]], words[1:]
+        accepted = {option for parameter in command.params for option in getattr(parameter, "opts", [])}
+        problems += [f"{command_line}: {word}" for word in words
+                     if word.startswith("--") and word.partition("=")[0] not in accepted]
+    assert not problems, f"README's deploy guide uses options the commands do not have: {problems}"
