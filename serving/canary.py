@@ -42,6 +42,7 @@ from typing import Protocol
 from google.protobuf import text_format
 
 from ema_export.errors import HintedError
+from serving.client import ModelMetadata, VersionStatus
 from serving.config import ModelConfig, ModelServerConfig, load_model_server_config, validate_model_server_config
 from serving.protocol import ServingError
 
@@ -61,11 +62,11 @@ class VersionSource(Protocol):
 
     target: str
 
-    def status(self, model: str, *, version: int | None = None, timeout: float | None = None) -> list:  # noqa: D102
-        ...
+    def status(self, model: str, *, version: int | None = None, timeout: float | None = None) -> list[VersionStatus]:
+        """GetModelStatus: the state of one version (or all) of a model."""
 
-    def metadata(self, model: str, *, version_label: str | None = None, timeout: float | None = None):  # noqa: D102, ANN201
-        ...
+    def metadata(self, model: str, *, version_label: str | None = None, timeout: float | None = None) -> ModelMetadata:
+        """GetModelMetadata: which version a label resolves to (``.version``)."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,18 @@ def with_policy_and_labels(
     """A copy of ``config`` whose model serves exactly ``versions`` (``specific``) with exactly ``labels``.
 
     Other models and fields are untouched; the input is not modified.
+
+    Raises:
+        CanaryError: a label would name a version outside ``versions``: TF Serving would accept it while that version
+            is still loaded, then the label would name nothing once it is unloaded.
     """
+    outside = {label: version for label, version in labels.items() if version not in versions}
+    if outside:
+        raise CanaryError(
+            f"Labels {outside} of model {model} would name versions that are not served (versions {sorted(versions)})",
+            hint="Finish or undo the canary in progress first (`ema-serving canary promote` or `rollback`), or remove "
+            "those labels from the config file",
+        )
     edited = ModelServerConfig()
     edited.CopyFrom(config)
     entry = model_entry(edited, model)
@@ -222,10 +234,10 @@ def start_canary(
         )
     old_labels = {label: version for label, version in entry.version_labels.items() if version != canary}
     widened = with_policy_and_labels(original, request.model, (stable, canary), old_labels)
-    steps = [_write_and_wait(request, widened, f"serve versions {stable} and {canary}", on_written,
-                             lambda: _all_available(request.model, canary, targets), restore=original)]
     labels = {**old_labels, request.stable_label: stable, request.canary_label: canary}
     labelled = with_policy_and_labels(original, request.model, (stable, canary), labels)
+    steps = [_write_and_wait(request, widened, f"serve versions {stable} and {canary}", on_written,
+                             lambda: _all_available(request.model, canary, targets), restore=original)]
     steps.append(_write_and_wait(request, labelled, f"label {request.stable_label}={stable}, "
                                  f"{request.canary_label}={canary}", on_written,
                                  lambda: _labels_resolve(request.model, labels, targets)))
@@ -259,10 +271,10 @@ def _narrow(
     labels = {**dict(entry.version_labels), request.stable_label: kept, request.canary_label: kept}
     versions = sorted({stable, canary})
     relabelled = with_policy_and_labels(original, request.model, versions, labels)
+    narrowed = with_policy_and_labels(original, request.model, (kept,), labels)
     steps = [_write_and_wait(request, relabelled, f"label {request.stable_label}={kept}, "
                              f"{request.canary_label}={kept}", on_written,
                              lambda: _labels_resolve(request.model, labels, targets))]
-    narrowed = with_policy_and_labels(original, request.model, (kept,), labels)
     steps.append(_write_and_wait(request, narrowed, f"serve version {kept} only", on_written,
                                  lambda: _none_available(request.model, dropped, targets)))
     return CanaryResult("promote" if keep == "canary" else "rollback", request.model, stable, canary, tuple(steps))

@@ -219,3 +219,13 @@ def test_written_config_parses_as_tf_serving_text(tmp_path):
     path = write_config(tmp_path / "m.config", [{"name": "m", "base_path": "/models/m"}])
     write_config_atomically(path, with_policy_and_labels(read_config(path), "m", (1,), {"stable": 1}))
     assert text_format.Parse(path.read_text(), type(read_config(path))()).model_config_list.config[0].name == "m"
+
+
+def test_a_second_canary_while_one_is_in_progress_is_refused_before_any_write(served):
+    _, client, config = served
+    start_canary(_request(config, canary_version=2), [client])
+    before = config.read_text()
+    with pytest.raises(CanaryError, match=r"Labels \{'canary': 2\} of model model would name versions that are not "
+                                          r"served \(versions \[1, 3\]\).*promote.*rollback"):
+        start_canary(_request(config, canary_version=3), [client])
+    assert config.read_text() == before
