@@ -229,3 +229,11 @@ def test_a_second_canary_while_one_is_in_progress_is_refused_before_any_write(se
                                           r"served \(versions \[1, 3\]\).*promote.*rollback"):
         start_canary(_request(config, canary_version=3), [client])
     assert config.read_text() == before
+
+
+def test_every_address_expands_a_name_to_each_address_it_resolves_to():
+    from serving.canary_cli import every_address
+
+    assert "127.0.0.1:8500" in every_address("localhost:8500")
+    assert every_address("dns:///127.0.0.1:9") == ["127.0.0.1:9"]
+    assert every_address("no-such-host.invalid:8500") == ["no-such-host.invalid:8500"]

@@ -269,3 +269,36 @@ def test_every_stack_passes_only_flags_tensorflow_model_server_accepts(kustomiza
     threads = {argument.partition("=")[2] for argument in container["args"]
                if argument.startswith(("--tensorflow_intra_op_parallelism", "--tensorflow_inter_op_parallelism"))}
     assert threads == {limit}, "thread counts follow the CPU limit"
+
+
+def _run_fetch_script(tmp_path: Path, source: Path) -> subprocess.CompletedProcess:
+    """The object-storage init container's script, run by sh with /models moved under tmp_path.
+
+    rclone is not installed here; a shell function stands in for ``rclone copy SOURCE DEST`` with a local copy, so
+    what runs for real is the script's own logic: temporary name, check, rename, and stopping on any failure.
+    """
+    (fetch,) = pod_spec("overlays/object-storage")["initContainers"]
+    script = fetch["args"][0].replace("/models/", f"{tmp_path}/models/")
+    stand_in = 'rclone() { shift; [ "$1" = --checksum ] && shift; mkdir -p "$2" && cp -R "$1"/. "$2"/; }\n'
+    environment = {"PATH": "/usr/bin:/bin", "MODEL_NAME": "classifier", "MODEL_VERSION": "3",
+                   "MODEL_SOURCE": str(source)}
+    return subprocess.run(["/bin/sh", "-c", stand_in + script], env=environment, capture_output=True, text=True,
+                          timeout=30, check=False)
+
+
+def test_object_storage_fetch_script_publishes_a_complete_version_only(tmp_path):
+    source = tmp_path / "bucket"
+    (source / "3" / "variables").mkdir(parents=True)
+    (source / "3" / "saved_model.pb").write_bytes(b"graph")
+    fetched = _run_fetch_script(tmp_path, source)
+    assert fetched.returncode == 0, fetched.stderr
+    assert sorted(path.name for path in (tmp_path / "models" / "classifier").iterdir()) == ["3"]
+    assert (tmp_path / "models" / "classifier" / "3" / "saved_model.pb").read_bytes() == b"graph"
+
+    (source / "3" / "saved_model.pb").unlink()
+    shutil.rmtree(tmp_path / "models")
+    refused = _run_fetch_script(tmp_path, source)
+    assert refused.returncode != 0 and "holds no saved_model.pb" in refused.stderr
+    assert [path.name for path in (tmp_path / "models" / "classifier").iterdir()] == ["incoming-3"], (
+        "an incomplete copy must stay under its non-numeric name, invisible to TF Serving"
+    )
