@@ -47,7 +47,7 @@ def every_address(target: str) -> list[str]:
         infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
     except (OSError, ValueError):
         return [target]
-    addresses = sorted({info[4][0] for info in infos})
+    addresses = sorted({str(info[4][0]) for info in infos})
     return [f"[{address}]:{port}" if ":" in address else f"{address}:{port}" for address in addresses]
 
 

@@ -200,7 +200,7 @@ def test_cli_errors_are_one_line_without_traceback(served):
 
 
 def test_cli_after_write_command_failure_is_reported(served, tmp_path):
-    server, client, config = served
+    server, _, config = served
     before = config.read_text()
     result = CliRunner().invoke(main, ["canary", "start", "--config", str(config), "--model", MODEL_NAME,
                                        "--version", "2", "--target", f"127.0.0.1:{server.port}",

@@ -365,9 +365,13 @@ def test_kustomization_lists_every_manifest_in_k8s():
     assert sorted(listed) == on_disk
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with built-in kustomize) is not installed")
+@pytest.mark.skipif(
+    shutil.which("kubectl") is None,
+    reason="kubectl (with built-in kustomize) is not installed: Debian kubernetes-client, which .ci/run installs",
+)
 def test_kubectl_kustomize_builds_the_same_objects():
-    built = subprocess.run(["kubectl", "kustomize", str(K8S_DIR)], capture_output=True, text=True, timeout=60)
+    built = subprocess.run(["kubectl", "kustomize", str(K8S_DIR)], capture_output=True, text=True, timeout=60,
+                           check=False)
     assert built.returncode == 0, built.stderr
     objects = {(document["kind"], document["metadata"]["name"]) for document in yaml.safe_load_all(built.stdout)}
     assert objects == set(_manifests())

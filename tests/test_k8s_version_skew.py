@@ -85,5 +85,6 @@ def test_newest_allowed_minor(specifier, expected):
 
 def test_a_cap_newer_than_the_image_is_reported():
     problems = skew_problems(SpecifierSet(">=2.16,<2.23"), {"k8s/base/deployment.yaml:1": (2, 21)})
-    assert problems == ["k8s/base/deployment.yaml:1 serves with TF Serving 2.21, older than TensorFlow 2.22 that "
-                        "pyproject.toml (<2.23,>=2.16) lets the exporter write with: raise the tag or lower the cap"]
+    expected = ("k8s/base/deployment.yaml:1 serves with TF Serving 2.21, older than TensorFlow 2.22 that "
+                "pyproject.toml (<2.23,>=2.16) lets the exporter write with: raise the tag or lower the cap")
+    assert problems == [expected]
