@@ -54,6 +54,18 @@ def _bool_flag(*names: str, default: bool, help: str) -> Any:  # noqa: A002 (cli
                                 "in the start-up config, as in TF Serving).")
 @_bool_flag("--enable-serialization-as-tensor-content", "--enable_serialization_as_tensor_content", default=False,
             help="Answer with tensor_content bytes instead of typed fields such as float_val.")
+@_bool_flag("--enable-signature-method-name-check", "--enable_signature_method_name_check", default=False,
+            help="Refuse Predict on signatures whose method_name is not predict, classify or regress (TF Serving's "
+                 "flag, off by default there too).")
+@click.option("--max-num-load-retries", "--max_num_load_retries", type=click.IntRange(0), default=5,
+              show_default=True, help="More attempts after a version fails to load (e.g. a version still being "
+                                      "copied in); 0 tries once. TF Serving's default.")
+@click.option("--load-retry-interval-micros", "--load_retry_interval_micros", type=int, default=60_000_000,
+              show_default=True, help="Microseconds between load attempts; negative means no wait. TF Serving's "
+                                      "default is one minute.")
+@_bool_flag("--enable-grpc-healthcheck-service", "--enable_grpc_healthcheck_service", default=False,
+            help="Register the standard gRPC health service (names \"\", ModelService, PredictionService), as "
+                 "TF Serving does with this flag.")
 @click.option("--grpc-max-threads", "--grpc_max_threads", type=click.IntRange(1), default=16, show_default=True,
               help="Requests answered concurrently.")
 @click.option("--host", default="0.0.0.0", show_default=True,
@@ -72,6 +84,10 @@ def serve(
     enable_model_warmup: bool,
     allow_version_labels_for_unavailable_models: bool,
     enable_serialization_as_tensor_content: bool,
+    enable_signature_method_name_check: bool,
+    max_num_load_retries: int,
+    load_retry_interval_micros: int,
+    enable_grpc_healthcheck_service: bool,
     grpc_max_threads: int,
     host: str,
     grace_period: float,
@@ -104,6 +120,10 @@ def serve(
         allow_version_labels_for_unavailable_models=allow_version_labels_for_unavailable_models,
         enable_serialization_as_tensor_content=enable_serialization_as_tensor_content,
         grpc_max_threads=grpc_max_threads,
+        enable_signature_method_name_check=enable_signature_method_name_check,
+        max_num_load_retries=max_num_load_retries,
+        load_retry_interval_micros=load_retry_interval_micros,
+        enable_grpc_healthcheck_service=enable_grpc_healthcheck_service,
     )
     try:
         server = start_server(options)

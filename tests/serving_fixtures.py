@@ -64,7 +64,8 @@ def seed_library(tmp_path_factory: pytest.TempPathFactory) -> SeedLibrary:
 
 @pytest.fixture(scope="module")
 def labelled_server(seed_library: SeedLibrary, tmp_path_factory: pytest.TempPathFactory):
-    """A server for the module: versions 1 and 2 (policy ``all``), labels stable -> 1 and canary -> 2, REST on."""
+    """A server for the module: versions 1 and 2 (policy ``all``), labels stable -> 1 and canary -> 2, REST and the
+    health service on."""
     base_path = tmp_path_factory.mktemp("labelled") / "models"
     for version in (1, 2):
         publish_version(seed_library, base_path, version)
@@ -78,6 +79,7 @@ def labelled_server(seed_library: SeedLibrary, tmp_path_factory: pytest.TempPath
         rest_api_port=0,
         file_system_poll_wait_seconds=0,
         allow_version_labels_for_unavailable_models=True,
+        enable_grpc_healthcheck_service=True,
     ) as server:
         yield server
 

@@ -126,7 +126,9 @@ def test_only_numeric_version_directories_are_served(seed_library, tmp_path):
 def test_broken_version_fails_alone_and_is_retried_after_it_is_replaced(seed_library, tmp_path):
     base_path = tmp_path / "models"
     publish_version(seed_library, base_path, 1)
-    with start_server(model_base_path=base_path, port=0, file_system_poll_wait_seconds=0) as server:
+    # One attempt per load (TF Serving's --max_num_load_retries=0); tests/test_server_load_retry.py covers retries.
+    with start_server(model_base_path=base_path, port=0, file_system_poll_wait_seconds=0,
+                      max_num_load_retries=0) as server:
         stubs = connect(server.port)
         broken = base_path / "2"
         broken.mkdir()

@@ -62,6 +62,12 @@ class ServerOptions:
             (TF Serving's flag; without it, labels in the start-up config fail, since nothing is loaded then).
         enable_serialization_as_tensor_content: Answer with ``tensor_content`` instead of typed fields.
         grpc_max_threads: Worker threads answering gRPC requests concurrently.
+        enable_signature_method_name_check: Refuse Predict on a signature whose method is not predict, classify or
+            regress, as TF Serving does with this flag (off by default there too).
+        max_num_load_retries: More attempts after a version's load fails (TF Serving's default, 5).
+        load_retry_interval_micros: Microseconds between load attempts (TF Serving's default, one minute).
+        enable_grpc_healthcheck_service: Register the standard gRPC health service (off by default, as in TF
+            Serving, where it needs ``--enable_grpc_healthcheck_service``).
     """
 
     model_name: str = DEFAULT_MODEL_NAME
@@ -76,6 +82,10 @@ class ServerOptions:
     allow_version_labels_for_unavailable_models: bool = False
     enable_serialization_as_tensor_content: bool = False
     grpc_max_threads: int = 16
+    enable_signature_method_name_check: bool = False
+    max_num_load_retries: int = 5
+    load_retry_interval_micros: int = 60 * 1000 * 1000
+    enable_grpc_healthcheck_service: bool = False
 
 
 class _Periodic:
@@ -131,6 +141,7 @@ class LocalServer:
         self._rest_server = rest_server
         self._pollers: list[_Periodic] = []
         self._config_text: str | None = None
+        self._config_problem: str | None = None
         self._stop_lock = threading.Lock()
         self._stopped = threading.Event()
 
@@ -221,18 +232,25 @@ class LocalServer:
             poller.start()
 
     def _reload_config_file(self) -> None:
-        """Re-read ``model_config_file``; apply it when its text changed (errors are logged, the old config stays)."""
+        """Re-read and re-apply ``model_config_file`` on every poll, as TF Serving does (server.cc:165-180).
+
+        Applying the same config again is what lets a label that failed because its version was still loading take
+        effect on a later poll. An error is logged when it first appears (TF Serving logs it every poll).
+        """
         path = self.options.model_config_file
         assert path is not None
         text = _read_text(path)
-        if text == self._config_text:
-            return
-        self._config_text = text
         try:
             self._manager.apply_config(load_model_server_config(path, allow_empty=True))
-            logger.info("Applied the changed model config file %s", path)
         except (ValueError, RpcStatus) as error:
-            logger.error("Ignoring the changed model config file %s: %s", path, error)
+            problem = f"{text!r}:{error}"
+            if problem != self._config_problem:
+                logger.error("Could not apply the model config file %s: %s", path, error)
+            self._config_problem = problem
+            return
+        if text != self._config_text or self._config_problem:
+            logger.info("Applied the model config file %s", path)
+        self._config_text, self._config_problem = text, None
 
 
 def start_server(options: ServerOptions | None = None, /, **fields: Any) -> LocalServer:
@@ -263,10 +281,13 @@ def start_server(options: ServerOptions | None = None, /, **fields: Any) -> Loca
         ManagerOptions(
             enable_model_warmup=options.enable_model_warmup,
             allow_version_labels_for_unavailable_models=options.allow_version_labels_for_unavailable_models,
+            enable_signature_method_name_check=options.enable_signature_method_name_check,
+            max_num_load_retries=options.max_num_load_retries,
+            load_retry_interval_micros=options.load_retry_interval_micros,
         )
     )
-    _load_initial_models(manager, config)
     try:
+        _load_initial_models(manager, config)
         server = _open_ports(options, manager)
     except BaseException:
         manager.close()
@@ -347,7 +368,10 @@ def _open_ports(options: ServerOptions, manager: ModelManager) -> LocalServer:
     )
     health_servicer = make_health_servicer()
     add_services(
-        grpc_server, manager, health_servicer, as_tensor_content=options.enable_serialization_as_tensor_content
+        grpc_server,
+        manager,
+        health_servicer if options.enable_grpc_healthcheck_service else None,
+        as_tensor_content=options.enable_serialization_as_tensor_content,
     )
     address = f"[{options.host}]:{options.port}" if ":" in options.host else f"{options.host}:{options.port}"
     try:

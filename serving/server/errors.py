@@ -50,6 +50,26 @@ class RpcStatus(Exception):  # noqa: N818 (an RPC's outcome, raised to unwind to
         return f"RpcStatus({self.code.name}, {self.message!r})"
 
 
+MAX_STATUS_MESSAGE_CHARS = 1024
+"""TF Serving's ``kErrorMessageLimit``: a gRPC status message longer than this is cut (grpc_status_util.cc:25)."""
+
+TRUNCATION_MARK = "...TRUNCATED"
+"""What TF Serving appends to a cut status message (grpc_status_util.cc:28)."""
+
+
+def truncate_status_message(message: str) -> str:
+    """Cut a gRPC status message the way TF Serving's ``ToGRPCStatus`` does (grpc_status_util.cc:24-35).
+
+    Why: a message that echoes every input alias a client sent can exceed gRPC's metadata limit, and the client
+    would then see RESOURCE_EXHAUSTED "Stream removed" instead of the real status. TF Serving counts bytes (a C++
+    ``substr``); so does this, dropping a character the cut would split.
+    """
+    encoded = message.encode("utf-8")
+    if len(encoded) <= MAX_STATUS_MESSAGE_CHARS:
+        return message
+    return encoded[:MAX_STATUS_MESSAGE_CHARS].decode("utf-8", "ignore") + TRUNCATION_MARK
+
+
 def not_found(message: str) -> RpcStatus:
     """NOT_FOUND: unknown model or version (TF Serving's 'Servable not found for request: ...')."""
     return RpcStatus(grpc.StatusCode.NOT_FOUND, message)

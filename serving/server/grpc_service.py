@@ -1,8 +1,9 @@
 """The gRPC front end: TF Serving's PredictionService and ModelService, plus the standard health service.
 
 Each method does TF Serving's request-level checks, asks the manager for a servable and answers; every failure is an
-`RpcStatus` turned into the same status code and message TF Serving sends. An unexpected exception becomes INTERNAL
-for that one request (and is logged), so no request can take the server down.
+`RpcStatus` turned into the same status code and message TF Serving sends, cut at 1024 characters as TF Serving's
+``ToGRPCStatus`` cuts it (grpc_status_util.cc:24-35), so no status can outgrow gRPC's metadata limit. An unexpected
+exception becomes INTERNAL for that one request (and is logged), so no request can take the server down.
 """
 
 from __future__ import annotations
@@ -17,29 +18,32 @@ from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_management_pb2,
+    model_pb2,
     model_service_pb2_grpc,
     prediction_service_pb2_grpc,
 )
 
+from ema_export.names import SIGNATURE_DEFAULT
 from serving.config import ModelConfigError, validate_model_server_config
-from serving.server.errors import RpcStatus, invalid_argument
+from serving.server.errors import RpcStatus, invalid_argument, truncate_status_message
 from serving.server.manager import ModelManager, VersionState
-from serving.server.servable import LoadedVersion
+from serving.server.servable import (
+    CLASSIFY_METHOD,
+    REGRESS_METHOD,
+    LoadedVersion,
+    check_classification_signature,
+    check_regression_signature,
+)
 
 logger = logging.getLogger("serving.server")
 
 SIGNATURE_DEF_FIELD = "signature_def"
 """The one metadata field TF Serving answers in GetModelMetadata."""
 
-HEALTH_SERVICE_NAMES = (
-    "",
-    "ModelService",
-    "PredictionService",
-    "tensorflow.serving.ModelService",
-    "tensorflow.serving.PredictionService",
-)
-"""Service names the health service reports: the server as a whole (""), the two names TF Serving registers with
-``--enable_grpc_healthcheck_service``, and the fully qualified names most health probes ask for."""
+HEALTH_SERVICE_NAMES = ("", "ModelService", "PredictionService")
+"""Exactly what TF Serving's health service knows with ``--enable_grpc_healthcheck_service``: the server as a whole
+(``""``, which gRPC's default health service registers) and the two short names server.cc:419-424 sets, once,
+after start-up. Any other name, ``tensorflow.serving.PredictionService`` included, is NOT_FOUND there and here."""
 
 Response = TypeVar("Response")
 
@@ -53,7 +57,7 @@ def answer(context: grpc.ServicerContext, handler: Callable[..., Response], *arg
     except Exception as error:  # the last line of defence: one bad request must never take the server down
         logger.exception("Unexpected error while answering a request")
         code, message = grpc.StatusCode.INTERNAL, f"Internal error in ema-serving: {type(error).__name__}: {error}"
-    context.abort(code, message)
+    context.abort(code, truncate_status_message(message))
     raise AssertionError("context.abort always raises")  # pragma: no cover
 
 
@@ -126,20 +130,60 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return answer(context, get_model_metadata, self._manager, request)
 
     def Classify(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        return _unimplemented(context, "Classify")
+        return answer(context, self._example_method, request, "Classify", check_classification_signature)
 
     def Regress(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        return _unimplemented(context, "Regress")
+        return answer(context, self._example_method, request, "Regress", check_regression_signature)
 
     def MultiInference(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        return _unimplemented(context, "MultiInference")
+        return answer(context, self._multi_inference, request)
+
+    def _example_method(self, request: Any, method: str, check: Callable[[LoadedVersion, str], Any]) -> Any:
+        """Classify/Regress: TF Serving's checks (classification_service.cc:36-41, classifier.cc:151-221), then
+        this server's one limit: it does not run tf.Example signatures."""
+        if not request.HasField("model_spec"):
+            raise invalid_argument("Missing ModelSpec")
+        servable = self._manager.get_servable(request.model_spec)
+        check(servable, request.model_spec.signature_name)
+        raise _examples_unimplemented(method)
+
+    def _multi_inference(self, request: Any) -> Any:
+        """MultiInference: TF Serving's per-task checks (multi_inference.cc:43-83), then this server's one limit."""
+        tasks = request.tasks
+        # The servable is looked up with the first task's spec, or an empty one (multi_inference_helper.cc:28-33).
+        spec = tasks[0].model_spec if tasks and tasks[0].HasField("model_spec") else model_pb2.ModelSpec()
+        servable = self._manager.get_servable(spec)
+        model_name = ""
+        signature_names: set[str] = set()
+        for task in tasks:
+            if not task.model_spec.name:
+                raise invalid_argument("Found ModelSpec with an empty model name.")
+            if model_name and model_name != task.model_spec.name:
+                raise invalid_argument("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+            model_name = task.model_spec.name
+            signature_name = task.model_spec.signature_name or SIGNATURE_DEFAULT
+            if signature_name in signature_names:
+                raise invalid_argument(f"Duplicate evaluation of signature: {signature_name}")
+            signature_names.add(signature_name)
+            if signature_name not in servable.signature_defs:
+                raise invalid_argument(f"Requested signature not found in model graph: {signature_name}")
+            if task.method_name == CLASSIFY_METHOD:
+                check_classification_signature(servable, signature_name)
+            elif task.method_name == REGRESS_METHOD:
+                check_regression_signature(servable, signature_name)
+            else:
+                raise RpcStatus(
+                    grpc.StatusCode.UNIMPLEMENTED, f"Unsupported signature method_name: {task.method_name}"
+                )
+        raise _examples_unimplemented("MultiInference")
 
 
-def _unimplemented(context: grpc.ServicerContext, method: str) -> Any:
-    context.abort(
+def _examples_unimplemented(method: str) -> RpcStatus:
+    """Where TF Serving would now parse tf.Examples and run the signature, which this server does not do."""
+    return RpcStatus(
         grpc.StatusCode.UNIMPLEMENTED,
-        f"{method} is not implemented by the ema-serving local server, which serves Predict signatures; "
-        "call Predict with signature_name serve_live, serve_ema or serving_default",
+        f"{method} passed TF Serving's signature checks, but the ema-serving local server does not run tf.Example "
+        "signatures; call Predict (ema-export writes predict signatures serve_live, serve_ema, serving_default)",
     )
 
 
@@ -173,18 +217,23 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
 
 
 def make_health_servicer() -> health.HealthServicer:
-    """The standard ``grpc.health.v1.Health`` service, SERVING for the server and both TF Serving services."""
+    """The standard ``grpc.health.v1.Health`` service, SERVING for exactly the names TF Serving sets."""
     servicer = health.HealthServicer()
     for name in HEALTH_SERVICE_NAMES:
         servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return servicer
 
 
-def add_services(server: grpc.Server, manager: ModelManager, health_servicer: health.HealthServicer, *,
+def add_services(server: grpc.Server, manager: ModelManager, health_servicer: health.HealthServicer | None, *,
                  as_tensor_content: bool = False) -> None:
-    """Register the prediction, model and health services on a gRPC server."""
+    """Register the prediction and model services, and the health service when one is given.
+
+    TF Serving registers health only with ``--enable_grpc_healthcheck_service`` (server.cc:415-416); without it a
+    health check is UNIMPLEMENTED there, and here.
+    """
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionService(manager, as_tensor_content=as_tensor_content), server
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if health_servicer is not None:
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,14 +1,22 @@
 """The REST front end (``--rest-api-port``): TF Serving's ``/v1/models/...`` API over the same model manager.
 
-Routes, JSON shapes and HTTP codes follow TF Serving (``model_servers/http_rest_api_handler.cc``,
-``util/json_tensor.cc``, ``g3doc/api_rest.md``):
+Routes, JSON shapes, HTTP codes and messages follow TF Serving (``model_servers/http_server.cc``,
+``http_rest_api_handler.cc``, ``http_rest_api_util.cc``, ``util/json_tensor.cc``, ``g3doc/api_rest.md``):
 
+* Only paths matching ``(?i)/v1/.*`` reach the API (http_rest_api_util.h:33); anything else gets libevent's plain
+  HTML 404 page, as TF Serving's HTTP server sends it (evhttp_server.cc:175-178).
+* ``OPTIONS`` (a CORS preflight) is 200 with an empty body when an ``Origin`` header names an http(s) origin, else
+  400, also empty (http_server.cc:170-178).
 * ``GET /v1/models/NAME[/versions/N|/labels/L]``: GetModelStatus as JSON (``model_version_status``).
 * ``GET /v1/models/NAME[/versions/N|/labels/L]/metadata``: ``{"model_spec": ..., "metadata": {"signature_def": ...}}``.
 * ``POST /v1/models/NAME[/versions/N|/labels/L]:predict`` with ``signature_name`` and either ``instances`` (row
   form, answered as ``predictions``) or ``inputs`` (column form, answered as ``outputs``). Binary strings travel as
-  ``{"b64": "..."}``; string outputs whose name ends in ``_bytes`` are answered that way.
-* Errors are ``{"error": "<message>"}`` with TF Serving's mapping of status codes to HTTP codes.
+  ``{"b64": "..."}``; string outputs whose name ends in ``_bytes`` are answered that way. JSON numbers are converted
+  as rapidjson converts them (a float is cast, never range-checked), and the tensor then runs through the same
+  Predict path as gRPC, so the graph, not this module, judges dtype and shape.
+* ``:classify`` and ``:regress`` get TF Serving's request and signature checks, then UNIMPLEMENTED.
+* Errors are ``{"error": "<message>"}`` with TF Serving's mapping of status codes to HTTP codes; messages that quote
+  the request (``JSON Value: ...``) quote it as rapidjson's pretty writer does, cut at 256 bytes (json_tensor.cc:229).
 
 The HTTP server is the standard library's threading server: one thread per request, joined on shutdown so in-flight
 requests finish.
@@ -17,12 +25,15 @@ requests finish.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import logging
+import math
 import re
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -38,18 +49,31 @@ from serving.server import tensors
 from serving.server.errors import RpcStatus, invalid_argument
 from serving.server.grpc_service import SIGNATURE_DEF_FIELD, get_model_metadata, get_model_status
 from serving.server.manager import ModelManager
-from serving.server.servable import Signature, TensorSpecInfo, check_array
+from serving.server.servable import (
+    LoadedVersion,
+    Signature,
+    check_classification_signature,
+    check_regression_signature,
+)
 
 logger = logging.getLogger("serving.server")
 
+_API_PATH = re.compile(r"/v1/.*", re.IGNORECASE | re.DOTALL)
 _PREDICT_PATH = re.compile(
     r"/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)", re.IGNORECASE
 )
 _STATUS_PATH = re.compile(
     r"/v1/models(?:/([^/:]+))?(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?(?:/(metadata))?", re.IGNORECASE
 )
+_CORS_ORIGIN = re.compile(r"https?://")
 _BYTES_SUFFIX = "_bytes"
 _MAX_BODY_BYTES = 1 << 31
+_JSON_CONTENT_TYPE = "application/json"
+_LIBEVENT_CONTENT_TYPE = "text/html; charset=ISO-8859-1"
+"""libevent's default Content-Type, which its error pages go out with."""
+
+_MAX_JSON_DEBUG_BYTES = 256
+"""json_tensor.cc's kMaxJsonDebugStringBytes: how much of a JSON value an error message quotes."""
 
 # TF Serving's ToHTTPStatusCode (model_servers/http_server.cc).
 _HTTP_STATUS = {
@@ -73,34 +97,59 @@ _HTTP_STATUS = {
 }
 
 
+@dataclass(frozen=True)
+class RestResponse:
+    """One HTTP answer: status, body, and its Content-Type (None: no body type, as TF Serving's OPTIONS answer)."""
+
+    status: int
+    body: bytes
+    content_type: str | None = _JSON_CONTENT_TYPE
+
+
+def libevent_error_page(status: int) -> RestResponse:
+    """The page libevent's ``evhttp_send_error`` writes (TF Serving's answer to a path outside ``/v1/``)."""
+    phrase = HTTPStatus(status).phrase
+    page = f"<HTML><HEAD>\n<TITLE>{status} {phrase}</TITLE>\n</HEAD><BODY>\n<H1>{phrase}</H1>\n</BODY></HTML>\n"
+    return RestResponse(status, page.encode("ascii"), _LIBEVENT_CONTENT_TYPE)
+
+
 class RestApi:
-    """The REST API without HTTP: ``handle(method, path, body)`` -> (HTTP status, JSON text)."""
+    """The REST API without HTTP: ``respond(method, path, body, origin)`` -> `RestResponse`."""
 
     def __init__(self, manager: ModelManager) -> None:
         self._manager = manager
 
+    def respond(self, method: str, path: str, body: bytes, origin: str | None = None) -> RestResponse:
+        """Answer one request as TF Serving's HTTP server does (http_server.cc:131-190); never raises."""
+        if not _API_PATH.fullmatch(path):
+            return libevent_error_page(404)
+        if method == "OPTIONS":
+            allowed = origin is not None and _CORS_ORIGIN.search(origin)
+            return RestResponse(200 if allowed else 400, b"", None)
+        status, text = self.handle(method, path, body)
+        return RestResponse(status, text.encode("utf-8"))
+
     def handle(self, method: str, path: str, body: bytes) -> tuple[int, str]:
-        """Answer one request; never raises."""
+        """Answer one ``/v1/`` request with (HTTP status, JSON text); never raises."""
         try:
             return 200, self._route(method, path, body)
         except RpcStatus as status:
-            return _HTTP_STATUS.get(status.code, 500), json.dumps({"error": status.message})
+            return _HTTP_STATUS.get(status.code, 500), json.dumps({"error": status.message}, indent=4, ensure_ascii=False)
         except Exception as error:  # one bad request must never take the server down
             logger.exception("Unexpected error while answering %s %s", method, path)
             message = f"Internal error in ema-serving: {type(error).__name__}: {error}"
-            return 500, json.dumps({"error": message})
+            return 500, json.dumps({"error": message}, indent=4, ensure_ascii=False)
 
     def _route(self, method: str, path: str, body: bytes) -> str:
+        # http_rest_api_handler.cc:65-108: parse, then dispatch on method; anything else is "Malformed request".
         if method == "POST":
             match = _PREDICT_PATH.fullmatch(path)
             if match:
                 spec = _model_spec(*match.group(1, 2, 3))
-                if match.group(4).lower() != "predict":
-                    raise RpcStatus(
-                        grpc.StatusCode.UNIMPLEMENTED,
-                        f"{match.group(4)} is not implemented by the ema-serving local server; use :predict",
-                    )
-                return self._predict(spec, body)
+                verb = match.group(4).lower()
+                if verb == "predict":
+                    return self._predict(spec, body)
+                return self._classify_or_regress(spec, body, verb)
         elif method == "GET":
             match = _STATUS_PATH.fullmatch(path)
             if match:
@@ -128,31 +177,60 @@ class RestApi:
         return json.dumps(document, indent=1)
 
     def _predict(self, spec: model_pb2.ModelSpec, body: bytes) -> str:
+        """``FillPredictRequestFromJson`` (json_tensor.cc:655-705), then Predict, then ``MakeJsonFromTensors``."""
         document = _parse_json(body)
-        signature_name = document.get("signature_name", "")
-        if not isinstance(signature_name, str):
-            raise invalid_argument(
-                "JSON Value: not formatted correctly. 'signature_name' key must be a string value."
-            )
+        signature_name = _signature_name(document)
         servable = self._manager.get_servable(spec)
         key = signature_name or SIGNATURE_DEFAULT
-        signature = servable.signatures.get(key)
-        if signature is None:
+        if key not in servable.signature_defs:  # GetInfoMap (http_rest_api_handler.cc:228-241)
             raise invalid_argument(f'Serving signature name: "{key}" not found in signature def')
-        if "instances" in document and "inputs" in document:
-            raise invalid_argument(
-                "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist"
-            )
+        if not servable.signature_defs[key].inputs:
+            raise invalid_argument(f"Failed to get input map for signature: {signature_name or 'DEFAULT'}")
+        signature = servable.signatures[key]
+        fast = not (b"true" in body or b"false" in body)  # numpy would read a JSON bool as a number
         if "instances" in document:
-            arrays, row_format = _arrays_from_instances(document["instances"], signature), True
+            if "inputs" in document:
+                raise _format_error(document, "Not formatted correctly expecting only one of 'inputs' or 'instances' "
+                                              "keys to exist ")
+            instances = document["instances"]
+            if not isinstance(instances, list):
+                raise _format_error(document, "Expecting 'instances' to be an list/array")
+            if not instances:
+                raise _format_error(document, "No values in 'instances' array")
+            arrays, row_format = _arrays_from_instances(instances, signature, fast), True
         elif "inputs" in document:
-            arrays, row_format = _arrays_from_inputs(document["inputs"], signature), False
+            arrays, row_format = _arrays_from_inputs(document["inputs"], signature, fast), False
         else:
             raise invalid_argument("Missing 'inputs' or 'instances' key")
-        for name, array in arrays.items():
-            check_array(signature.inputs[name], array)
-        outputs = signature.run(arrays)
+        outputs = _run_predict(servable, key, arrays)
         return json.dumps(_predictions(outputs) if row_format else _columns(outputs))
+
+    def _classify_or_regress(self, spec: model_pb2.ModelSpec, body: bytes, verb: str) -> str:
+        """TF Serving's Classify/Regress REST checks (json_tensor.cc:818-851, classifier.cc, regressor.cc), then
+        this server's one limit: it does not run tf.Example signatures."""
+        document = _parse_json(body)
+        signature_name = _signature_name(document)
+        examples = document.get("examples")
+        if "examples" not in document:
+            raise _format_error(document, "When method is classify, key 'examples' is expected and was not found")
+        if not isinstance(examples, list):
+            raise _format_error(document, "Expecting 'examples' value to be an list/array")
+        if not examples:
+            raise _format_error(document, "'examples' value is an empty array")
+        servable = self._manager.get_servable(spec)
+        check = check_classification_signature if verb == "classify" else check_regression_signature
+        check(servable, signature_name)
+        raise RpcStatus(
+            grpc.StatusCode.UNIMPLEMENTED,
+            f":{verb} passed TF Serving's signature checks, but the ema-serving local server does not run "
+            "tf.Example signatures; use :predict",
+        )
+
+
+def _run_predict(servable: LoadedVersion, key: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The Predict that TF Serving's REST handler calls: method check, then the session run."""
+    signature = servable.signature(key)
+    return signature.run(arrays)
 
 
 def _model_spec(name: str, version: str | None, label: str | None) -> model_pb2.ModelSpec:
@@ -168,6 +246,7 @@ def _model_spec(name: str, version: str | None, label: str | None) -> model_pb2.
 
 
 def _parse_json(body: bytes) -> dict[str, Any]:
+    """``ParseJson`` (json_tensor.cc:473-502): non-empty, valid JSON, an object."""
     if not body:
         raise invalid_argument("JSON Parse error: The document is empty")
     try:
@@ -175,55 +254,299 @@ def _parse_json(body: bytes) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as error:
         raise invalid_argument(f"JSON Parse error: {error}") from None
     if not isinstance(document, dict):
-        raise invalid_argument(f"JSON Value: {_preview(document)} Is not object")
+        raise _format_error(document, "Is not object")
     return document
 
 
-def _arrays_from_instances(instances: Any, signature: Signature) -> dict[str, np.ndarray]:
-    """Row form: one element per example, a plain value (one input) or an object naming every input."""
-    if not isinstance(instances, list):
-        raise invalid_argument("Excepting 'instances' to be an list/array")
-    if not instances:
-        raise invalid_argument("No values in 'instances' array")
+def _signature_name(document: Mapping[str, Any]) -> str:
+    """``FillSignature`` (json_tensor.cc:504-517): an optional string."""
+    name = document.get("signature_name", "")
+    if not isinstance(name, str):
+        raise invalid_argument(
+            f"JSON Value: {json_debug_string(document)} not formatted correctly. 'signature_name' key must be a "
+            "string value."
+        )
+    return name
+
+
+def _format_error(value: Any, text: str) -> RpcStatus:
+    """json_tensor.cc's ``FormatError``: ``JSON Value: <the value, as rapidjson writes it> <text>``."""
+    return invalid_argument(f"JSON Value: {json_debug_string(value)} {text}")
+
+
+# ------------------------------------------------------------------------------------- JSON -> tensors (requests)
+
+
+def _arrays_from_instances(instances: list[Any], signature: Signature, fast: bool) -> dict[str, np.ndarray]:
+    """Row form (``FillTensorMapFromInstancesList``, json_tensor.cc:519-609): one element per example."""
     specs = signature.inputs
-    named = _is_named_object(instances[0])
-    if not named and len(specs) > 1:
+    if not isinstance(instances[0], dict) and len(specs) > 1:
         raise invalid_argument(
             "instances is a plain list, but expecting list of objects as multiple input tensors required as per "
-            f"tensorinfo_map (inputs {sorted(specs)})"
+            "tensorinfo_map"
         )
-    if not named:
-        spec = next(iter(specs.values()))
-        return {spec.name: _json_to_array(instances, spec, "'instances' list")}
+    if fast:
+        arrays = _fast_instances(instances, signature)
+        if arrays is not None:
+            return arrays
+    return _exact_instances(instances, signature)
+
+
+def _fast_instances(instances: list[Any], signature: Signature) -> dict[str, np.ndarray] | None:
+    """numpy's reading of a dense numeric batch, or None when only the exact walk can say what TF Serving does."""
+    specs = signature.inputs
+    if not _is_named_object(instances[0]):
+        name, spec = next(iter(specs.items()))
+        array = _fast_array(instances, spec.datatype)
+        return None if array is None else {name: array}
     columns: dict[str, list[Any]] = {name: [] for name in specs}
-    for index, instance in enumerate(instances):
-        if not _is_named_object(instance) or set(instance) != set(specs):
-            raise invalid_argument(
-                f"Failed to process element: {index} of 'instances' list. JSON object: {_preview(instance)} keys "
-                f"must be equal to: {','.join(sorted(specs))}"
-            )
+    for instance in instances:
+        if not _is_named_object(instance) or instance.keys() != columns.keys():
+            return None
         for name, value in instance.items():
             columns[name].append(value)
-    return {name: _json_to_array(values, specs[name], "'instances' list") for name, values in columns.items()}
+    arrays = {name: _fast_array(values, specs[name].datatype) for name, values in columns.items()}
+    return None if any(array is None for array in arrays.values()) else arrays  # type: ignore[return-value]
 
 
-def _arrays_from_inputs(inputs: Any, signature: Signature) -> dict[str, np.ndarray]:
-    """Column form: the whole tensor (one input) or an object of whole tensors by input name."""
+def _exact_instances(instances: list[Any], signature: Signature) -> dict[str, np.ndarray]:
+    specs = signature.inputs
+    names = sorted(specs)
+    as_objects = _is_named_object(instances[0])
+    values: dict[str, list[Any]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for index, element in enumerate(instances):
+        if as_objects:
+            if not _is_named_object(element):
+                raise invalid_argument(f"Expecting object but got list at item {index} of input list")
+            for name, item in element.items():
+                try:
+                    _add_instance_item(item, name, signature, values, shapes)
+                except RpcStatus as status:
+                    raise invalid_argument(
+                        f"Failed to process element: {index} key: {name} of 'instances' list. Error: "
+                        f"{_status_string(status)}"
+                    ) from None
+            if set(element) != set(names):
+                raise invalid_argument(
+                    f"Failed to process element: {index} of 'instances' list. JSON object: "
+                    f"{json_debug_string(element)} keys must be equal to: {','.join(names)}"
+                )
+        else:
+            if _is_named_object(element):
+                raise invalid_argument(f"Expecting value/list but got object at item {index} of input list")
+            try:
+                _add_instance_item(element, names[0], signature, values, shapes)
+            except RpcStatus as status:
+                raise invalid_argument(
+                    f"Failed to process element: {index} of 'instances' list. Error: {_status_string(status)}"
+                ) from None
+    return {
+        name: _to_array(values[name], specs[name].datatype, (len(instances), *shapes[name])) for name in values
+    }
+
+
+def _add_instance_item(
+    item: Any,
+    name: str,
+    signature: Signature,
+    values: dict[str, list[Any]],
+    shapes: dict[str, tuple[int, ...]],
+) -> None:
+    """``AddInstanceItem`` (json_tensor.cc:440-470): one example's value for one input, same size and shape as the
+    first example's."""
+    if name not in signature.inputs:
+        raise invalid_argument(f"JSON object: does not have named input: {name}")
+    shape, flat = _fill_tensor(item, signature.inputs[name].datatype)
+    if name not in shapes:
+        shapes[name], values[name] = shape, flat
+        return
+    expected = math.prod(shapes[name])
+    if expected != len(flat):
+        raise invalid_argument(f"Expecting tensor size: {expected} but got: {len(flat)}")
+    if shapes[name] != shape:
+        raise invalid_argument(f"Expecting shape {_shape_string(shapes[name])} but got: {_shape_string(shape)}")
+    values[name].extend(flat)
+
+
+def _arrays_from_inputs(inputs: Any, signature: Signature, fast: bool) -> dict[str, np.ndarray]:
+    """Column form (``FillTensorMapFromInputsMap``, json_tensor.cc:611-652): one whole tensor per input."""
     specs = signature.inputs
     if not _is_named_object(inputs):
         if len(specs) > 1:
             raise invalid_argument(
                 "inputs is a plain value/list, but expecting an object as multiple input tensors required as per "
-                f"tensorinfo_map (inputs {sorted(specs)})"
+                "tensorinfo_map"
             )
-        spec = next(iter(specs.values()))
-        return {spec.name: _json_to_array(inputs, spec, "'inputs'")}
+        name, spec = next(iter(specs.items()))
+        return {name: _json_tensor(inputs, spec.datatype, fast)}
     arrays = {}
     for name, spec in specs.items():
         if name not in inputs:
             raise invalid_argument(f"Missing named input: {name} in 'inputs' object.")
-        arrays[name] = _json_to_array(inputs[name], spec, "'inputs'")
+        arrays[name] = _json_tensor(inputs[name], spec.datatype, fast)
     return arrays
+
+
+def _json_tensor(value: Any, datatype: int, fast: bool) -> np.ndarray:
+    array = _fast_array(value, datatype) if fast else None
+    if array is not None:
+        return array
+    shape, flat = _fill_tensor(value, datatype)
+    return _to_array(flat, datatype, shape)
+
+
+_INT_RANGES = {
+    **dict.fromkeys(("int32", "int16", "int8", "uint8"), (-(2**31), 2**31 - 1)),  # rapidjson IsInt(), then a cast
+    "int64": (-(2**63), 2**63 - 1),  # IsInt64()
+    "uint32": (0, 2**32 - 1),  # IsUint()
+    "uint64": (0, 2**64 - 1),  # IsUint64()
+}
+"""What ``AddValueToTensor`` (json_tensor.cc:287-345) accepts per integer dtype: the rapidjson test it applies."""
+
+
+def _fast_array(value: Any, datatype: int) -> np.ndarray | None:
+    """A dense numeric JSON value as numpy reads it, when that is provably what TF Serving would build."""
+    dtype = tensors.numpy_dtype(datatype)
+    name = tensors.datatype_name(datatype)
+    if dtype is None or datatype == tensors.DT_STRING or name in ("half", "bfloat16", "complex64", "complex128"):
+        return None
+    try:
+        array = np.asarray(value)
+    except (ValueError, OverflowError):  # ragged or out of numpy's range: the exact walk says what TF Serving says
+        return None
+    kind = array.dtype.kind
+    if name == "bool":
+        return array if kind == "b" else None
+    if name in ("float", "double"):
+        accepted = kind in "iuf"
+    else:
+        low, high = _INT_RANGES[name]
+        accepted = kind in "iu" and (array.size == 0 or (int(array.min()) >= low and int(array.max()) <= high))
+    if not accepted:
+        return None
+    with np.errstate(over="ignore", invalid="ignore"):
+        return array.astype(dtype)
+
+
+def _fill_tensor(value: Any, datatype: int) -> tuple[tuple[int, ...], list[Any]]:
+    """``GetDenseTensorShape`` + ``FillTensorProto`` (json_tensor.cc:349-437): shape from the first element at each
+    level, every list of that size, every leaf at the last level and of the input's type."""
+    shape: list[int] = []
+    probe = value
+    while isinstance(probe, list):
+        shape.append(len(probe))
+        if not probe:
+            break
+        probe = probe[0]
+    rank = len(shape)
+    flat: list[Any] = []
+
+    def fill(item: Any, level: int) -> None:
+        if not isinstance(item, list):
+            if level != rank:
+                raise invalid_argument(
+                    f"JSON Value: {json_debug_string(item)} found at incorrect level: {level + 1} in the JSON DOM. "
+                    f"Expected at level: {rank}"
+                )
+            flat.append(_json_leaf(item, datatype))
+            return
+        if level >= rank:
+            raise invalid_argument(f"Encountered list at unexpected level: {level} expected < {rank}")
+        if len(item) != shape[level]:
+            raise invalid_argument(
+                f"Encountered list at unexpected size: {len(item)} at level: {level} expected size: {shape[level]}"
+            )
+        for element in item:
+            fill(element, level + 1)
+
+    fill(value, 0)
+    return tuple(shape), flat
+
+
+def _json_leaf(item: Any, datatype: int) -> Any:
+    """One JSON scalar as ``AddValueToTensor`` takes it (json_tensor.cc:287-345), or its refusal."""
+    name = tensors.datatype_name(datatype)
+    if isinstance(item, dict):
+        if datatype != tensors.DT_STRING:
+            raise _type_error(item, name)
+        return _base64_value(item)
+    is_number = isinstance(item, (int, float)) and not isinstance(item, bool)
+    if name in ("float", "double"):
+        if not is_number:
+            raise _type_error(item, name)
+        return float(item)
+    if name in _INT_RANGES:
+        low, high = _INT_RANGES[name]
+        if not (is_number and isinstance(item, int) and low <= item <= high):
+            raise _type_error(item, name)
+        return item
+    if name == "bool":
+        if not isinstance(item, bool):
+            raise _type_error(item, name)
+        return item
+    if datatype == tensors.DT_STRING:
+        if not isinstance(item, str):
+            raise _type_error(item, name)
+        return item.encode("utf-8")
+    raise RpcStatus(
+        grpc.StatusCode.UNIMPLEMENTED, f"Conversion of JSON Value: {json_debug_string(item)} to type: {name}"
+    )
+
+
+def _base64_value(item: dict[str, Any]) -> bytes:
+    """``JsonDecodeBase64Object`` (json_tensor.cc:374-389): exactly ``{"b64": "<base64>"}``."""
+    if not _is_base64(item):
+        raise invalid_argument(f"JSON Value: {json_debug_string(item)} not formatted correctly for base64 data")
+    text = item["b64"]
+    try:  # absl::Base64Unescape accepts missing padding
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (ValueError, binascii.Error):
+        raise invalid_argument("Unable to base64 decode") from None
+
+
+def _type_error(item: Any, dtype_name: str) -> RpcStatus:
+    return invalid_argument(
+        f"JSON Value: {json_debug_string(item)} Type: {_json_type(item)} is not of expected type: {dtype_name}"
+    )
+
+
+def _to_array(flat: list[Any], datatype: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The collected leaves as the input's dtype; integers wrap and floats overflow to inf as C++ casts do."""
+    if datatype == tensors.DT_STRING:
+        array = np.empty(len(flat), dtype=object)
+        array[:] = flat
+        return array.reshape(shape)
+    dtype = tensors.numpy_dtype(datatype)
+    assert dtype is not None
+    wide = np.array(flat, dtype=np.float64 if dtype.kind == "f" else np.uint64 if dtype == np.uint64 else np.int64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return wide.astype(dtype).reshape(shape)
+
+
+def _status_string(status: RpcStatus) -> str:
+    """``absl::Status::ToString()``: ``INVALID_ARGUMENT: <message>``."""
+    return f"{status.code.name}: {status.message}"
+
+
+def _shape_string(shape: tuple[int, ...]) -> str:
+    """json_tensor.cc's ``ShapeToString``: ``[2,3]``."""
+    return "[" + ",".join(str(size) for size in shape) + "]"
+
+
+def _json_type(item: Any) -> str:
+    """rapidjson's type names as ``JsonTypeString`` spells them (json_tensor.cc:95-112)."""
+    if item is None:
+        return "Null"
+    if isinstance(item, bool):
+        return "True" if item else "False"
+    if isinstance(item, dict):
+        return "Object"
+    if isinstance(item, list):
+        return "Array"
+    if isinstance(item, str):
+        return "String"
+    return "Number"
 
 
 def _is_named_object(value: Any) -> bool:
@@ -234,83 +557,94 @@ def _is_base64(value: Any) -> bool:
     return isinstance(value, dict) and len(value) == 1 and isinstance(value.get("b64"), str)
 
 
-def _json_to_array(value: Any, spec: TensorSpecInfo, where: str) -> np.ndarray:
-    """Convert a JSON value to the input's dtype, refusing what TF Serving refuses (with the input named)."""
-    dtype = tensors.numpy_dtype(spec.datatype)
-    if dtype is None:
-        raise RpcStatus(
-            grpc.StatusCode.UNIMPLEMENTED,
-            f"Conversion of JSON values to type {tensors.datatype_name(spec.datatype)} (input {spec.name})",
-        )
-    if spec.datatype == tensors.DT_STRING:
-        return _string_array(value, spec.name, where)
+# ----------------------------------------------------------------------------------- JSON in error messages
+
+
+class _LimitReached(Exception):  # noqa: N818 (control flow, never escapes)
+    pass
+
+
+def json_debug_string(value: Any, limit: int = _MAX_JSON_DEBUG_BYTES) -> str:
+    """A JSON value as TF Serving quotes it in errors (``JsonValueToDebugString``, json_tensor.cc:229-236).
+
+    rapidjson's PrettyWriter with single-line arrays: objects one member a line, indented by four spaces, arrays on
+    one line. The writer stops at the first token that starts at or after ``limit`` bytes, so long values are cut
+    (and may be invalid JSON), which keeps a message that quotes a request small.
+    """
+    parts: list[str] = []
+    size = 0
+
+    def emit(text: str) -> None:
+        nonlocal size
+        if size >= limit:
+            raise _LimitReached
+        parts.append(text)
+        size += len(text.encode("utf-8"))
+
+    def write(item: Any, prefix: str, depth: int) -> None:
+        if isinstance(item, dict):
+            emit(prefix + "{")
+            for index, (key, member) in enumerate(item.items()):
+                emit(("," if index else "") + "\n" + "    " * (depth + 1) + _json_string(str(key)))
+                write(member, ": ", depth + 1)
+            emit("\n" + "    " * depth + "}" if item else "}")
+        elif isinstance(item, list):
+            emit(prefix + "[")
+            for index, element in enumerate(item):
+                write(element, ", " if index else "", depth + 1)
+            emit("]")
+        else:
+            emit(prefix + _json_scalar(item))
+
     try:
-        array = np.asarray(value)
-    except (ValueError, OverflowError) as error:
-        raise invalid_argument(
-            f"Failed to process {where} for input '{spec.name}': nested lists must be dense (equal lengths at each "
-            f"level) numbers of type {tensors.datatype_name(spec.datatype)}. Error: {error}"
-        ) from None
-    _check_json_kind(array, dtype, spec)
-    return array.astype(dtype, copy=False)
+        write(value, "", 0)
+    except _LimitReached:
+        pass
+    return "".join(parts)
 
 
-def _check_json_kind(array: np.ndarray, dtype: np.dtype, spec: TensorSpecInfo) -> None:
-    expected = tensors.datatype_name(spec.datatype)
-    accepted = {"f": "fiu", "c": "fiu", "i": "iu", "u": "iu", "b": "b"}.get(dtype.kind, "")
-    if array.size and array.dtype.kind not in accepted:
-        sample = array.reshape(-1)[0]
-        raise invalid_argument(
-            f"JSON Value: {_preview(sample)} is not of expected type: {expected} (input '{spec.name}')"
-        )
-    if not array.size or array.dtype.kind == dtype.kind == "f" and dtype.itemsize >= array.dtype.itemsize:
-        return
-    if dtype.kind in "iu" or dtype == np.float32:
-        _check_range(array, dtype, spec, expected)
+def _json_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
 
 
-def _check_range(array: np.ndarray, dtype: np.dtype, spec: TensorSpecInfo, expected: str) -> None:
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        low, high = info.min, info.max
-    elif array.dtype.kind in "iu":
-        low, high = -(2**24 - 1), 2**24 - 1  # integers a float32 holds exactly
-    else:
-        finite = array[np.isfinite(array)]
-        high = float(np.finfo(np.float32).max)
-        if finite.size and np.abs(finite).max() > high:
-            raise invalid_argument(
-                f"Cannot convert JSON value: {np.abs(finite).max()} to float without loss of precision "
-                f"(input '{spec.name}')."
-            )
-        return
-    if array.min() < low or array.max() > high:
-        worst = array.max() if array.max() > high else array.min()
-        reason = "is not of expected type" if dtype.kind in "iu" else "cannot be converted without loss of precision to"
-        raise invalid_argument(f"JSON Value: {worst} {reason}: {expected} (input '{spec.name}')")
+def _json_scalar(item: Any) -> str:
+    if item is None:
+        return "null"
+    if isinstance(item, bool):
+        return "true" if item else "false"
+    if isinstance(item, str):
+        return _json_string(item)
+    if isinstance(item, float):
+        return _rapidjson_double(item)
+    return str(item)
 
 
-def _string_array(value: Any, name: str, where: str) -> np.ndarray:
-    def convert(item: Any) -> Any:
-        if isinstance(item, list):
-            return [convert(element) for element in item]
-        if isinstance(item, str):
-            return item.encode("utf-8")
-        if _is_base64(item):
-            try:
-                return base64.b64decode(item["b64"], validate=True)
-            except ValueError:
-                raise invalid_argument(f"Unable to base64 decode (input '{name}')") from None
-        raise invalid_argument(f"JSON Value: {_preview(item)} is not of expected type: string (input '{name}')")
+def _rapidjson_double(number: float) -> str:
+    """A double as rapidjson's ``Writer::Double`` writes it (shortest digits, its own exponent rules)."""
+    if math.isnan(number):
+        return "NaN"
+    if math.isinf(number):
+        return "-Infinity" if number < 0 else "Infinity"
+    sign = "-" if math.copysign(1.0, number) < 0 else ""
+    mantissa, _, exponent = repr(abs(number)).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    digits = (whole + fraction.rstrip("0")).lstrip("0") or "0"
+    point = len(whole.lstrip("0")) if whole.strip("0") else -(len(fraction) - len(fraction.lstrip("0")))
+    point += int(exponent or 0)  # the decimal point sits after `point` digits (rapidjson's kk)
+    if digits == "0":
+        return sign + "0.0"
+    length = len(digits)
+    if length <= point <= 21:
+        return sign + digits + "0" * (point - length) + ".0"
+    if 0 < point <= 21:
+        return sign + digits[:point] + "." + digits[point:]
+    if -6 < point <= 0:
+        return sign + "0." + "0" * -point + digits
+    tail = "." + digits[1:] if length > 1 else ""
+    return f"{sign}{digits[0]}{tail}e{point - 1}"
 
-    converted = convert(value)
-    try:
-        array = np.array(converted, dtype=object)
-    except ValueError as error:
-        raise invalid_argument(f"Failed to process {where} for input '{name}': {error}") from None
-    if array.dtype != object or any(isinstance(item, list) for item in array.reshape(-1)):
-        raise invalid_argument(f"Failed to process {where} for input '{name}': nested lists must be dense")
-    return array
+
+# ------------------------------------------------------------------------------------ tensors -> JSON (responses)
 
 
 def _predictions(outputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -361,11 +695,6 @@ def _text(item: Any) -> str:
     return item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item)
 
 
-def _preview(value: Any) -> str:
-    text = json.dumps(value, default=str) if not isinstance(value, np.generic) else str(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 class _Handler(BaseHTTPRequestHandler):
     """Reads one request, hands it to `RestApi`, writes the JSON answer; HTTP/1.0, so each connection closes."""
 
@@ -379,17 +708,22 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self._dispatch("POST")
 
+    def do_OPTIONS(self) -> None:  # noqa: N802
+        self._dispatch("OPTIONS")
+
     def _dispatch(self, method: str) -> None:
         path = urlsplit(self.path).path
         length = int(self.headers.get("Content-Length") or 0)
         if length < 0 or length > _MAX_BODY_BYTES:
-            status, text = 413, json.dumps({"error": f"Request body of {length} bytes is too large"})
+            error = json.dumps({"error": f"Request body of {length} bytes is too large"})
+            response = RestResponse(413, error.encode("utf-8"))
         else:
             body = self.rfile.read(length) if length else b""
-            status, text = self.server.api.handle(method, path, body)
-        payload = text.encode("utf-8")
+            response = self.server.api.respond(method, path, body, self.headers.get("Origin"))
+        status, payload = response.status, response.body
         self.send_response(status, HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else None)
-        self.send_header("Content-Type", "application/json")
+        if response.content_type is not None:
+            self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)

@@ -1,33 +1,40 @@
-"""One loaded SavedModel version: its signatures, request validation, Predict, and warmup replay.
+"""One loaded SavedModel version: its signatures, Predict as TF Serving runs it, and warmup replay.
 
 Versions run the way TF Serving runs them: the SavedModel's ``serve`` MetaGraph is loaded into its own graph and
-session (``tf.compat.v1.saved_model.loader``, the Python face of TF Serving's ``SavedModelBundle``), and each
-signature becomes a session callable that feeds and fetches the SignatureDef's tensor names. Why not the eager
-``tf.saved_model.load(...).signatures``: a session callable costs ~90 us less Python per call and runs about twice as
-many small concurrent requests, and a SavedModel that loads here is one TF Serving's loader accepts.
+session (``tf.compat.v1.saved_model.loader``, the Python face of TF Serving's ``SavedModelBundle``), and a request
+feeds and fetches the SignatureDef's tensor names through a C++ session callable (``Session::MakeCallable``).
+Why the C++ callable and not ``Session.run``/``make_callable``: those check dtype and shape in Python first, with
+messages TF Serving never sends, and cast an int64 feed to float where TF Serving's session refuses it. The callable
+hands the arrays to the same C++ executor TF Serving uses, so a wrong dtype or shape fails exactly where and how it
+fails there (``Type mismatch: actual int64 vs. expect float``, ``Matrix size-incompatible: ...``), or succeeds where
+it succeeds there. It is TensorFlow's private ``Session._make_callable_from_options``; this module is the one place
+that uses it, and ``tests/test_server_fidelity.py`` fails loudly if it changes.
 
-A `LoadedVersion` is immutable once built and safe to call from many threads at once (``Session.run`` is
-thread-safe). The manager swaps versions by replacing references, so a request that already holds a version finishes
-on it even after that version is unloaded: Python keeps the session alive until the last request lets go, which is
-how a hot swap never fails an in-flight request.
+A `LoadedVersion` is safe to call from many threads at once (C++ callables are thread-safe; each signature keeps a
+small cache of them, one per set of fetched outputs). The manager swaps versions by replacing references, so a
+request that already holds a version finishes on it even after that version is unloaded: Python keeps the session
+alive until the last request lets go, which is how a hot swap never fails an in-flight request.
 
-Request checks happen before TensorFlow runs, so every bad input gets TF Serving's status code and a message that
-names the input: missing or extra inputs, wrong dtype, wrong rank or shape, undecodable tensors.
+Request checks are TF Serving's and no stricter (``predict_util.cc`` ``PreProcessPrediction`` and TensorFlow's
+``saved_model::GetInputValues``): input count, aliases, SignatureDef ``defaults`` for inputs the request leaves out,
+tensor parsing, output filter. Dtype and shape are not pre-checked: the graph checks them when it runs.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import tensorflow as tf
+from google.protobuf import text_format
 from google.protobuf.message import DecodeError
-from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from ema_export.names import ASSETS_EXTRA_DIR, SIGNATURE_DEFAULT, WARMUP_FILENAME
@@ -37,13 +44,25 @@ from serving.server.errors import RpcStatus, failed_precondition, invalid_argume
 SERVE_TAG = "serve"
 """The MetaGraph tag TF Serving loads by default (``--saved_model_tags=serve``)."""
 
-_SERVING_METHODS = frozenset(
-    {"tensorflow/serving/predict", "tensorflow/serving/classify", "tensorflow/serving/regress"}
-)
-"""Signature methods TF Serving's Predict runs; any other (``__saved_model_init_op``) answers INTERNAL."""
+PREDICT_METHOD = "tensorflow/serving/predict"
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+REGRESS_METHOD = "tensorflow/serving/regress"
+_SERVING_METHODS = (PREDICT_METHOD, CLASSIFY_METHOD, REGRESS_METHOD)
+"""Signature methods Predict accepts under ``--enable_signature_method_name_check`` (predict_util.cc:38-49)."""
+
+CLASSIFY_INPUTS = "inputs"
+CLASSIFY_OUTPUT_CLASSES = "classes"
+CLASSIFY_OUTPUT_SCORES = "scores"
+REGRESS_INPUTS = "inputs"
+REGRESS_OUTPUTS = "outputs"
+"""TensorFlow's signature_constants keys that Classify and Regress look for (classifier.cc:194-211,
+regressor.cc:186-200)."""
 
 MAX_WARMUP_RECORDS = 1000
 """TF Serving's limit on warmup records (``WarmupConsts::kMaxNumRecords``)."""
+
+_MAX_CACHED_CALLABLES = 64
+"""Callables kept per signature (one per distinct output filter); beyond this each odd filter builds its own."""
 
 
 class VersionLoadError(Exception):
@@ -56,43 +75,69 @@ class VersionLoadError(Exception):
 
 @dataclass(frozen=True)
 class TensorSpecInfo:
-    """One input of a signature: dtype and shape from its SignatureDef (``-1`` = any size; None = any rank)."""
+    """One input of a signature as its SignatureDef declares it (the REST API converts JSON to ``datatype``)."""
 
     name: str
     datatype: int
-    shape: tuple[int, ...] | None
-
-    def describe(self) -> str:
-        shape = "unknown rank" if self.shape is None else str(list(self.shape))
-        return f"{tensors.datatype_name(self.datatype)} {shape}"
+    feed_name: str
 
 
 @dataclass(frozen=True)
 class Signature:
-    """A callable serving signature and the input specs requests are checked against.
+    """One SignatureDef of a loaded version, runnable through the version's session.
 
     Attributes:
         name: The signature key.
-        inputs: Input specs, in the order ``call`` takes them.
-        output_names: Output aliases, in the order ``call`` returns them.
-        call: Runs the signature: input arrays in, output arrays out (a session callable).
+        signature_def: The SignatureDef itself (method name, defaults, Classify/Regress checks).
+        inputs: Input specs by alias, sorted by alias.
+        output_names: Output aliases, sorted.
+        session: The version's session.
     """
 
     name: str
+    signature_def: meta_graph_pb2.SignatureDef
     inputs: Mapping[str, TensorSpecInfo]
     output_names: tuple[str, ...]
-    call: Callable[..., list[np.ndarray]]
+    session: tf.compat.v1.Session
+    _callables: dict[tuple[tuple[str, ...], tuple[str, ...]], Any] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def call(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        """Run with every input (in ``inputs`` order); return every output (in ``output_names`` order)."""
+        outputs = self.run(dict(zip(self.inputs, arrays, strict=True)))
+        return [outputs[name] for name in self.output_names]
 
     def run(self, arrays: Mapping[str, np.ndarray], output_filter: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
-        """Run the signature on already checked inputs; return the requested outputs (all when no filter)."""
+        """Feed the arrays by alias, fetch the filtered outputs (all when no filter), as TF Serving's session run.
+
+        Raises:
+            RpcStatus: TensorFlow's own code and message when the graph refuses the inputs or fails.
+        """
+        feeds = tuple(arrays)
+        fetches = output_filter or self.output_names
         try:
-            values = self.call(*(arrays[name] for name in self.inputs))
+            values = self._callable(feeds, fetches)(*(arrays[alias] for alias in feeds))
         except tf.errors.OpError as error:
             raise RpcStatus(_grpc_code(error.error_code), error.message) from None
-        except (TypeError, ValueError) as error:  # feeding checks that the checks above should already have caught
+        except (TypeError, ValueError) as error:  # numpy -> TF_Tensor conversion (e.g. a ragged object array)
             raise invalid_argument(f"Could not feed the inputs of signature {self.name}: {error}") from None
-        results = dict(zip(self.output_names, values, strict=True))
-        return {name: results[name] for name in output_filter} if output_filter else results
+        return dict(zip(fetches, values, strict=True))
+
+    def _callable(self, feeds: tuple[str, ...], fetches: tuple[str, ...]) -> Any:
+        key = (feeds, fetches)
+        cached = self._callables.get(key)
+        if cached is not None:
+            return cached
+        options = config_pb2.CallableOptions(
+            feed=[self.signature_def.inputs[alias].name for alias in feeds],
+            fetch=[self.signature_def.outputs[alias].name for alias in fetches],
+        )
+        # The one private TensorFlow API here (see the module docstring for why).
+        made = self.session._make_callable_from_options(options)
+        with self._lock:
+            if len(self._callables) < _MAX_CACHED_CALLABLES:
+                self._callables.setdefault(key, made)
+        return made
 
 
 class LoadedVersion:
@@ -103,8 +148,8 @@ class LoadedVersion:
         version: Its version number (the directory name).
         path: The version directory.
         signature_defs: Every SignatureDef of the ``serve`` MetaGraph, for GetModelMetadata.
-        signatures: The callable ones, by key.
         session: The session the version's graph runs in; held so it lives as long as the version.
+        method_name_check: TF Serving's ``--enable_signature_method_name_check``.
     """
 
     def __init__(
@@ -113,50 +158,51 @@ class LoadedVersion:
         version: int,
         path: Path,
         signature_defs: Mapping[str, meta_graph_pb2.SignatureDef],
-        signatures: Mapping[str, Signature],
         session: tf.compat.v1.Session,
+        *,
+        method_name_check: bool = False,
     ) -> None:
         self.model_name = model_name
         self.version = version
         self.path = path
         self.signature_defs = signature_defs
-        self.signatures = signatures
+        self.signatures = {key: _signature(key, definition, session) for key, definition in signature_defs.items()}
+        self.method_name_check = method_name_check
         self.num_warmup_records = 0
         self._session = session
 
     def signature(self, signature_name: str) -> Signature:
-        """The signature a request names (empty = ``serving_default``), or TF Serving's error for it."""
+        """The signature a Predict request names (empty = ``serving_default``), or TF Serving's error for it.
+
+        Raises:
+            RpcStatus: FAILED_PRECONDITION ``Serving signature key "X" not found.`` (predict_util.cc:88-94); with
+                the method-name check on, INTERNAL for a signature whose method is not a serving one
+                (predict_util.cc:38-49).
+        """
         key = signature_name or SIGNATURE_DEFAULT
         signature = self.signatures.get(key)
-        if signature is not None:
-            return signature
-        if key in self.signature_defs:
-            method = self.signature_defs[key].method_name
-            if method in _SERVING_METHODS:
-                raise invalid_argument(
-                    f"Signature {key} has sparse or composite inputs or outputs, which Predict cannot feed or fetch"
-                )
+        if signature is None:
+            raise failed_precondition(f'Serving signature key "{key}" not found.')
+        method = signature.signature_def.method_name
+        if self.method_name_check and method not in _SERVING_METHODS:
             raise RpcStatus(
                 grpc.StatusCode.INTERNAL,
-                "Expected prediction signature method_name to be one of {tensorflow/serving/predict, "
-                f"tensorflow/serving/classify, tensorflow/serving/regress}}. Was: {method}",
+                f"Expected prediction signature method_name to be one of {{{', '.join(_SERVING_METHODS)}}}. "
+                f"Was: {method}",
             )
-        raise failed_precondition(
-            f'Serving signature key "{key}" not found. Available signatures: {sorted(self.signatures)}.'
-        )
+        return signature
 
     def predict(
         self, request: predict_pb2.PredictRequest, *, as_tensor_content: bool = False
     ) -> predict_pb2.PredictResponse:
-        """Answer a PredictRequest as TF Serving's ``RunPredict`` does.
+        """Answer a PredictRequest as TF Serving's ``RunPredict`` does (predict_util.cc:79-119).
 
         Raises:
-            RpcStatus: FAILED_PRECONDITION for an unknown signature, INVALID_ARGUMENT for bad inputs or output
-                filters, and TensorFlow's own code if the graph fails at run time.
+            RpcStatus: FAILED_PRECONDITION for an unknown signature, INVALID_ARGUMENT for a wrong input set,
+                an undecodable tensor or a bad output filter, and TensorFlow's own code when the graph fails.
         """
         signature = self.signature(request.model_spec.signature_name)
-        check_input_names(signature, request.inputs.keys())
-        arrays = {name: _decode_input(signature.inputs[name], proto) for name, proto in request.inputs.items()}
+        arrays = input_values(signature, request.inputs)
         outputs = signature.run(arrays, check_output_filter(signature, request.output_filter))
         response = predict_pb2.PredictResponse()
         spec = response.model_spec
@@ -168,34 +214,51 @@ class LoadedVersion:
         return response
 
 
-def check_input_names(signature: Signature, names: Any) -> None:
-    """TF Serving's input-set checks: same count, then every alias known (``predict_util.cc``)."""
-    sent = set(names)
-    expected = set(signature.inputs)
-    if sent == expected:
-        return
-    if len(sent) != len(expected):
-        extra = ",".join(sorted(sent - expected))
-        missing = ",".join(sorted(expected - sent))
+def input_values(signature: Signature, request_inputs: Mapping[str, tensors.TensorProto]) -> dict[str, np.ndarray]:
+    """The arrays to feed: TF Serving's input-count check, then TensorFlow's ``GetInputValues``.
+
+    The count check is ``VerifyRequestInputsSize`` (predict_util.cc:51-76): more inputs than the signature has, or
+    fewer when it has no ``defaults``, is refused listing both sets. Then every signature input, in alias order,
+    comes from the request or from the SignatureDef's ``defaults`` (tensorflow/cc/saved_model/util.cc
+    ``GetInputValues``), and a request alias the signature does not have is refused after that.
+
+    Raises:
+        RpcStatus: INVALID_ARGUMENT with TF Serving's messages.
+    """
+    definition = signature.signature_def
+    sent, expected = set(request_inputs), set(signature.inputs)
+    if len(sent) > len(expected) or (len(sent) < len(expected) and not definition.defaults):
         raise invalid_argument(
-            f"input size does not match signature: {len(sent)}!={len(expected)} len({{{','.join(sorted(sent))}}}) "
-            f"!= len({{{','.join(sorted(expected))}}}). Sent extra: {{{extra}}}. Missing but required: {{{missing}}}."
+            f"input size does not match signature: {len(sent)}!={len(expected)} len({{{_join(sent)}}}) != "
+            f"len({{{_join(expected)}}}). Sent extra: {{{_join(sent - expected)}}}. Missing but required: "
+            f"{{{_join(expected - sent)}}}."
         )
-    unknown = sorted(sent - expected)[0]
-    raise invalid_argument(
-        f"input tensor alias not found in signature: {unknown}. Inputs expected to be in the set "
-        f"{{{','.join(sorted(expected))}}}."
-    )
+    arrays: dict[str, np.ndarray] = {}
+    for alias, spec in signature.inputs.items():
+        proto = request_inputs.get(alias) if alias in sent else definition.defaults.get(alias)
+        if proto is None:
+            raise invalid_argument(
+                f"Signature input alias: {alias}(feed name: {spec.feed_name}) not found in request and no default "
+                f"value provided. Inputs expected to be in the request {{{_join(sent)}}}, or default input alias "
+                f"set: {_join(definition.defaults)}"
+            )
+        arrays[alias] = tensors.decode(proto, alias, tensors.proto_shape(proto, alias))
+    used = sent & expected
+    if sent and len(used) != len(sent):
+        raise invalid_argument(
+            f"Inputs contains invalid name. Used request inputs: {_join(used)}, request input: {_join(sent)}"
+        )
+    return arrays
 
 
 def check_output_filter(signature: Signature, output_filter: Any) -> tuple[str, ...]:
-    """Validate ``output_filter`` as TF Serving does: every alias known, none repeated."""
+    """Validate ``output_filter`` as TF Serving does: every alias known, none repeated (predict_util.cc:131-154)."""
     seen: list[str] = []
     for alias in output_filter:
         if alias not in signature.output_names:
             raise invalid_argument(
                 f"output tensor alias not found in signature: {alias} Outputs expected to be in the set "
-                f"{{{','.join(sorted(signature.output_names))}}}."
+                f"{{{_join(signature.output_names)}}}."
             )
         if alias in seen:
             raise invalid_argument(f"duplicate output tensor alias: {alias}")
@@ -203,37 +266,86 @@ def check_output_filter(signature: Signature, output_filter: Any) -> tuple[str, 
     return tuple(seen)
 
 
-def check_array(spec: TensorSpecInfo, array: np.ndarray) -> None:
-    """Check a decoded input's shape against its spec: same rank, and every fixed dimension equal."""
-    _check_shape(spec, tuple(array.shape))
+def check_classification_signature(servable: LoadedVersion, signature_name: str) -> meta_graph_pb2.SignatureDef:
+    """The signature a Classify request may run, or TF Serving's refusal (classifier.cc:151-221).
 
-
-def _decode_input(spec: TensorSpecInfo, proto: tensors.TensorProto) -> np.ndarray:
-    if proto.dtype != spec.datatype:
+    Raises:
+        RpcStatus: INVALID_ARGUMENT with ``GetClassificationSignatureDef``/``PreProcessClassification``'s messages.
+    """
+    definition = _example_signature(servable, signature_name)
+    if servable.method_name_check:
+        _check_method(definition, CLASSIFY_METHOD, "classification")
+        return definition
+    _check_example_io(definition, CLASSIFY_INPUTS, "classification", max_outputs=2)
+    if not {CLASSIFY_OUTPUT_CLASSES, CLASSIFY_OUTPUT_SCORES} & set(definition.outputs):
         raise invalid_argument(
-            f"Expected input {spec.name} to be {tensors.datatype_name(spec.datatype)} but get "
-            f"{tensors.datatype_name(proto.dtype)}. The signature expects {spec.describe()} for input '{spec.name}'."
+            f'Expected classification signature outputs to contain at least one of "{CLASSIFY_OUTPUT_CLASSES}" or '
+            f'"{CLASSIFY_OUTPUT_SCORES}". Signature was: {_debug_string(definition)}'
         )
-    shape = tensors.proto_shape(proto, spec.name)
-    _check_shape(spec, shape)
-    return tensors.decode(proto, spec.name, shape)
+    return definition
 
 
-def _check_shape(spec: TensorSpecInfo, shape: tuple[int, ...]) -> None:
-    if spec.shape is None:
-        return
-    if len(shape) != len(spec.shape) or any(
-        expected >= 0 and expected != size for expected, size in zip(spec.shape, shape, strict=True)
-    ):
-        rank = f" (rank {len(shape)}, expected rank {len(spec.shape)})" if len(shape) != len(spec.shape) else ""
-        raise invalid_argument(
-            f"input '{spec.name}' has shape {list(shape)}{rank} but the signature expects {list(spec.shape)} "
-            "(-1 = any size); send a tensor of that shape"
-        )
+def check_regression_signature(servable: LoadedVersion, signature_name: str) -> meta_graph_pb2.SignatureDef:
+    """The signature a Regress request may run, or TF Serving's refusal (regressor.cc:146-205).
+
+    Raises:
+        RpcStatus: INVALID_ARGUMENT with ``GetRegressionSignatureDef``/``PreProcessRegression``'s messages.
+    """
+    definition = _example_signature(servable, signature_name)
+    if servable.method_name_check:
+        _check_method(definition, REGRESS_METHOD, "regression")
+        return definition
+    _check_example_io(definition, REGRESS_INPUTS, "regression", max_outputs=1)
+    if REGRESS_OUTPUTS not in definition.outputs:
+        raise invalid_argument(f"No regression outputs found in SignatureDef: {_debug_string(definition)}")
+    return definition
 
 
-def load_version(model_name: str, version: int, path: Path, *, warmup: bool = True) -> LoadedVersion:
+def _example_signature(servable: LoadedVersion, signature_name: str) -> meta_graph_pb2.SignatureDef:
+    key = signature_name or SIGNATURE_DEFAULT
+    definition = servable.signature_defs.get(key)
+    if definition is None:
+        raise invalid_argument(f"No signature was found with the name: {key}")
+    return definition
+
+
+def _check_method(definition: meta_graph_pb2.SignatureDef, method: str, kind: str) -> None:
+    if definition.method_name != method:
+        raise invalid_argument(f"Expected {kind} signature method_name to be {method}. Was: {definition.method_name}")
+
+
+def _check_example_io(definition: meta_graph_pb2.SignatureDef, input_key: str, kind: str, max_outputs: int) -> None:
+    if len(definition.inputs) != 1:
+        raise invalid_argument("Expected one input Tensor.")
+    if max_outputs == 2 and len(definition.outputs) not in (1, 2):
+        raise invalid_argument(f"Expected one or two output Tensors, found {len(definition.outputs)}")
+    if max_outputs == 1 and len(definition.outputs) != 1:
+        raise invalid_argument("Expected one output Tensor.")
+    if input_key not in definition.inputs:
+        raise invalid_argument(f"No {kind} inputs found in SignatureDef: {_debug_string(definition)}")
+
+
+def _debug_string(message: Any) -> str:
+    """A proto as C++ ``DebugString`` writes it (text format), which TF Serving puts in some messages."""
+    return text_format.MessageToString(message)
+
+
+def _join(names: Any) -> str:
+    """A set of names as ``absl::StrJoin(std::set, ",")`` writes it: sorted, comma-separated."""
+    return ",".join(sorted(names))
+
+
+def load_version(
+    model_name: str, version: int, path: Path, *, warmup: bool = True, method_name_check: bool = False
+) -> LoadedVersion:
     """Load one version directory into its own session, then replay its warmup requests if it has any.
+
+    Args:
+        model_name: The model it serves under.
+        version: Its version number.
+        path: The version directory.
+        warmup: Replay ``assets.extra/tf_serving_warmup_requests`` (``--enable_model_warmup``).
+        method_name_check: ``--enable_signature_method_name_check``.
 
     Raises:
         VersionLoadError: the SavedModel cannot be read or loaded, has no ``serve`` MetaGraph, or a warmup
@@ -244,16 +356,12 @@ def load_version(model_name: str, version: int, path: Path, *, warmup: bool = Tr
     session = tf.compat.v1.Session(graph=graph)
     try:
         meta_graph = tf.compat.v1.saved_model.loader.load(session, [SERVE_TAG], os.fspath(path))
-        signature_defs = dict(meta_graph.signature_def)
-        signatures = {
-            key: _signature(key, signature_def, graph, session)
-            for key, signature_def in signature_defs.items()
-            if signature_def.method_name in _SERVING_METHODS and _feedable(signature_def)
-        }
+        servable = LoadedVersion(
+            model_name, version, path, dict(meta_graph.signature_def), session, method_name_check=method_name_check
+        )
     except Exception as error:  # TensorFlow raises many types for a broken SavedModel; each fails only this load.
         session.close()
         raise VersionLoadError(f"Failed to load SavedModel at {path}: {type(error).__name__}: {error}") from None
-    servable = LoadedVersion(model_name, version, path, signature_defs, signatures, session)
     if warmup:
         servable.num_warmup_records = replay_warmup(servable)
     return servable
@@ -273,25 +381,11 @@ def _check_saved_model(path: Path) -> None:
         raise VersionLoadError(f"SavedModel at {path} has no MetaGraph tagged {SERVE_TAG!r}")
 
 
-def _feedable(signature_def: meta_graph_pb2.SignatureDef) -> bool:
-    """Predict feeds and fetches tensors by name; sparse or composite tensors have none."""
-    infos = list(signature_def.inputs.values()) + list(signature_def.outputs.values())
-    return all(info.name for info in infos)
-
-
-def _signature(
-    key: str, signature_def: meta_graph_pb2.SignatureDef, graph: tf.Graph, session: tf.compat.v1.Session
-) -> Signature:
-    inputs = {}
-    for name, info in sorted(signature_def.inputs.items()):
-        shape = None if info.tensor_shape.unknown_rank else tuple(dim.size for dim in info.tensor_shape.dim)
-        inputs[name] = TensorSpecInfo(name, info.dtype, shape)
-    output_names = tuple(sorted(signature_def.outputs))
-    call = session.make_callable(
-        [graph.get_tensor_by_name(signature_def.outputs[name].name) for name in output_names],
-        feed_list=[graph.get_tensor_by_name(signature_def.inputs[name].name) for name in inputs],
-    )
-    return Signature(key, inputs, output_names, call)
+def _signature(key: str, definition: meta_graph_pb2.SignatureDef, session: tf.compat.v1.Session) -> Signature:
+    inputs = {
+        alias: TensorSpecInfo(alias, info.dtype, info.name) for alias, info in sorted(definition.inputs.items())
+    }
+    return Signature(key, definition, inputs, tuple(sorted(definition.outputs)), session)
 
 
 def replay_warmup(servable: LoadedVersion) -> int:
