@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from fidelity import follows
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving_fixtures import (
     INPUT_NAME,
@@ -181,6 +182,8 @@ PREDICT_ERRORS: dict[str, tuple[Callable[[predict_pb2.PredictRequest], None], St
 }
 
 
+@follows("Unknown model, version or label, and bad inputs or output filters get TF Serving's code and message",
+         "servables/tensorflow/predict_util.cc:51-154")
 @pytest.mark.parametrize("case", sorted(PREDICT_ERRORS))
 def test_predict_errors_have_tf_serving_codes_and_name_the_culprit(stubs, case):
     mutate, code, fragments = PREDICT_ERRORS[case]
@@ -200,6 +203,8 @@ def test_garbage_bytes_do_not_hurt_the_server(stubs):
     assert response.model_spec.version.value == 2
 
 
+@follows("Classify/Regress without a ModelSpec, MultiInference without tasks: TF Serving's INVALID_ARGUMENT",
+         "servables/tensorflow/classification_service.cc:34-39")
 @pytest.mark.parametrize(
     ("method", "request_message", "fragment"),
     [("Classify", classification_pb2.ClassificationRequest(), "Missing ModelSpec"),
@@ -233,6 +238,8 @@ def test_get_model_metadata_returns_every_signature_def(stubs):
         assert list(signature.outputs) == [OUTPUT_NAME]
 
 
+@follows("GetModelMetadata checks its fields and answers signature_def only",
+         "servables/tensorflow/get_model_metadata_impl.cc:34-45")
 @pytest.mark.parametrize(
     ("fields", "name", "code", "fragment"),
     [([], MODEL_NAME, StatusCode.INVALID_ARGUMENT, "must specify at least one metadata_field"),
@@ -262,6 +269,8 @@ def test_get_model_status_lists_versions_newest_first(stubs):
     assert [status.version for status in response.model_version_status] == [1]
 
 
+@follows("GetModelStatus of an unknown model or version is NOT_FOUND with TF Serving's message",
+         "model_servers/get_model_status_impl.cc:86-101")
 @pytest.mark.parametrize(("name", "version", "fragment"),
                          [("nope", None, "Could not find any versions of model nope"),
                           (MODEL_NAME, 9, "Could not find version 9 of model model")])
@@ -275,6 +284,8 @@ def test_get_model_status_not_found(stubs, name, version, fragment):
     assert fragment in error.details()
 
 
+@follows("With `--enable_grpc_healthcheck_service`, `\"\"`, `ModelService` and `PredictionService` are SERVING",
+         "model_servers/server.cc:415-424")
 @pytest.mark.parametrize("service", ["", "PredictionService", "ModelService"])
 def test_health_service_reports_serving(stubs, service):
     health = health_pb2_grpc.HealthStub(stubs.channel)

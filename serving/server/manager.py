@@ -30,7 +30,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +132,7 @@ class ModelManager:
         self._retry_timers: set[threading.Timer] = set()
         self._closed = False
         self._path_problems: dict[str, str] = {}
+        self._listeners: list[Callable[[str, int, VersionState], None]] = []
 
     # ----------------------------------------------------------------------------------------------- requests
 
@@ -238,6 +239,11 @@ class ModelManager:
             self._retries.clear()
             for name in list(self._serving):
                 self._unload_model(name)
+
+    def add_state_listener(self, listener: Callable[[str, int, VersionState], None]) -> None:
+        """Call ``listener(model, version, state)`` on every state change, as TF Serving's servable event bus
+        tells its state monitor (event_bus.h). The listener runs on the loading thread and must be quick."""
+        self._listeners.append(listener)
 
     def pending_retries(self) -> dict[tuple[str, int], PendingRetry]:
         """Versions waiting for another load attempt, by (model, version)."""
@@ -403,3 +409,5 @@ class ModelManager:
     def _set_state(self, name: str, version: int, state: VersionState) -> None:
         with self._lock:
             self._states.setdefault(name, {})[version] = state
+        for listener in self._listeners:
+            listener(name, version, state)
