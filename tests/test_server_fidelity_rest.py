@@ -89,6 +89,16 @@ def test_options_preflight(seed_rest):
 # ---------------------------------------------------------------------------------------------- JSON messages
 
 
+@follows("Parsing stops after the first JSON value (what follows is ignored); errors in rapidjson's words, with offset",
+         "util/json_tensor.cc:478-490")
+def test_json_parsing_is_rapidjsons(graph_rest):
+    status, _, body = graph_rest("POST", predict_path(), raw=b'{"inputs": {"x": [[1.0, 2.0]], "scale": 1.0}} trailing')
+    assert status == 200, body
+    assert error_of(graph_rest("POST", predict_path(), raw=b'{"inputs" [1]}')) == (
+        400, "JSON Parse error: Missing a colon after a name of object member. at offset: 10"
+    )
+
+
 @follows("A body that is not a JSON object: `JSON Value: <document> Is not object`", "util/json_tensor.cc:498-500")
 def test_not_an_object(graph_rest):
     assert error_of(graph_rest("POST", predict_path(), [1, 2.5])) == (400, "JSON Value: [1, 2.5] Is not object")

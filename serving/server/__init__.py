@@ -6,8 +6,8 @@ same status codes as ``tensorflow_model_server``, so a client that works against
 Layout, one job per module:
 
 * `serving.server.app`: `start_server` / `LocalServer` (start-up, ports, pollers, graceful stop).
-* `serving.server.manager`: which versions are loaded (polling, version policy, labels, states).
-* `serving.server.servable`: one loaded version (signatures, input checks, Predict, warmup replay).
+* `serving.server.manager`: which versions are loaded (polling, version policy, labels, states, load retries).
+* `serving.server.servable`: one loaded version (signatures, TF Serving's input checks, Predict, warmup replay).
 * `serving.server.tensors`: TensorProto <-> numpy with TensorFlow's decoding rules.
 * `serving.server.grpc_service` and `serving.server.rest`: the two front ends.
 

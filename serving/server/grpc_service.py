@@ -111,7 +111,8 @@ def _add_version_status(response: Any, version: int, state: VersionState) -> Non
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    """``tensorflow.serving.PredictionService``: Predict and GetModelMetadata; the rest answer UNIMPLEMENTED."""
+    """``tensorflow.serving.PredictionService``: Predict and GetModelMetadata; Classify, Regress and MultiInference
+    make TF Serving's checks, then answer UNIMPLEMENTED (this server does not run tf.Example signatures)."""
 
     def __init__(self, manager: ModelManager, *, as_tensor_content: bool = False) -> None:
         self._manager = manager

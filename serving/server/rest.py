@@ -32,7 +32,7 @@ import math
 import re
 import socket
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -134,11 +134,10 @@ class RestApi:
         try:
             return 200, self._route(method, path, body)
         except RpcStatus as status:
-            return _HTTP_STATUS.get(status.code, 500), json.dumps({"error": status.message}, indent=4, ensure_ascii=False)
+            return _HTTP_STATUS.get(status.code, 500), _error_json(status.message)
         except Exception as error:  # one bad request must never take the server down
             logger.exception("Unexpected error while answering %s %s", method, path)
-            message = f"Internal error in ema-serving: {type(error).__name__}: {error}"
-            return 500, json.dumps({"error": message}, indent=4, ensure_ascii=False)
+            return 500, _error_json(f"Internal error in ema-serving: {type(error).__name__}: {error}")
 
     def _route(self, method: str, path: str, body: bytes) -> str:
         # http_rest_api_handler.cc:65-108: parse, then dispatch on method; anything else is "Malformed request".
@@ -227,6 +226,11 @@ class RestApi:
         )
 
 
+def _error_json(message: str) -> str:
+    """``MakeJsonFromStatus`` (json_tensor.cc:1129-1139): ``{"error": ...}`` from rapidjson's pretty writer."""
+    return json.dumps({"error": message}, indent=4, ensure_ascii=False)
+
+
 def _run_predict(servable: LoadedVersion, key: str, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The Predict that TF Serving's REST handler calls: method check, then the session run."""
     signature = servable.signature(key)
@@ -245,14 +249,38 @@ def _model_spec(name: str, version: str | None, label: str | None) -> model_pb2.
     return spec
 
 
+_RAPIDJSON_PARSE_ERRORS = {
+    "Expecting value": "Invalid value.",
+    "Expecting property name enclosed in double quotes": "Missing a name for object member.",
+    "Expecting ':' delimiter": "Missing a colon after a name of object member.",
+    "Unterminated string starting at": "Missing a closing quotation mark in string.",
+    "Invalid \\escape": "Invalid escape character in string.",
+    "Invalid \\uXXXX escape": "Incorrect hex digit after \\u escape in string.",
+}
+"""Python's JSON errors in rapidjson's words (``GetParseError_En``), where one maps to the other."""
+
+_JSON_DECODER = json.JSONDecoder()
+
+
 def _parse_json(body: bytes) -> dict[str, Any]:
-    """``ParseJson`` (json_tensor.cc:473-502): non-empty, valid JSON, an object."""
+    """``ParseJson`` (json_tensor.cc:473-502): non-empty, valid JSON, an object.
+
+    Like rapidjson with ``kParseStopWhenDoneFlag``, parsing stops after the first complete value: whatever follows
+    it is ignored, not refused.
+    """
     if not body:
         raise invalid_argument("JSON Parse error: The document is empty")
     try:
-        document = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise invalid_argument(f"JSON Parse error: {error}") from None
+        text = body.decode("utf-8")
+        start = len(text) - len(text.lstrip(" \t\n\r"))
+        if start == len(text):
+            raise invalid_argument(f"JSON Parse error: The document is empty. at offset: {start}")
+        document, _ = _JSON_DECODER.raw_decode(text, start)
+    except UnicodeDecodeError as error:
+        raise invalid_argument(f"JSON Parse error: Invalid encoding in string. at offset: {error.start}") from None
+    except json.JSONDecodeError as error:
+        reason = _RAPIDJSON_PARSE_ERRORS.get(error.msg, error.msg)
+        raise invalid_argument(f"JSON Parse error: {reason} at offset: {error.pos}") from None
     if not isinstance(document, dict):
         raise _format_error(document, "Is not object")
     return document
