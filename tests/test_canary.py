@@ -60,8 +60,10 @@ def served(seed_library: SeedLibrary, tmp_path: Path):
     config = write_config(tmp_path / "models.config",
                           [{"name": MODEL_NAME, "base_path": base_path, "policy": "specific { versions: 1 }"}])
     config.write_text("# Header comment kept across rewrites.\n" + config.read_text())
+    # One load attempt (--max_num_load_retries=0): with TF Serving's default of 5 retries a minute apart, a broken
+    # canary stays LOADING for minutes before its error shows, there as here.
     with start_server(model_config_file=config, port=0, file_system_poll_wait_seconds=CONFIG_POLL_S,
-                      model_config_file_poll_wait_seconds=CONFIG_POLL_S) as server, \
+                      model_config_file_poll_wait_seconds=CONFIG_POLL_S, max_num_load_retries=0) as server, \
             ServingClient(f"127.0.0.1:{server.port}", timeout=10) as client:
         yield server, client, config
 
