@@ -126,7 +126,7 @@ def _prepare(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model
     sources = locate(checkpoint, options.ema_checkpoint, step=options.step,
                      allow_step_mismatch=options.allow_step_mismatch)
     step(STAGES[1])
-    fresh = build_fresh_model(sources.checkpoint_dir, model, options.input_signature)
+    fresh = build_fresh_model(sources.checkpoint_dir, model, options.input_signature, sources.training.prefix)
     step(STAGES[2])
     restored = restore(fresh, sources.training)
     step(STAGES[3])

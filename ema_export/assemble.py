@@ -77,9 +77,8 @@ def _keras_ema_call(restored: RestoredModel, report: FoldReport, root: tf.Module
     root.ema_variables = averaged
 
     def call(*inputs: tf.Tensor) -> Any:
-        outputs, _ = model.stateless_call(
-            trainable_values, non_trainable_values, inputs[0] if len(inputs) == 1 else list(inputs), training=False
-        )
+        outputs, _ = model.stateless_call(trainable_values, non_trainable_values, restored.fresh.pack(inputs),
+                                          training=False)
         return outputs
 
     return call

@@ -37,6 +37,9 @@ class FreshModel:
     input_signature: list[tf.TensorSpec]
     kind: str
     """"keras" (Keras 3), "tf_keras" (Keras 2, the tf-keras package) or "module" (a plain tf.Module)."""
+    input_keys: tuple[str, ...] | None = None
+    """For a Keras model whose inputs are a dict (KerasHub text models): the key of each serving input, in
+    signature order. The model is called with that dict, the structure it declares."""
 
     @property
     def is_keras(self) -> bool:
@@ -48,16 +51,23 @@ class FreshModel:
         """A tf-keras (Keras 2) model: its EMA arm is a second instance, like a tf.Module's."""
         return self.kind == "tf_keras"
 
+    def pack(self, inputs: Sequence[tf.Tensor]) -> Any:
+        """Serving inputs in the structure a Keras model declares: a dict by key, one tensor, or a list."""
+        if self.input_keys is not None:
+            return dict(zip(self.input_keys, inputs))
+        return inputs[0] if len(inputs) == 1 else list(inputs)
+
     def call(self, model: Any, inputs: Sequence[tf.Tensor]) -> Any:
         """Run `model` (this one or a copy) on serving inputs, in inference mode."""
         if self.kind in ("keras", "tf_keras"):
-            return model(inputs[0] if len(inputs) == 1 else list(inputs), training=False)
+            return model(self.pack(inputs), training=False)
         return _serving_function(model)(*inputs)
 
     def build(self, model: Any) -> None:
         """Create a Keras model's variables (Keras does on the first call) so they can be restored or assigned."""
         if self.kind in ("keras", "tf_keras") and (not model.built or not model.variables):
-            self.call(model, [tf.zeros([1] + spec.shape.as_list()[1:], spec.dtype) for spec in self.input_signature])
+            self.call(model, [tf.zeros([1] + [d or 1 for d in spec.shape.as_list()[1:]], spec.dtype)
+                              for spec in self.input_signature])
 
 
 def _is_keras_model(obj: Any) -> bool:
@@ -187,20 +197,79 @@ def _default_names(count: int) -> list[str]:
     return ["inputs"] if count == 1 else [f"input_{index}" for index in range(count)]
 
 
+_AUTOMATIC_INPUT_NAME = re.compile(r"^(keras_tensor|input_layer|input)(_\d+)?$")
+"""Names Keras gives unnamed inputs (`keras.Input(shape)`): a session counter, so `input_layer_3` in the process
+that saved `model.keras` and `keras_tensor_7` in a factory. Such inputs serve under `inputs` / `input_N` instead, the
+same names whichever way the model was rebuilt."""
+
+
+def _declared_name(tensor: Any) -> str | None:
+    name = getattr(tensor, "name", None)
+    return None if not name or _AUTOMATIC_INPUT_NAME.match(name) else name
+
+
+def _keras_input_dict(model: Any) -> dict[str, Any] | None:
+    """The inputs of a functional model built on a dict of `keras.Input`s, in the order it declares them."""
+    try:
+        structure = model.input
+    except (AttributeError, ValueError):
+        return None
+    return dict(structure) if isinstance(structure, dict) else None
+
+
 def _keras_signature(model: Any) -> list[tf.TensorSpec] | None:
+    declared = _keras_input_dict(model)
+    if declared is not None:
+        return [tf.TensorSpec(tuple(t.shape), t.dtype, name=key) for key, t in declared.items()]
     try:
         inputs = model.inputs
     except (AttributeError, ValueError):
         return None
     if not inputs:
         return None
-    return [tf.TensorSpec(tuple(t.shape), t.dtype, name=getattr(t, "name", None)) for t in inputs]
+    return [tf.TensorSpec(tuple(t.shape), t.dtype, name=_declared_name(t)) for t in inputs]
+
+
+def _input_keys(model: Any, specs: Sequence[tf.TensorSpec], source: str) -> tuple[str, ...] | None:
+    """The dict key of each serving input, for a model that takes a dict; checked against the keys it declares."""
+    declared = _keras_input_dict(model)
+    if declared is None:
+        return None
+    names = tuple(spec.name for spec in specs)
+    if sorted(names) != sorted(declared):
+        raise ModelLoadError(
+            f"The model from {source} takes a dict of inputs keyed {', '.join(declared)}; the serving inputs are "
+            f"named {', '.join(map(str, names))}",
+            hint="Name each --input-signature after one of the model's input keys, once per key. Received: "
+            + ", ".join(map(str, names)),
+        )
+    return names
+
+
+def _resolve_factory(checkpoint_dir: str | os.PathLike, model: str | ModelFactory | None,
+                     training_file: str | None) -> tuple[ModelFactory, str]:
+    """The factory to build the model with and how to name it: the one given, else the architecture saved in the
+    training `.keras` file itself, else `model.keras` / `model.json` beside the checkpoint."""
+    if isinstance(model, str):
+        return load_factory(model), f"factory {model}"
+    if model is not None:
+        return model, f"factory {getattr(model, '__module__', '?')}.{getattr(model, '__qualname__', model)}"
+    if training_file is not None and training_file.endswith(".keras"):
+        return _keras_config_factory(Path(training_file)), f"architecture of {training_file}"
+    found = [Path(checkpoint_dir) / name for name in ARCHITECTURE_FILES if (Path(checkpoint_dir) / name).is_file()]
+    if not found:
+        raise ModelLoadError(
+            f"No model given and no {' or '.join(ARCHITECTURE_FILES)} in {checkpoint_dir}",
+            hint="Pass --model package.module:factory (a function returning the model, untrained)",
+        )
+    return _keras_config_factory(found[0]), f"architecture of {found[0]}"
 
 
 def build_fresh_model(
     checkpoint_dir: str | os.PathLike,
     model: str | ModelFactory | None = None,
     input_signature: Sequence[str] | Sequence[tf.TensorSpec] | None = None,
+    training_file: str | None = None,
 ) -> FreshModel:
     """Build a fresh model with its variables created, ready for restoring.
 
@@ -209,22 +278,13 @@ def build_fresh_model(
         model: A factory, or `package.module:factory`.
         input_signature: Serving inputs, as TensorSpecs or `NAME:DTYPE:[shape]` strings, for models that do not
             define them.
+        training_file: The training checkpoint when it is itself a `.keras` file (`model-03.keras`, whatever its
+            name): its own architecture is used when `model` is not given.
 
     Raises:
         ModelLoadError: No model, a factory that fails, or no way to know the serving inputs.
     """
-    if model is None:
-        found = [Path(checkpoint_dir) / name for name in ARCHITECTURE_FILES if (Path(checkpoint_dir) / name).is_file()]
-        if not found:
-            raise ModelLoadError(
-                f"No model given and no {' or '.join(ARCHITECTURE_FILES)} in {checkpoint_dir}",
-                hint="Pass --model package.module:factory (a function returning the model, untrained)",
-            )
-        factory, source = _keras_config_factory(found[0]), f"architecture of {found[0]}"
-    elif isinstance(model, str):
-        factory, source = load_factory(model), f"factory {model}"
-    else:
-        factory, source = model, f"factory {getattr(model, '__module__', '?')}.{getattr(model, '__qualname__', model)}"
+    factory, source = _resolve_factory(checkpoint_dir, model, training_file)
     try:
         instance = factory()
     except ModelLoadError:
@@ -258,7 +318,8 @@ def build_fresh_model(
             hint="Pass --input-signature NAME:DTYPE:[None,...] once per input",
         )
     specs = _with_dynamic_batch(specs, _default_names(len(specs)))
-    fresh = FreshModel(instance, factory, source, specs, kind)
+    keys = _input_keys(instance, specs, source) if kind != "module" else None
+    fresh = FreshModel(instance, factory, source, specs, kind, keys)
     fresh.build(instance)
     return fresh
 

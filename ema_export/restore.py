@@ -14,7 +14,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from ema_export.checkpoint_graph import iter_variables, match_objects, read_object_graph, variable_identity
+from ema_export.checkpoint_graph import children_of, iter_variables, match_objects, read_object_graph, variable_identity
 from ema_export.errors import RestoreError
 from ema_export.fresh_model import FreshModel
 from ema_export.locate import CheckpointFiles
@@ -93,6 +93,32 @@ def restore(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredModel:
     return restore_live(fresh, checkpoint)
 
 
+def _untracked_state(model: Any, variables: list[Any]) -> set[int]:
+    """Non-trainable variables no `tf.train.Checkpoint` can save, because no trackable object holds them.
+
+    Keras 3's `SeedGenerator` (the random state of Dropout and friends, `keras/src/random/seed_generator.py`) is a
+    plain Python object, so its `seed_generator_state` variable is in `model.variables` but never in a TensorFlow
+    checkpoint. It does not affect inference; both arms keep the fresh value.
+    """
+    reachable: set[int] = set()
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        reachable.add(variable_identity(obj))
+        stack.extend(children_of(obj).values())
+    return {variable_identity(v) for v in variables if not v.trainable and variable_identity(v) not in reachable}
+
+
+def _unsaved_variable(variable: Any) -> RestoredVariable:
+    path = getattr(variable, "path", None) or variable.name
+    return RestoredVariable(variable=variable, path=path, checkpoint_key="", training_name=path, trainable=False,
+                            shape=tuple(variable.shape), dtype=tf.dtypes.as_dtype(variable.dtype), keras_path=path)
+
+
 def restore_live(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredModel:
     """Restore the live values into `fresh.model`, strictly.
 
@@ -108,7 +134,8 @@ def restore_live(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredMode
             hint="Save the training state with tf.train.Checkpoint, or pass --layout for a name-based layout",
         )
     variables = model_variables(fresh.model)
-    wanted = {variable_identity(v): v for v in variables}
+    unsaved = _untracked_state(fresh.model, variables)
+    wanted = {variable_identity(v): v for v in variables if variable_identity(v) not in unsaved}
     candidates = [(0, "checkpoint root")] + [(c.node_id, c.local_name) for c in graph.nodes[0].children]
     best: tuple[int, str, dict[int, Any], dict] | None = None
     for node_id, label in candidates:
@@ -145,7 +172,7 @@ def restore_live(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredMode
             hint="The model and checkpoint disagree on structure; pass the --model that wrote this checkpoint",
         ) from error
     restored = [
-        RestoredVariable(
+        _unsaved_variable(variable) if variable_identity(variable) in unsaved else RestoredVariable(
             variable=variable,
             path="/".join(found[variable_identity(variable)].path),
             checkpoint_key=found[variable_identity(variable)].checkpoint_key,
