@@ -53,6 +53,9 @@ class ExportOptions:
         ema_name: The name a TF1 `ExponentialMovingAverage(name=...)` gave its shadows, when not the default.
         step: Export the training/EMA pair of this step instead of the newest complete pair.
         allow_step_mismatch: Export an explicitly named pair whose steps differ (recorded in the manifest).
+        inverted: The checkpoint holds the averages in the model and the raw weights as its EMA (Keras
+            `SwapEMAWeights(swap_on_epoch=True)` checkpoints, Model Garden's `ema_checkpoints/`): True swaps the arms
+            back, False exports it as it is, None (default) decides from the evidence and refuses when ambiguous.
     """
 
     ema_checkpoint: str | os.PathLike | None = None
@@ -66,6 +69,7 @@ class ExportOptions:
     ema_name: str | None = None
     step: int | None = None
     allow_step_mismatch: bool = False
+    inverted: bool | None = None
 
 
 @dataclass
@@ -130,7 +134,8 @@ def _prepare(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model
     step(STAGES[2])
     restored = restore(fresh, sources.training)
     step(STAGES[3])
-    layout, reason = choose_layout(sources, restored, options.layout, LayoutSettings(ema_name=options.ema_name))
+    layout, reason = choose_layout(sources, restored, options.layout, LayoutSettings(
+        ema_name=options.ema_name, inverted=options.inverted, bn_stats=options.bn_stats))
     match = layout.collect(sources, restored)
     step(STAGES[4])
     report = fold(restored, match, reason, options.allow_missing, options.bn_stats)
@@ -211,7 +216,8 @@ def _export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model:
     probe = probe_inputs(fresh.input_signature)
     manifest = build_manifest(sources, restored, report, assembly, prepared.version,
                               {"bn_stats": options.bn_stats, "allow_missing": options.allow_missing,
-                               "allow_step_mismatch": sources.step_mismatch_allowed})
+                               "allow_step_mismatch": sources.step_mismatch_allowed,
+                               "inverted": options.inverted})
     model_source, attachment = fresh.source, restored.attachment
     with staging_directory(output_dir) as staging:
         step(STAGES[6])

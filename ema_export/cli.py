@@ -147,6 +147,11 @@ def _fail(message: str, code: int, as_json: bool, kind: str) -> None:
               help="Export the training/EMA pair of step N (default: the newest step both checkpoints have).")
 @click.option("--allow-step-mismatch", is_flag=True,
               help="Export an explicitly named pair whose steps differ (recorded in the manifest).")
+@click.option("--inverted/--not-inverted", default=None,
+              help="The checkpoint's model holds the averages and its EMA values the raw weights (Keras "
+                   "SwapEMAWeights(swap_on_epoch=True) + ModelCheckpoint, Model Garden ema_checkpoints/): swap the "
+                   "arms back (recorded in the manifest). --not-inverted exports it as it is. Default: detected; "
+                   "refused when it cannot be told.")
 @click.option("--dry-run", is_flag=True,
               help="Run every stage up to folding, print the matching table and what would be written; "
                    "write nothing.")
@@ -155,7 +160,7 @@ def _fail(message: str, code: int, as_json: bool, kind: str) -> None:
 def cli(ckpt_dir: str, out_dir: str, ema_checkpoint: str | None, model_spec: str | None,
         input_signature: tuple[str, ...], allow_missing: bool, version: int | None, overwrite: bool,
         default_signature: str, layout: str | None, bn_stats: str, ema_name: str | None, step: int | None,
-        allow_step_mismatch: bool, dry_run: bool,
+        allow_step_mismatch: bool, inverted: bool | None, dry_run: bool,
         as_json: bool, verbose: bool) -> None:
     """Export the live and EMA weights of a training checkpoint as one SavedModel.
 
@@ -176,7 +181,8 @@ def cli(ckpt_dir: str, out_dir: str, ema_checkpoint: str | None, model_spec: str
         options = ExportOptions(ema_checkpoint=ema_checkpoint, input_signature=input_signature or None,
                                 allow_missing=allow_missing, version=version, overwrite=overwrite,
                                 default_signature=default_signature, layout=layout, bn_stats=bn_stats,
-                                ema_name=ema_name, step=step, allow_step_mismatch=allow_step_mismatch)
+                                ema_name=ema_name, step=step, allow_step_mismatch=allow_step_mismatch,
+                                inverted=inverted)
         progress = _StageProgress(enabled=not as_json and sys.stderr.isatty())
         if dry_run:
             planned = plan(ckpt_dir, out_dir, model=model_spec, options=options, progress=progress)

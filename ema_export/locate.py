@@ -18,6 +18,8 @@ from ema_export.names import EMA_CHECKPOINT_SUBDIR
 _STATE_FILENAME = "checkpoint"
 KERAS_FILE_SUFFIXES = (".weights.h5", ".keras")
 """Keras's own files, which hold model weights and (when compiled) optimizer variables, EMA averages included."""
+SAVED_MODEL_VARIABLES = "variables/variables"
+"""The checkpoint prefix inside a SavedModel directory."""
 _PATH_IN_STATE = re.compile(r'^model_checkpoint_path:\s*"(.*)"\s*$', re.MULTILINE)
 
 
@@ -38,9 +40,46 @@ class CheckpointFiles:
 
     @property
     def number(self) -> int | None:
-        """The `-N` suffix TensorFlow's `save()` puts on a prefix, if there is one."""
+        """The `-N` suffix TensorFlow's `save()` puts on a prefix, or the last number in a Keras file's name
+        (`model-03.keras`, `ckpt-12.weights.h5`, as `ModelCheckpoint` fills in `{epoch}`), if there is one."""
+        if self.is_keras_file:
+            return keras_file_number(os.path.basename(self.prefix))
         match = re.search(r"-(\d+)$", self.prefix)
         return int(match.group(1)) if match else None
+
+
+def keras_file_number(name: str) -> int | None:
+    """The last number in a Keras file's name: the epoch or step `ModelCheckpoint` wrote into it."""
+    numbers = re.findall(r"\d+", name.removesuffix(".weights.h5").removesuffix(".keras"))
+    return int(numbers[-1]) if numbers else None
+
+
+def _newest_keras_file(directory: Path, role: str, flag: str, step: int | None) -> CheckpointFiles | None:
+    """The Keras file to use among several in one directory (`ModelCheckpoint("model-{epoch:02d}.keras")`): the one
+    with the highest number in its name, or number `step`. None when the directory holds no Keras file."""
+    files = sorted(str(p) for suffix in KERAS_FILE_SUFFIXES for p in directory.glob("*" + suffix))
+    if not files:
+        return None
+    if len(files) == 1 and step is None:
+        return CheckpointFiles(files[0], (files[0],), f"only Keras file in {directory}")
+    by_number: dict[int, list[str]] = {}
+    for path in files:
+        number = keras_file_number(os.path.basename(path))
+        if number is not None:
+            by_number.setdefault(number, []).append(path)
+    listing = ", ".join(os.path.basename(p) for p in files)
+    chosen = step if step is not None else max(by_number, default=None)
+    if chosen is None or chosen not in by_number or len(by_number[chosen]) > 1:
+        problem = (f"has no Keras file numbered {step}" if step is not None and step not in by_number
+                   else f"has {len(files)} Keras files and cannot tell which is newest")
+        raise CheckpointNotFoundError(
+            f"The {role} directory {directory} {problem}",
+            hint=f"Pass one file with {flag}, or pick a number with --step N. Received: {listing}",
+        )
+    how = (f"number {chosen} given with --step" if step is not None
+           else f"newest by the number in its name, of {len(files)} Keras files in {directory}; --step N picks another")
+    path = by_number[chosen][0]
+    return CheckpointFiles(path, (path,), how)
 
 
 @dataclass(frozen=True)
@@ -61,7 +100,12 @@ def _files_of(prefix: str) -> tuple[str, ...]:
     return tuple(os.path.join(folder, name) for name in names)
 
 
-def _latest_in_directory(directory: Path, role: str, flag: str) -> CheckpointFiles:
+def _latest_in_directory(directory: Path, role: str, flag: str, step: int | None = None) -> CheckpointFiles:
+    saved_model = directory / SAVED_MODEL_VARIABLES
+    if (directory / "saved_model.pb").is_file() and Path(str(saved_model) + ".index").is_file():
+        # tf-keras ModelCheckpoint's default output is a SavedModel directory; its variables are a checkpoint.
+        return CheckpointFiles(str(saved_model), _files_of(str(saved_model)),
+                               f"variables of the SavedModel in {directory}")
     state = directory / _STATE_FILENAME
     if state.is_file():
         match = _PATH_IN_STATE.search(state.read_text(errors="replace"))
@@ -80,9 +124,9 @@ def _latest_in_directory(directory: Path, role: str, flag: str) -> CheckpointFil
             )
     prefixes = sorted({str(p)[: -len(".index")] for p in directory.glob("*.index")})
     if not prefixes:
-        keras_files = sorted(str(p) for suffix in KERAS_FILE_SUFFIXES for p in directory.glob("*" + suffix))
-        if len(keras_files) == 1:
-            return CheckpointFiles(keras_files[0], (keras_files[0],), f"only Keras file in {directory}")
+        keras_file = _newest_keras_file(directory, role, flag, step)
+        if keras_file is not None:
+            return keras_file
     if len(prefixes) == 1:
         return CheckpointFiles(prefixes[0], _files_of(prefixes[0]), f"only checkpoint in {directory}")
     if prefixes:
@@ -97,20 +141,21 @@ def _latest_in_directory(directory: Path, role: str, flag: str) -> CheckpointFil
     )
 
 
-def resolve_checkpoint(path: str | os.PathLike, role: str, flag: str) -> CheckpointFiles:
+def resolve_checkpoint(path: str | os.PathLike, role: str, flag: str, step: int | None = None) -> CheckpointFiles:
     """Resolve a directory or a prefix to one checkpoint.
 
     Args:
         path: A checkpoint directory (its latest checkpoint is used) or a checkpoint prefix.
         role: "training" or "EMA", for messages.
         flag: The command-line argument that sets this path, for hints.
+        step: In a directory of numbered Keras files, the number of the one to use (default: the highest).
 
     Raises:
         CheckpointNotFoundError: Nothing readable is there.
     """
     path = Path(path)
     if path.is_dir():
-        return _latest_in_directory(path, role, flag)
+        return _latest_in_directory(path, role, flag, step)
     prefix = str(path)
     if path.is_file() and prefix.endswith(KERAS_FILE_SUFFIXES):
         return CheckpointFiles(prefix, (prefix,), "given as a Keras file")
@@ -145,11 +190,11 @@ def read_step(files: CheckpointFiles) -> CheckpointFiles:
     return files
 
 
-def _resolve_for_pairing(path: str | os.PathLike, role: str, flag: str) -> CheckpointFiles:
+def _resolve_for_pairing(path: str | os.PathLike, role: str, flag: str, step: int | None = None) -> CheckpointFiles:
     """Like `resolve_checkpoint`, but a directory whose state file names deleted files still offers its checkpoints
     for pairing by number (the newest one stands in until the pair is chosen)."""
     try:
-        return resolve_checkpoint(path, role, flag)
+        return resolve_checkpoint(path, role, flag, step)
     except CheckpointNotFoundError:
         numbered = _numbered(Path(path)) if Path(path).is_dir() else {}
         if not numbered:
@@ -223,7 +268,7 @@ def locate(checkpoint: str | os.PathLike, ema_checkpoint: str | os.PathLike | No
     Raises:
         CheckpointNotFoundError: Either checkpoint is missing or ambiguous, or the steps do not pair.
     """
-    training = _resolve_for_pairing(checkpoint, "training", "CKPT_DIR")
+    training = _resolve_for_pairing(checkpoint, "training", "CKPT_DIR", step)
     checkpoint_dir = str(checkpoint) if Path(checkpoint).is_dir() else os.path.dirname(training.prefix)
     if ema_checkpoint is not None:
         ema: CheckpointFiles | None = _resolve_for_pairing(ema_checkpoint, "EMA", "--ema-checkpoint")

@@ -99,3 +99,26 @@ def mlp_outputs(trainable: list[np.ndarray], statistics: list[np.ndarray], input
 def serve(version_dir, signature: str, inputs: np.ndarray = X, input_name: str = "features") -> np.ndarray:
     loaded = tf.saved_model.load(str(version_dir))
     return loaded.signatures[signature](**{input_name: tf.constant(inputs)})["output_0"].numpy()
+
+
+def fit_with_swapped_checkpoints(directory, build, epochs: int = 3, filename: str = "model-{epoch:02d}.keras"):
+    """Keras's documented way to checkpoint EMA weights: `SwapEMAWeights(swap_on_epoch=True)` before
+    `ModelCheckpoint`. A callback placed before both records, at each epoch's end, the raw weights and averages as
+    the optimizer holds them (before the swap), so tests know what each file should have held.
+
+    Returns:
+        The model and, per epoch, (raw trainable values, averages).
+    """
+    model = compiled(build, keras.optimizers.Adam(0.05, use_ema=True, ema_momentum=0.5))
+    truth: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
+
+    def record(epoch, logs):
+        truth.append(([v.numpy().copy() for v in model.trainable_variables],
+                      [a.numpy().copy() for a in model.optimizer._model_variables_moving_average]))
+
+    x, y = fit_arrays(4)
+    model.fit(x, y, batch_size=8, epochs=epochs, verbose=0, shuffle=False,
+              callbacks=[keras.callbacks.LambdaCallback(on_epoch_end=record),
+                         keras.callbacks.SwapEMAWeights(swap_on_epoch=True),
+                         keras.callbacks.ModelCheckpoint(str(Path(directory) / filename))])
+    return model, truth

@@ -78,3 +78,77 @@ def test_kerashub_input_signature_names_the_dict_keys(tmp_path):
     with pytest.raises(ema_export.EmaExportError, match="dict of inputs keyed token_ids, segment_ids, padding_mask"):
         ema_export.export(tmp_path / "run", tmp_path / "out2", model=bert_classifier,
                           input_signature=["inputs:int32:[None,6]"])
+
+
+# --- 1 and 6: SwapEMAWeights(swap_on_epoch=True) + ModelCheckpoint, per-epoch files ---------------------------------
+
+import json  # noqa: E402
+
+from click.testing import CliRunner  # noqa: E402
+
+import keras_producers as kp  # noqa: E402
+import tiny_models as tm  # noqa: E402
+from ema_export.cli import cli  # noqa: E402
+from ema_export.errors import LayoutError  # noqa: E402
+
+
+def mlp_from_file(path, trainable: list[np.ndarray]) -> np.ndarray:
+    statistics = [kp.h5_values(path)[key] for key in kp.MLP_STATISTICS]
+    return kp.mlp_outputs(trainable, statistics)
+
+
+def test_swap_ema_weights_checkpoints_are_refused_then_swapped_back_with_inverted(tmp_path):
+    _, truth = kp.fit_with_swapped_checkpoints(tmp_path / "run", tm.build_functional, epochs=3)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model-01.keras", "model-02.keras",
+                                                                    "model-03.keras"]
+    middle = tmp_path / "run" / "model-02.keras"
+    # What Keras really wrote: the model holds the epoch's averages (to within the swap's rounding).
+    np.testing.assert_allclose(kp.h5_values(middle)["layers/dense/vars/0"], truth[1][1][0], rtol=1e-6, atol=1e-6)
+
+    with pytest.raises(LayoutError, match="is an inverted EMA checkpoint") as refused:
+        ema_export.export(middle, tmp_path / "out")
+    assert "model-03.keras, the newest file of its series, holds its averages twice" in str(refused.value)
+    assert "--inverted" in str(refused.value)
+    # The same file chosen from the directory with --step (item 6): refused the same way.
+    with pytest.raises(LayoutError, match="model-02.keras is an inverted EMA checkpoint"):
+        ema_export.export(tmp_path / "run", tmp_path / "out", step=2)
+
+    result = ema_export.export(middle, tmp_path / "out", inverted=True)  # architecture from the file itself
+    assert result.manifest["policies"]["inverted"] is True
+    assert "arms swapped back (--inverted)" in result.manifest["layout"]["reason"]
+    raw, averages = truth[1]
+    np.testing.assert_allclose(kp.serve(result.version_dir, "serve_live"), mlp_from_file(middle, raw),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kp.serve(result.version_dir, "serve_ema"), mlp_from_file(middle, averages),
+                               rtol=1e-5, atol=1e-5)
+    assert not np.allclose(mlp_from_file(middle, raw), mlp_from_file(middle, averages), atol=1e-3)
+
+    # The directory itself: the newest file by its number (the finalized last epoch), said so (item 6).
+    newest = ema_export.export(tmp_path / "run", tmp_path / "out")
+    assert newest.sources.training.prefix.endswith("model-03.keras")
+    assert "newest by the number in its name, of 3 Keras files" in newest.sources.training.chosen_by
+    assert any("averages equal their weights exactly" in warning for warning in newest.warnings)
+
+
+def test_checkpoints_without_the_swap_are_not_taken_for_inverted(tmp_path):
+    model = kp.compiled(tm.build_functional, keras.optimizers.Adam(0.05, use_ema=True, ema_momentum=0.5))
+    x, y = kp.fit_arrays(4)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False,
+              callbacks=[keras.callbacks.ModelCheckpoint(str(tmp_path / "run" / "ckpt-{epoch}.weights.h5"),
+                                                         save_weights_only=True)])
+    result = ema_export.export(tmp_path / "run", tmp_path / "out", model=lambda: kp.compiled(
+        tm.build_functional, keras.optimizers.Adam(0.05, use_ema=True, ema_momentum=0.5)))
+    assert result.sources.training.prefix.endswith("ckpt-2.weights.h5")
+    assert not result.warnings
+
+
+def test_cli_inverted_is_recorded_and_not_inverted_exports_as_is(tmp_path):
+    kp.fit_with_swapped_checkpoints(tmp_path / "run", tm.build_functional, epochs=2)
+    middle = tmp_path / "run" / "model-01.keras"
+    swapped = CliRunner().invoke(cli, [str(middle), str(tmp_path / "out"), "--inverted", "--json"])
+    assert swapped.exit_code == 0, swapped.output
+    assert json.loads(swapped.stdout)["policies"]["inverted"] is True
+    as_is = CliRunner().invoke(cli, [str(middle), str(tmp_path / "out"), "--not-inverted", "--json"])
+    assert as_is.exit_code == 0, as_is.output
+    live_swapped = kp.serve(tmp_path / "out" / "1", "serve_live")
+    np.testing.assert_allclose(kp.serve(tmp_path / "out" / "2", "serve_ema"), live_swapped, rtol=1e-5, atol=1e-5)

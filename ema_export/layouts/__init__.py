@@ -52,13 +52,40 @@ def choose_layout(sources: CheckpointSources, restored: RestoredModel, name: str
         LayoutError: `name` is unknown, a checkpoint is an inverted EMA checkpoint (the model holds the averages),
             or no layout finds shadows (the message names every layout tried).
     """
+    layout, reason = _choose(sources, restored, name, settings or LayoutSettings())
+    if settings is not None and settings.inverted:
+        return _SwappedBack(layout), reason + "; arms swapped back (--inverted)"
+    return layout, reason
+
+
+class _SwappedBack(Layout):
+    """A layout read the other way round: for an inverted checkpoint, declared with `--inverted`."""
+
+    def __init__(self, inner: Layout) -> None:
+        super().__init__(inner.settings)
+        self.inner = inner
+        self.name = inner.name  # type: ignore[misc]
+        self.description = inner.description  # type: ignore[misc]
+
+    def detect(self, sources: CheckpointSources, restored: RestoredModel) -> str | None:
+        return self.inner.detect(sources, restored)
+
+    def collect(self, sources: CheckpointSources, restored: RestoredModel) -> ShadowMatch:
+        from ema_export.layouts.inversion import swap_arms
+
+        return swap_arms(self.inner.collect(sources, restored), restored)
+
+
+def _choose(sources: CheckpointSources, restored: RestoredModel, name: str | None,
+            settings: LayoutSettings) -> tuple[Layout, str]:
     from ema_export.layouts.optimizer_slot import find_inversion, refuse_inverted
 
-    # An inverted checkpoint has the keys of a regular one, so any layout would misread it: refuse it first.
-    for files in (sources.training, sources.ema):
+    # An inverted checkpoint has the keys of a regular one, so any layout would misread it: refuse it first, unless
+    # the user said what it is.
+    for files in (sources.training, sources.ema) if settings.inverted is None else ():
         inversion = find_inversion(files.prefix) if files is not None and not files.is_keras_file else None
         if inversion is not None:
-            raise refuse_inverted(inversion)
+            raise refuse_inverted(inversion, given_as_ema=files is sources.ema)
     if name is not None:
         if name not in LAYOUTS:
             raise LayoutError(

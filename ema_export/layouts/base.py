@@ -60,9 +60,14 @@ class LayoutSettings:
 
     Attributes:
         ema_name: The `name=` a TF1 `ExponentialMovingAverage` was given (its shadows are `<var>/<ema_name>`).
+        inverted: The checkpoint's model holds the averages and its EMA values the raw weights (True: swap the arms
+            back), or it does not (False); None lets the evidence decide and refuses when it is ambiguous.
+        bn_stats: `--bn-stats`, so a layout only warns about averaged statistics that will not be served.
     """
 
     ema_name: str | None = None
+    inverted: bool | None = None
+    bn_stats: str = "live"
 
 
 class CheckpointShadows:

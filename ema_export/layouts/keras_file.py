@@ -20,6 +20,7 @@ from ema_export.checkpoint_graph import variable_identity
 from ema_export.errors import LayoutError
 from ema_export.keras_files import OPTIMIZER_GROUP, StoredValue, optimizer_config, optimizer_values, read_value
 from ema_export.layouts.base import Layout, Shadow, ShadowMatch
+from ema_export.layouts.inversion import judge_keras_file, refuse
 from ema_export.layouts.keras_optimizer import finalized_warning
 from ema_export.locate import CheckpointSources
 from ema_export.restore import RestoredModel
@@ -190,6 +191,12 @@ class KerasFileEmaLayout(Layout):
                 dtype=stored.dtype,
                 read=functools.partial(read_value, plan.path, stored.key),
             )
+        if self.settings.inverted is None:
+            pairs = [(restored.variables[index].checkpoint_key, shadow.checkpoint_key)
+                     for index, shadow in match.matched.items()]
+            finding = judge_keras_file(plan.path, pairs, plan.stored[0].key)
+            if finding is not None:
+                raise refuse(finding)
         steps = int(read_value(plan.path, plan.stored[0].key)) if plan.stored[0].dtype.is_integer else 0
         warning = finalized_warning(match, restored, steps, f"The optimizer saved in {plan.path}")
         if warning:

@@ -125,6 +125,8 @@ class InvertedCheckpoint:
     signs: tuple[str, ...]
     regular: str | None
     regular_is_same_step: bool = False
+    certain: bool = True
+    """False for a renamed copy that mirrors another unnamed checkpoint of its step: one of the two is inverted."""
 
 
 def find_inversion(prefix: str) -> InvertedCheckpoint | None:
@@ -142,7 +144,7 @@ def find_inversion(prefix: str) -> InvertedCheckpoint | None:
     if name:
         signs.append("its name is average_weights-<step>")
     if not signs:
-        return None
+        return _mirrored_without_name(prefix)
     model_dir = path.parent.parent if path.parent.name == INVERTED_DIRECTORY else path.parent
     same_step = model_dir / f"ckpt-{name.group(1)}" if name else None
     if same_step is not None and same_step.with_name(same_step.name + ".index").is_file():
@@ -159,6 +161,53 @@ def find_inversion(prefix: str) -> InvertedCheckpoint | None:
     return InvertedCheckpoint(prefix, tuple(signs), regular)
 
 
+def _is_named_inverted(prefix: str) -> bool:
+    return Path(prefix).parent.name == INVERTED_DIRECTORY or INVERTED_NAME.match(Path(prefix).name) is not None
+
+
+def _nearby_prefixes(prefix: str) -> list[str]:
+    """Checkpoint prefixes in the same directory, its subdirectories and its parent: where a copy of a Model Garden
+    checkpoint, or the checkpoint it was copied from, usually sits."""
+    folder = Path(prefix).parent
+    places = [folder, folder.parent, *(child for child in folder.iterdir() if child.is_dir())]
+    found = {str(index)[: -len(".index")] for place in places for index in place.glob("*.index")}
+    found.discard(str(Path(prefix)))
+    return sorted(found)
+
+
+def _global_step(prefix: str) -> int | None:
+    reader = tf.train.load_checkpoint(prefix)
+    for key in ("global_step/.ATTRIBUTES/VARIABLE_VALUE", "step/.ATTRIBUTES/VARIABLE_VALUE"):
+        if reader.has_tensor(key):
+            return int(reader.get_tensor(key))
+    return None
+
+
+def _mirrored_without_name(prefix: str) -> InvertedCheckpoint | None:
+    """A checkpoint without Model Garden's names that holds, swapped, the values of a checkpoint of the same step
+    nearby: a renamed copy of an inverted checkpoint, or the regular checkpoint such a copy was made from.
+
+    Named partners decide (beside `ema_checkpoints/average_weights-N`, this one is the regular checkpoint); two
+    unnamed ones cannot be told apart, and the export is refused until the user says which this is.
+    """
+    step = _global_step(prefix)
+    if step is None:
+        return None
+    for other in _nearby_prefixes(prefix):
+        try:
+            if _global_step(other) != step or not _mirrors(prefix, other):
+                continue
+        except (tf.errors.OpError, ValueError):
+            continue
+        if _is_named_inverted(other):
+            return None
+        return InvertedCheckpoint(
+            prefix, (f"its model values are the 'average' slots of {other}, a checkpoint of the same step "
+                     f"({step}) that is not named as Model Garden names its inverted checkpoints either, so one of "
+                     "the two is a renamed copy of ema_checkpoints/average_weights-N",), other, True, certain=False)
+    return None
+
+
 def _mirrors(inverted_prefix: str, regular_prefix: str) -> bool:
     """Whether the inverted checkpoint's weights equal the regular one's averages (to within the swap's rounding)."""
     inverted, regular = tf.train.load_checkpoint(inverted_prefix), tf.train.load_checkpoint(regular_prefix)
@@ -173,8 +222,15 @@ def _mirrors(inverted_prefix: str, regular_prefix: str) -> bool:
                     atol=1e-6) for slot in slots[:_MIRROR_CHECKS])
 
 
-def refuse_inverted(inversion: InvertedCheckpoint) -> LayoutError:
+def refuse_inverted(inversion: InvertedCheckpoint, given_as_ema: bool = False) -> LayoutError:
     """The error for an inverted checkpoint: what it is, why it is not exported, which checkpoint to pass."""
+    from ema_export.layouts.inversion import INVERTED_FLAGS
+
+    if not inversion.certain:
+        return LayoutError(
+            f"Cannot tell whether {inversion.prefix} is an inverted EMA checkpoint ({'; '.join(inversion.signs)})",
+            hint=f"Say which it is: {INVERTED_FLAGS}. Received: {inversion.prefix}",
+        )
     if inversion.regular is None:
         instead = "the regular checkpoint in the training's model directory (the parent of ema_checkpoints/)"
     else:
@@ -186,7 +242,9 @@ def refuse_inverted(inversion: InvertedCheckpoint) -> LayoutError:
         f"({'; '.join(inversion.signs)}): weights and averages were swapped before saving, so its model holds the "
         "moving averages and its 'average' slots the raw weights, both rounded by the swap. Expected a training "
         "checkpoint whose model holds the raw weights",
-        hint=f"Pass {instead} as CKPT_DIR instead; it holds both exactly. Received: {inversion.prefix}",
+        hint=(("Drop --ema-checkpoint (the regular checkpoint holds the averages itself) and pass " if given_as_ema
+               else "Pass ") + f"{instead} as CKPT_DIR instead; it holds both exactly, or pass --inverted to export "
+              f"this one with the arms swapped back. Received: {inversion.prefix}"),
     )
 
 
@@ -212,7 +270,7 @@ class OptimizerSlotLayout(Layout):
         _, graph, slots = _read_average_slots(sources)
         if graph is None or not slots:
             return None
-        inversion = find_inversion(sources.training.prefix)
+        inversion = find_inversion(sources.training.prefix) if self.settings.inverted is None else None
         if inversion is not None:
             return f"{sources.training.prefix} is an inverted EMA checkpoint ({'; '.join(inversion.signs)})"
         owned = {v.checkpoint_key for v in restored.variables}
@@ -238,7 +296,7 @@ class OptimizerSlotLayout(Layout):
                 "wrapper keeps (TF Addons MovingAverage, Model Garden ExponentialMovingAverage)",
                 hint=f"Omit --layout to detect where the shadows are. Received: {present}",
             )
-        inversion = find_inversion(prefix)
+        inversion = find_inversion(prefix) if self.settings.inverted is None else None
         if inversion is not None:
             raise refuse_inverted(inversion)
         build = CheckpointShadows(reader)
@@ -256,7 +314,8 @@ class OptimizerSlotLayout(Layout):
             raise self._ambiguity(prefix, restored, ambiguous)
         matched = {index: build.shadow(found[0].checkpoint_key, found[0].full_name, [found[0].owner_name])
                    for index, found in candidates.items()}
-        return ShadowMatch(self.name, prefix, matched, [], [], self._warnings(restored, matched, outside))
+        return ShadowMatch(self.name, prefix, matched, [], [],
+                           self._warnings(restored, matched, outside, self.settings.bn_stats))
 
     @staticmethod
     def _ambiguity(prefix: str, restored: RestoredModel, ambiguous: dict[int, list[AverageSlot]]) -> LayoutError:
@@ -274,10 +333,11 @@ class OptimizerSlotLayout(Layout):
         )
 
     @staticmethod
-    def _warnings(restored: RestoredModel, matched: dict[int, Shadow], outside: list[AverageSlot]) -> list[str]:
+    def _warnings(restored: RestoredModel, matched: dict[int, Shadow], outside: list[AverageSlot],
+                  bn_stats: str) -> list[str]:
         warnings = []
         non_trainable = [restored.variables[i].name for i in matched if not restored.variables[i].trainable]
-        if non_trainable:
+        if non_trainable and bn_stats == "live":
             warnings.append(
                 f"{len(non_trainable)} non-trainable variables also have an 'average' slot "
                 f"({name_list(non_trainable)}; Model Garden's trainable_weights_only=False averages BatchNorm "
