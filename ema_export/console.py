@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import sys
 import warnings
@@ -25,6 +26,10 @@ def hide_native_logs() -> None:
     """Send native stderr to /dev/null while Python keeps writing to the real stderr."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     warnings.filterwarnings("ignore")
+    # TensorFlow's Python-side warnings ("WARNING:tensorflow: ... unrestored values", retracing notices) go through
+    # the `tensorflow` logger to stderr; our errors already say what matters.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         sys.stderr.flush()
         real = os.dup(2)

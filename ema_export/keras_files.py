@@ -29,7 +29,7 @@ from ema_export.checkpoint_graph import variable_identity
 from ema_export.errors import RestoreError
 from ema_export.fresh_model import FreshModel
 from ema_export.locate import CheckpointFiles
-from ema_export.restore import RestoredModel, RestoredVariable, model_variables, name_list
+from ema_export.restore import RestoredModel, RestoredVariable, model_variables, name_list, raise_for_shapes
 
 WEIGHTS_MEMBER = "model.weights.h5"
 """The HDF5 file inside a `.keras` archive."""
@@ -177,6 +177,10 @@ def restore_from_keras_file(fresh: FreshModel, checkpoint: CheckpointFiles) -> R
         )
     model = fresh.model
     paths = weight_paths(model)
+    with open_weights(path) as weights:
+        raise_for_shapes(path, [(key, tuple(variable.shape), tuple(weights[key].shape))
+                                for variable in model_variables(model)
+                                for key in [paths.get(variable_identity(variable), "")] if key in weights])
     try:
         _load(model, path)
     except Exception as error:  # Keras raises ValueError, KeyError, OSError ... for files that do not fit

@@ -61,10 +61,10 @@ class RestoredModel:
     """Object-graph node the model hangs at (None for name-based or Keras-file checkpoints)."""
 
 
-def name_list(names: list[str]) -> str:
+def name_list(names: list[str], limit: int = _LISTED) -> str:
     """`a, b, c and 4 more`: offenders in a one-line message."""
-    shown = ", ".join(names[:_LISTED])
-    return shown + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def model_variables(model: Any) -> list[Any]:
@@ -91,6 +91,24 @@ def restore(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredModel:
 
         return restore_by_name(fresh, checkpoint)
     return restore_live(fresh, checkpoint)
+
+
+def raise_for_shapes(source: str, entries: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> None:
+    """One error naming every variable whose shape differs from its checkpoint entry, before anything is loaded
+    (TensorFlow and Keras would fail on the first one, with a long message and warnings about the rest).
+
+    Args:
+        source: The checkpoint, for the message.
+        entries: (name, model shape, stored shape) per variable.
+    """
+    differing = [f"{name} {list(model)} in the model, {list(stored)} in the checkpoint"
+                 for name, model, stored in entries if tuple(model) != tuple(stored)]
+    if differing:
+        raise RestoreError(
+            f"{len(differing)} of {len(entries)} model variables have another shape than in {source}: "
+            f"{name_list(differing, limit=3)}",
+            hint="The model is not the architecture that was trained; pass the --model that was trained",
+        )
 
 
 def _untracked_state(model: Any, variables: list[Any]) -> set[int]:
@@ -160,6 +178,10 @@ def restore_live(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredMode
             "with tf.train.Checkpoint(model=...) or as the checkpoint's root",
         )
 
+    shapes = reader.get_variable_to_shape_map()
+    raise_for_shapes(checkpoint.prefix, [(entry.full_name or "/".join(entry.path), tuple(wanted[identity].shape),
+                                          tuple(shapes.get(entry.checkpoint_key, ())))
+                                         for identity, entry in found.items()])
     root = tf.train.Checkpoint(root=fresh.model) if node_id == 0 else tf.train.Checkpoint(**{label: fresh.model})
     status = root.read(checkpoint.prefix)
     status.expect_partial()  # optimizer state, step counters and other objects the model does not own: on purpose

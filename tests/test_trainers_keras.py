@@ -152,3 +152,55 @@ def test_cli_inverted_is_recorded_and_not_inverted_exports_as_is(tmp_path):
     assert as_is.exit_code == 0, as_is.output
     live_swapped = kp.serve(tmp_path / "out" / "1", "serve_live")
     np.testing.assert_allclose(kp.serve(tmp_path / "out" / "2", "serve_ema"), live_swapped, rtol=1e-5, atol=1e-5)
+
+
+# --- 4: a --model of another width, and a Keras file trained without use_ema ------------------------------------------
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+WIDE_MODULE = '''
+import keras
+import tiny_models as tm
+
+def wide():
+    inputs = keras.Input((tm.NUM_FEATURES,), name="features")
+    hidden = keras.layers.ReLU()(keras.layers.BatchNormalization()(keras.layers.Dense(16)(inputs)))
+    return keras.Model(inputs, keras.layers.Dense(tm.NUM_CLASSES)(hidden), name="classifier")
+'''
+
+
+def run_command(*args, cwd) -> subprocess.CompletedProcess:
+    """The installed command line, in its own process: what a user's terminal shows, stderr included."""
+    tests = str(Path(__file__).parent)
+    return subprocess.run([sys.executable, "-c", "from ema_export.cli import main; main()", *map(str, args)],
+                          cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{cwd}:{tests}"})
+
+
+def test_wrong_width_model_is_one_restore_error_line_and_nothing_else(tmp_path):
+    (tmp_path / "wide_models.py").write_text(WIDE_MODULE)
+    model = kp.train_on_batches(kp.compiled(tm.build_functional))
+    model.save(tmp_path / "model.keras")
+    tf.train.CheckpointManager(tf.train.Checkpoint(model=model, optimizer=model.optimizer), str(tmp_path / "tf"),
+                               1).save()
+    for source in (tmp_path / "model.keras", tmp_path / "tf"):
+        result = run_command(source, tmp_path / "out", "--model", "wide_models:wide", "--json", cwd=tmp_path)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith("Error: 7 of 8 model variables have another shape than in ")
+        assert "[4, 16] in the model, [4, 5] in the checkpoint" in lines[0] and "and 4 more" in lines[0]
+        assert lines[0].endswith("pass the --model that was trained")
+        assert json.loads(result.stdout)["type"] == "RestoreError"
+
+
+def test_keras_file_without_use_ema_leads_with_the_cause(tmp_path):
+    model = kp.train_on_batches(kp.compiled(tm.build_functional, keras.optimizers.Adam(0.05)))
+    model.save(tmp_path / "model.keras")
+    with pytest.raises(LayoutError) as error:
+        ema_export.export(tmp_path / "model.keras", tmp_path / "out")
+    assert str(error.value).startswith(f"No EMA shadows in {tmp_path / 'model.keras'}: its optimizer config says "
+                                       "Adam use_ema=False")
+    assert "Layouts tried" not in str(error.value)

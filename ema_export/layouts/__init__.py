@@ -99,11 +99,34 @@ def _choose(sources: CheckpointSources, restored: RestoredModel, name: str | Non
         reason = layout.detect(sources, restored)
         if reason:
             return layout, reason
+    cause = _likely_cause(sources)
+    if cause:
+        raise LayoutError(f"No EMA shadows in {sources.training.prefix}: {cause}",
+                          hint="Train with use_ema=True on the optimizer (or keep an EMA yourself and save it with "
+                          "ema_export.training), then export that checkpoint")
     tried = "; ".join(f"{n} ({cls.description})" for n, cls in LAYOUTS.items())
     raise LayoutError(
         f"No EMA shadows found for {sources.training.prefix}. Layouts tried: {tried}",
         hint="Pass --ema-checkpoint PATH if the shadows were saved elsewhere, or --layout NAME to force one",
     )
+
+
+def _likely_cause(sources: CheckpointSources) -> str | None:
+    """Why a checkpoint has no averages, when the file itself says so: a `.keras` file whose optimizer was
+    configured without `use_ema` (its config.json records the compile arguments)."""
+    from ema_export.keras_files import optimizer_config
+
+    if sources.ema is not None or not sources.training.prefix.endswith(".keras"):
+        return None
+    config = optimizer_config(sources.training.prefix)
+    if config is None:
+        return "the model in it was saved without a compiled optimizer, so it holds no optimizer averages"
+    inner = (config.get("config") or {}).get("inner_optimizer") or config  # LossScaleOptimizer wraps the real one
+    settings = inner.get("config") or {}
+    if not settings.get("use_ema"):
+        return (f"its optimizer config says {inner.get('class_name', 'the optimizer')} use_ema="
+                f"{settings.get('use_ema', False)}, so training kept no moving averages")
+    return None
 
 
 __all__ = ["LAYOUTS", "Layout", "LayoutSettings", "Shadow", "ShadowMatch", "choose_layout"]
