@@ -142,7 +142,9 @@ def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_
         )
     if problems:
         hint = "Check that --model is the architecture that was trained and that the EMA checkpoint is its own"
-        if missing and not allow_missing:
+        # Not when no trainable variable has a shadow: that is a misread checkpoint, and --allow-missing would
+        # serve the raw weights as "EMA".
+        if missing and not allow_missing and len(missing) < sum(1 for v in restored.variables if v.trainable):
             hint += "; --allow-missing keeps live values for variables without a shadow"
         raise FoldError(f"The EMA shadows in {match.source} do not fit the model ({len(problems)} problems):",
                         hint=hint, problems=problems)

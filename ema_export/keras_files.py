@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -83,14 +84,34 @@ def read_value(path: str, key: str) -> np.ndarray:
         return _as_array(weights[key])
 
 
+INNER_OPTIMIZER_GROUP = "optimizer/inner_optimizer/vars"
+"""Where a `LossScaleOptimizer` (what `compile()` wraps the optimizer in under `mixed_float16`) keeps the variables of
+the optimizer it wraps, averages included; its own `optimizer/vars` add the loss-scale state."""
+
+
 def optimizer_values(path: str) -> list[StoredValue]:
-    """The optimizer's stored variables in their numeric order (`optimizer/vars/0`, `1`, ..., not `1`, `10`, `2`)."""
+    """The optimizer's stored variables in their numeric order (`optimizer/vars/0`, `1`, ..., not `1`, `10`, `2`);
+    for a loss-scaled (mixed precision) optimizer, those of the optimizer inside it."""
     with open_weights(path) as weights:
-        if OPTIMIZER_GROUP not in weights:
+        found = [name for name in (INNER_OPTIMIZER_GROUP, OPTIMIZER_GROUP) if name in weights]
+        if not found:
             return []
-        group = weights[OPTIMIZER_GROUP]
-        return [StoredValue(f"{OPTIMIZER_GROUP}/{name}", tuple(group[name].shape), _dtype(group[name]))
+        group = weights[found[0]]
+        return [StoredValue(f"{found[0]}/{name}", tuple(group[name].shape), _dtype(group[name]))
                 for name in sorted(group, key=int)]
+
+
+def trained_precision(path: str) -> str | None:
+    """The mixed-precision policy (`mixed_float16`, `mixed_bfloat16`) a `.keras` file's layers were built with."""
+    if not path.endswith(".keras"):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        try:
+            text = archive.read(CONFIG_MEMBER).decode()
+        except KeyError:
+            return None
+    match = re.search(r'"name":\s*"(mixed_\w+)"', text)
+    return match.group(1) if match else None
 
 
 def optimizer_config(path: str) -> dict[str, Any] | None:

@@ -204,3 +204,30 @@ def test_keras_file_without_use_ema_leads_with_the_cause(tmp_path):
     assert str(error.value).startswith(f"No EMA shadows in {tmp_path / 'model.keras'}: its optimizer config says "
                                        "Adam use_ema=False")
     assert "Layouts tried" not in str(error.value)
+
+
+# --- 3: mixed precision, a LossScaleOptimizer's averages under optimizer/inner_optimizer/vars -------------------------
+
+
+def test_mixed_precision_keras_file_serves_its_averages(tmp_path):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = kp.train_on_batches(kp.compiled(tm.build_functional))
+        assert type(model.optimizer).__name__ == "LossScaleOptimizer"
+        model.save(tmp_path / "model.keras")
+        raw = np.asarray(model(kp.X, training=False), np.float32)
+        model.optimizer.inner_optimizer.finalize_variable_values(model.trainable_variables)
+        averaged = np.asarray(model(kp.X, training=False), np.float32)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert any(key.startswith("optimizer/inner_optimizer/vars/") for key in kp.h5_values(tmp_path / "model.keras"))
+
+    result = ema_export.export(tmp_path / "model.keras", tmp_path / "out")  # rebuilt in mixed precision
+    assert "optimizer/inner_optimizer/vars" in result.fold.folded[0].shadow_key
+    np.testing.assert_allclose(kp.serve(result.version_dir, "serve_live"), raw, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(kp.serve(result.version_dir, "serve_ema"), averaged, rtol=1e-2, atol=1e-2)
+    assert not any("mixed precision" in warning for warning in result.warnings)
+
+    float32 = ema_export.export(tmp_path / "model.keras", tmp_path / "out", model=tm.build_functional)
+    assert any("trained in mixed precision (mixed_float16)" in warning and "computes in float32" in warning
+               for warning in float32.warnings)

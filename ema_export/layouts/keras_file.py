@@ -18,7 +18,8 @@ from typing import Any
 
 from ema_export.checkpoint_graph import variable_identity
 from ema_export.errors import LayoutError
-from ema_export.keras_files import OPTIMIZER_GROUP, StoredValue, optimizer_config, optimizer_values, read_value
+from ema_export.keras_files import (OPTIMIZER_GROUP, StoredValue, optimizer_config, optimizer_values, read_value,
+                                   trained_precision)
 from ema_export.layouts.base import Layout, Shadow, ShadowMatch
 from ema_export.layouts.inversion import judge_keras_file, refuse
 from ema_export.layouts.keras_optimizer import finalized_warning
@@ -110,6 +111,9 @@ def _plan(sources: CheckpointSources, restored: RestoredModel) -> _Plan | None:
     known = _known_config(path, model)
     if known is not None:
         config, origin = known
+        inner = (config.get("config") or {}).get("inner_optimizer")
+        if isinstance(inner, dict):  # a LossScaleOptimizer: the averages are the wrapped optimizer's
+            config = inner
         if not (config.get("config") or {}).get("use_ema"):
             return None
         evidence = f"{config.get('class_name', 'the optimizer')} use_ema=True in {origin}"
@@ -197,6 +201,14 @@ class KerasFileEmaLayout(Layout):
             finding = judge_keras_file(plan.path, pairs, plan.stored[0].key)
             if finding is not None:
                 raise refuse(finding)
+        precision = trained_precision(plan.path)
+        policies = {getattr(getattr(layer, "dtype_policy", None), "name", "") for layer in restored.fresh.model.layers}
+        if precision and not any(name.startswith("mixed_") for name in policies):
+            match.warnings.append(
+                f"{plan.path} was trained in mixed precision ({precision}), but the model from "
+                f"{restored.fresh.source} computes in {', '.join(sorted(filter(None, policies)))}: both arms serve "
+                "the trained values in that precision, so outputs differ slightly from training's; build the model "
+                f"under keras.mixed_precision.set_global_policy({precision!r}) to serve it as trained")
         steps = int(read_value(plan.path, plan.stored[0].key)) if plan.stored[0].dtype.is_integer else 0
         warning = finalized_warning(match, restored, steps, f"The optimizer saved in {plan.path}")
         if warning:
