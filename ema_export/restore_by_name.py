@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from ema_export.checkpoint_graph import variable_identity
+from ema_export.checkpoint_graph import children_of, variable_identity
 from ema_export.errors import RestoreError
 from ema_export.fresh_model import FreshModel
 from ema_export.locate import CheckpointFiles
@@ -53,6 +53,25 @@ def find_entry(variable: Any, keys: list[str]) -> tuple[str | None, list[str]]:
     return None, []
 
 
+def attribute_paths(model: Any) -> dict[int, str]:
+    """Where each variable hangs in the model, by attribute and container names (`linear/kernel` for
+    `self.linear.kernel`), breadth first: the path a second instance is followed along, whatever the variable's own
+    `name=` says (a `tf.Variable(name="linear/kernel")` held by the attribute `kernel` hangs at `kernel`)."""
+    paths: dict[int, str] = {}
+    seen = {id(model)}
+    queue: list[tuple[Any, str]] = [(model, "")]
+    while queue:
+        obj, path = queue.pop(0)
+        for name, child in children_of(obj).items():
+            child_path = f"{path}/{name}".lstrip("/")
+            if isinstance(child, tf.Variable) or hasattr(child, "value") and isinstance(child.value, tf.Variable):
+                paths.setdefault(variable_identity(child), child_path)
+            if id(child) not in seen:
+                seen.add(id(child))
+                queue.append((child, child_path))
+    return paths
+
+
 def restore_by_name(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredModel:
     """Assign every model variable the value saved under its name.
 
@@ -65,6 +84,7 @@ def restore_by_name(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredM
     problems: list[str] = []
     restored: list[RestoredVariable] = []
     claimed: dict[str, str] = {}
+    attributes = attribute_paths(fresh.model)
     for variable in model_variables(fresh.model):
         label = variable_names(variable)[0]
         key, candidates = find_entry(variable, keys)
@@ -81,7 +101,8 @@ def restore_by_name(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredM
             continue
         variable.assign(reader.get_tensor(key))
         restored.append(RestoredVariable(
-            variable=variable, path=key, checkpoint_key=key, training_name=key, trainable=bool(variable.trainable),
+            variable=variable, path=attributes.get(variable_identity(variable), key), checkpoint_key=key,
+            training_name=key, trainable=bool(variable.trainable),
             shape=tuple(variable.shape), dtype=tf.dtypes.as_dtype(variable.dtype),
             keras_path=getattr(variable, "path", "") if not isinstance(variable, tf.Variable) else "",
         ))

@@ -231,3 +231,25 @@ def test_mixed_precision_keras_file_serves_its_averages(tmp_path):
     float32 = ema_export.export(tmp_path / "model.keras", tmp_path / "out", model=tm.build_functional)
     assert any("trained in mixed precision (mixed_float16)" in warning and "computes in float32" in warning
                for warning in float32.warnings)
+
+
+# --- 9: unnamed inputs serve under one name, whichever way the model was rebuilt -----------------------------------
+
+
+def unnamed_inputs_model() -> keras.Model:
+    inputs = keras.Input((tm.NUM_FEATURES,))  # no name: Keras numbers it per process
+    return keras.Model(inputs, keras.layers.Dense(tm.NUM_CLASSES)(inputs))
+
+
+def test_unnamed_inputs_serve_under_the_same_name_from_file_or_factory(tmp_path):
+    for _ in range(3):
+        unnamed_inputs_model()  # advance Keras's name counters, as a training script does
+    model = kp.train_on_batches(kp.compiled(unnamed_inputs_model))
+    (tmp_path / "run").mkdir()
+    model.save(tmp_path / "run" / "model.keras")
+    names = []
+    for source in (None, unnamed_inputs_model):
+        result = ema_export.export(tmp_path / "run" / "model.keras", tmp_path / "out", model=source)
+        function = tf.saved_model.load(str(result.version_dir)).signatures["serve_ema"]
+        names.append(sorted(function.structured_input_signature[1]))
+    assert names == [["inputs"], ["inputs"]]
