@@ -115,7 +115,7 @@ def test_forcing_the_layout_and_files_it_does_not_fit(tmp_path):
                                  keras.layers.BatchNormalization(), keras.layers.ReLU(),
                                  keras.layers.Dense(tm.NUM_CLASSES)])
 
-    with pytest.raises(RestoreError, match="Keras could not load"):
+    with pytest.raises(RestoreError, match="model variables have another shape than in .*pass the --model that was trained"):
         ema_export.dry_run(tmp_path / "ckpt.weights.h5", tmp_path / "models", model=wider)
     with pytest.raises(RestoreError, match="only a Keras 3 model can load it"):
         ema_export.dry_run(tmp_path / "ckpt.weights.h5", tmp_path / "models", model=tm.LinearModule)
