@@ -133,6 +133,7 @@ _MODULES = _import_without_runtime(
         "tensorflow.core.framework.tensor_shape_pb2",
         "tensorflow.core.framework.tensor_pb2",
         "tensorflow.core.protobuf.meta_graph_pb2",
+        "tensorflow.core.example.example_pb2",
         "tensorflow_serving.apis.model_pb2",
         "tensorflow_serving.apis.predict_pb2",
         "tensorflow_serving.apis.get_model_metadata_pb2",
@@ -146,6 +147,7 @@ types_pb2: Any = _MODULES["tensorflow.core.framework.types_pb2"]
 tensor_shape_pb2: Any = _MODULES["tensorflow.core.framework.tensor_shape_pb2"]
 tensor_pb2: Any = _MODULES["tensorflow.core.framework.tensor_pb2"]
 meta_graph_pb2: Any = _MODULES["tensorflow.core.protobuf.meta_graph_pb2"]
+example_pb2: Any = _MODULES["tensorflow.core.example.example_pb2"]  # tf.Example, for TFRecord evaluation data
 model_pb2: Any = _MODULES["tensorflow_serving.apis.model_pb2"]
 predict_pb2: Any = _MODULES["tensorflow_serving.apis.predict_pb2"]
 get_model_metadata_pb2: Any = _MODULES["tensorflow_serving.apis.get_model_metadata_pb2"]

@@ -18,8 +18,8 @@ from serving.ab import (
     load_dataset,
     mcnemar_exact_p,
     paired_accuracy_difference,
-    paired_bootstrap_difference,
 )
+from serving.stats import ExactSum, LatencyHistogram, paired_mean_interval, wilson_interval
 from serving.protocol import DataError, ModelNotFoundError, ServingError, SignatureNotFoundError
 from test_client_support import classification_inputs
 
@@ -48,28 +48,68 @@ def test_paired_accuracy_difference_is_the_wald_interval_of_per_example_differen
     )
 
 
-def test_paired_bootstrap_matches_the_normal_interval_on_a_large_sample() -> None:
+def test_paired_mean_interval_streams_exactly_whatever_the_batching() -> None:
     generator = np.random.default_rng(5)
-    baseline = generator.exponential(1.0, 4000)
-    candidate = baseline + generator.normal(0.2, 1.0, 4000)
-    differences = candidate - baseline
+    differences = generator.normal(0.2, 1.0, 4000) * generator.exponential(1.0, 4000)
     half_width = 1.959964 * differences.std() / math.sqrt(differences.size)
-    interval = paired_bootstrap_difference(baseline, candidate, num_resamples=2000, seed=1)
-    assert interval.estimate == pytest.approx(differences.mean())
-    assert interval.low == pytest.approx(differences.mean() - half_width, abs=0.1 * half_width)
-    assert interval.high == pytest.approx(differences.mean() + half_width, abs=0.1 * half_width)
-    assert paired_bootstrap_difference(baseline, candidate, num_resamples=2000, seed=1) == interval  # deterministic
+    whole, pieces = (ExactSum(), ExactSum()), (ExactSum(), ExactSum())
+    whole[0].add(differences), whole[1].add(differences * differences)
+    for chunk in np.array_split(differences[::-1], 7):  # other order, other batches
+        piece = (ExactSum(), ExactSum())
+        piece[0].add(chunk), piece[1].add(chunk * chunk)
+        pieces[0].merge(piece[0]), pieces[1].merge(piece[1])
+    interval = paired_mean_interval(whole)
+    assert interval == paired_mean_interval(pieces)  # bit for bit
+    assert interval.estimate == pytest.approx(differences.mean(), rel=1e-12)
+    assert (interval.low, interval.high) == pytest.approx(
+        (differences.mean() - half_width, differences.mean() + half_width), rel=1e-6)  # fmt: skip
+    assert paired_mean_interval((ExactSum(), ExactSum())) is None
 
 
-def test_paired_bootstrap_collapses_when_every_difference_is_equal() -> None:
-    interval = paired_bootstrap_difference(np.arange(50.0), np.arange(50.0) + 0.25)
-    assert (interval.estimate, interval.low, interval.high) == pytest.approx((0.25, 0.25, 0.25))
+def test_exact_sums_are_correctly_rounded_and_order_free() -> None:
+    generator = np.random.default_rng(8)
+    values = np.concatenate([generator.normal(size=5000) * 10.0 ** generator.integers(-30, 30, 5000), [1e300, -1e300]])
+    total = ExactSum()
+    total.add(values)
+    assert total.value() == math.fsum(values)  # fsum is correctly rounded too
+    shuffled = ExactSum()
+    for chunk in np.array_split(generator.permutation(values), 13):
+        part = ExactSum()
+        part.add(chunk)
+        shuffled.merge(part)
+    assert shuffled.to_state() == total.to_state()
+    total.add(np.array([np.nan]))
+    assert math.isnan(total.value()) and total.num_nonfinite == 1
+
+
+def test_wilson_interval_matches_its_formula_at_the_edges() -> None:
+    low, high = wilson_interval(0, 20)
+    assert low == 0.0 and high == pytest.approx(0.16113, abs=1e-4)  # the textbook value for 0/20
+    low, high = wilson_interval(81, 263)
+    assert (low, high) == pytest.approx((0.2553, 0.3662), abs=1e-4)
+    assert all(math.isnan(bound) for bound in wilson_interval(0, 0))
 
 
 def test_latency_percentiles_are_in_milliseconds() -> None:
     summary = LatencySummary.of([millisecond / 1000 for millisecond in range(1, 102)])  # 1..101 ms
-    assert (summary.p50, summary.p90, summary.p99, summary.mean) == pytest.approx((51, 91, 100, 51))
+    # Nearest-rank percentiles from the histogram, within its stated relative precision; the mean is exact.
+    precision = LatencyHistogram.RELATIVE_PRECISION
+    assert (summary.p50, summary.p90, summary.p99) == pytest.approx((51, 91, 100), rel=precision)
+    assert summary.mean == pytest.approx(51, rel=1e-12)
     assert LatencySummary.of([]) is None
+
+
+def test_latency_histograms_merge_by_adding_counts() -> None:
+    latencies = np.random.default_rng(4).lognormal(1.0, 1.0, 3000)
+    whole, first, second = LatencyHistogram(), LatencyHistogram(), LatencyHistogram()
+    whole.add(latencies), first.add(latencies[::2]), second.add(latencies[1::2])
+    first.merge(second)
+    assert first.to_state() == whole.to_state()
+    for quantile in (0.5, 0.9, 0.99):
+        nearest_rank = np.sort(latencies)[math.ceil(quantile * latencies.size) - 1]
+        assert whole.percentile(quantile) == pytest.approx(nearest_rank, rel=LatencyHistogram.RELATIVE_PRECISION)
+    document = whole.to_dict()
+    assert len(document["bounds_ms"]) == len(document["counts"]) + 1 and sum(document["counts"]) == latencies.size
 
 
 # ------------------------------------------------------------------------------------------- comparisons, on a server
@@ -141,12 +181,12 @@ def test_without_labels_only_the_arms_are_compared(client, classifier, labelled)
     assert report.mcnemar_p is None and report.accuracy_diff is None and report.arms[SIGNATURE_EMA].accuracy is None
 
 
-def test_regression_errors_and_bootstrap_intervals(regressor) -> None:
+def test_regression_errors_and_paired_intervals(regressor) -> None:
     generator = np.random.default_rng(2)
     inputs = generator.normal(size=(400, 4)).astype(np.float32)
     targets = (inputs @ np.array([[0.5], [-1.0], [0.3], [1.9]]) + generator.normal(0, 0.3, (400, 1))).ravel()
     with ServingClient(regressor.target) as client:
-        report = compare(client, regressor.name, {"inputs": inputs}, labels=targets, options=CompareOptions(seed=4))
+        report = compare(client, regressor.name, {"inputs": inputs}, labels=targets)
 
     errors = {arm: regressor.expected(inputs, arm).ravel() - targets for arm in (SIGNATURE_LIVE, SIGNATURE_EMA)}
     assert report.task == "regression" and report.agreement is None and report.mcnemar_p is None
@@ -157,8 +197,8 @@ def test_regression_errors_and_bootstrap_intervals(regressor) -> None:
         differences = loss(errors[SIGNATURE_EMA]) - loss(errors[SIGNATURE_LIVE])
         half_width = 1.959964 * differences.std() / math.sqrt(differences.size)
         assert interval.estimate == pytest.approx(differences.mean(), rel=1e-4)
-        assert interval.low == pytest.approx(differences.mean() - half_width, abs=0.2 * half_width)
-        assert interval.high == pytest.approx(differences.mean() + half_width, abs=0.2 * half_width)
+        assert interval.low == pytest.approx(differences.mean() - half_width, rel=1e-4)
+        assert interval.high == pytest.approx(differences.mean() + half_width, rel=1e-4)
 
 
 def test_transient_failures_are_counted_and_the_rest_is_paired(fake_server, labelled) -> None:
@@ -167,7 +207,7 @@ def test_transient_failures_are_counted_and_the_rest_is_paired(fake_server, labe
     inputs, labels = labelled
     with ServingClient(fake_server.target) as client:
         # One batch in flight, so the server sees the batches in order and fails exactly the 3rd and the 6th.
-        options = CompareOptions(batch_size=50, max_in_flight_batches=1)
+        options = CompareOptions(batch_size=50, max_in_flight_batches=1, version=1)  # the fake has no metadata
         report = compare(client, "model", {"inputs": inputs}, labels=labels, options=options)
     answered = np.repeat([(index + 1) % 3 != 0 for index in range(6)], 50)  # batches 3 and 6 fail for EMA
     assert report.arms[SIGNATURE_EMA].errors == 2 and report.arms[SIGNATURE_EMA].n == 200
@@ -236,4 +276,4 @@ def test_a_comparison_with_no_answer_from_an_arm_says_so(fake_server, labelled) 
     fake_server.behaviour.fail_every[SIGNATURE_LIVE] = (1, grpc.StatusCode.RESOURCE_EXHAUSTED)
     with ServingClient(fake_server.target) as client:
         with pytest.raises(ServingError, match="No example was answered by both arms"):
-            compare(client, "model", {"inputs": labelled[0][:10]})
+            compare(client, "model", {"inputs": labelled[0][:10]}, options=CompareOptions(version=1))
