@@ -15,6 +15,7 @@ _COMMANDS = (
     ("serving.server_cli", "serve"),
     ("serving.client_cli", "predict"),
     ("serving.client_cli", "compare"),
+    ("serving.client_cli", "merge"),
     ("serving.client_cli", "metadata"),
     ("serving.client_cli", "status"),
     ("serving.canary_cli", "canary"),

@@ -1,9 +1,10 @@
-"""`ema-serving predict | compare | metadata | status`: the client side of the command line.
+"""`ema-serving predict | compare | merge | metadata | status`: the client side of the command line.
 
 Each command opens a ``ServingClient``, calls one library function and prints the result as a table for people or,
 with ``--json``, as one JSON document for scripts. Library errors become one line on stderr saying what was wrong,
-what was expected and how to fix it, with no traceback. Exit codes: 1 other server errors, 2 bad input data or
-arguments, 3 server unreachable or too slow, 4 unknown model, version or signature.
+what was expected and how to fix it, with no traceback. Exit codes: 1 other server errors (and mixed model versions),
+2 bad input data or arguments, 3 server unreachable or too slow, 4 unknown model, version or signature, 5 more rows
+failed than ``--max-failure-rate`` allows (the report is printed first).
 
 These commands never load the TensorFlow runtime (``serving.protocol``), so they start in a fraction of a second.
 """
@@ -13,16 +14,29 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
 from ema_export.names import DEFAULT_GRPC_PORT, DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
-from serving.ab import CompareOptions, CompareReport, compare as compare_arms, load_dataset
+from serving.ab import (
+    CompareOptions,
+    CompareReport,
+    IncompleteComparisonError,
+    PredictionWriter,
+    Progress,
+    compare as compare_arms,
+    load_dataset,
+    merge_reports,
+)
+from serving.data import DataOptions, Shard, open_data
 from serving.client import DEFAULT_TIMEOUT_S, ModelMetadata, Prediction, ServingClient, TlsOptions, VersionStatus
 from serving.protocol import (
     DataError,
@@ -183,35 +197,55 @@ def _prediction_table(result: Prediction) -> str:
 
 @click.command()
 @_shared_options
-@click.option("--data", "data_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help=".npz with arrays named like the signatures' inputs (plus labels), or .npy.")  # fmt: skip
-@click.option("--labels", "labels_key", default=None, help="Name of the labels array in the .npz.")
+@click.option("--data", "data_paths", required=True, multiple=True,
+              help="TFRecord files of tf.Example (repeat the flag or use a glob: 'val-*.tfrecord.gz'; plain or GZIP) "
+                   "with features named like the inputs; or one .npz (arrays named like the inputs) or .npy.")
+@click.option("--labels", "labels_key", default=None,
+              help="Name of the labels array (.npz) or feature (TFRecord).")
 @click.option("--baseline", default=SIGNATURE_LIVE, show_default=True, help="Baseline arm (diff = candidate - it).")
 @click.option("--candidate", default=SIGNATURE_EMA, show_default=True, help="Candidate arm.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=CompareOptions.batch_size, show_default=True,
-              help="Examples per request.")  # fmt: skip
+              help="Examples per request.")
 @click.option("--output", "output_name", default=None, help="Output to compare when the signature has several.")
 @click.option("--task", type=click.Choice(["auto", "classification", "regression"]), default="auto", show_default=True,
-              help="How to read the output: argmax class scores, or regression values.")  # fmt: skip
-@click.option("--bootstrap", "num_bootstrap", type=int, default=CompareOptions.num_bootstrap, show_default=True,
-              help="Paired bootstrap resamples for regression intervals.")  # fmt: skip
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the bootstrap.")
+              help="How to read the output: argmax class scores, or regression values.")
 @click.option("--in-flight", "in_flight", type=click.IntRange(min=1), default=CompareOptions.max_in_flight_batches,
-              show_default=True, help="Batches in flight; 1 times each request alone.")  # fmt: skip
+              show_default=True, help="Batches in flight; 1 times each request alone.")
+@click.option("--shard", "shard_text", default="0/1", show_default=True,
+              help="Take rows (records) r with r % N == I, for N processes splitting one data set; merge their --json "
+                   "reports with `ema-serving merge`.")
+@click.option("--compression", type=click.Choice(["auto", "none", "gzip"]), default="auto", show_default=True,
+              help="TFRecord compression (auto: GZIP when the file starts like one).")
+@click.option("--skip-corrupt", is_flag=True,
+              help="Count and skip corrupt TFRecord records instead of stopping at the first.")
+@click.option("--save-predictions", "predictions_path", type=click.Path(dir_okay=False), default=None,
+              help="Write every row's outputs as JSON lines, as they come (published when the run ends).")
+@click.option("--max-failure-rate", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="Share of rows allowed to go unanswered by an arm before the exit status is non-zero (5).")
+@click.option("--progress/--no-progress", "show_progress", default=None,
+              help="Progress on stderr (default: when stderr is a terminal).")
 def compare(
     options: dict[str, Any],
-    data_path: str,
+    data_paths: tuple[str, ...],
     labels_key: str | None,
     baseline: str,
     candidate: str,
     batch_size: int,
     output_name: str | None,
     task: str,
-    num_bootstrap: int,
-    seed: int,
     in_flight: int,
+    shard_text: str,
+    compression: str,
+    skip_corrupt: bool,
+    predictions_path: str | None,
+    max_failure_rate: float,
+    show_progress: bool | None,
 ) -> None:
-    """Send the same inputs to two signatures (serve_live vs serve_ema) concurrently and compare them."""
+    """Send the same inputs to two signatures (serve_live vs serve_ema) concurrently and compare them, streaming.
+
+    The model version serving at the start (or --version) is named in every request. Exits 5 when more rows failed
+    than --max-failure-rate allows (the report is still printed).
+    """
     compare_options = CompareOptions(
         arms=(baseline, candidate),
         batch_size=batch_size,
@@ -220,16 +254,81 @@ def compare(
         version=options["version"],
         version_label=options["version_label"],
         timeout=options["timeout"],
-        num_bootstrap=num_bootstrap,
-        seed=seed,
         max_in_flight_batches=in_flight,
     )
     with _client(options) as client:
+        data_options = DataOptions(labels_key, compression, skip_corrupt, Shard.parse(shard_text))  # type: ignore[arg-type]
         spec = client.metadata(options["model"], version=options["version"], version_label=options["version_label"])
         spec.signature(baseline)
-        dataset = load_dataset(data_path, spec.signature(candidate), labels_key=labels_key)
-        report = compare_arms(client, options["model"], dataset.inputs, labels=dataset.labels, options=compare_options)
-    _emit(report.to_dict(), options["as_json"], lambda: _compare_table(report))
+        source = open_data(data_paths, spec.signature(candidate), data_options)
+        writer = PredictionWriter(predictions_path) if predictions_path else None
+        bar = _ProgressBar() if (show_progress if show_progress is not None else sys.stderr.isatty()) else None
+        try:
+            report = compare_arms(client, options["model"], source, options=compare_options, progress=bar,
+                                  predictions=writer)  # fmt: skip
+        finally:
+            if bar is not None:
+                bar.finish()
+    _finish_report(report, options["as_json"], max_failure_rate)
+
+
+def _finish_report(report: CompareReport, as_json: bool, max_failure_rate: float) -> None:
+    """Print the report, then fail (exit 5) if more rows failed than allowed."""
+    _emit(report.to_dict(), as_json, lambda: _compare_table(report))
+    try:
+        report.check_failures(max_failure_rate)
+    except IncompleteComparisonError as error:
+        raise _CommandError(" ".join(str(error).split()), 5) from error
+
+
+class _ProgressBar:
+    """One self-rewriting stderr line: rows, rows/s and the running difference, at most ten times a second."""
+
+    def __init__(self) -> None:
+        self._last = 0.0
+        self._width = 0
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.monotonic()
+        if now - self._last < 0.1:
+            return
+        self._last = now
+        difference = "" if progress.difference is None else f", {progress.difference_name} {progress.difference:+.4f}"
+        line = (f"{progress.num_rows:,} rows ({progress.num_paired:,} paired), {progress.rows_per_second:,.0f} rows/s, "
+                f"{progress.seconds:.0f} s{difference}")  # fmt: skip
+        self._width = max(self._width, len(line))
+        click.echo("\r" + line.ljust(self._width), nl=False, err=True)
+
+    def finish(self) -> None:
+        """End the line so what follows starts on its own."""
+        if self._width:
+            click.echo("", err=True)
+
+
+@click.command()
+@click.argument("reports", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of a table.")
+@click.option("--max-failure-rate", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              help="Share of rows allowed to go unanswered by an arm before the exit status is non-zero (5).")
+def merge(reports: tuple[str, ...], as_json: bool, max_failure_rate: float) -> None:
+    """Combine the --json reports of `compare --shard I/N` runs into the report one process would have produced.
+
+    Refuses reports of different comparisons, shards missing or repeated, and rows answered by different versions.
+    """
+    documents = []
+    for path in reports:
+        try:
+            documents.append(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as error:
+            raise _CommandError(
+                f"Cannot read {path} as a JSON report. Expected the output of `ema-serving compare --json`; check the "
+                f"file. Received: {error}", 2) from error  # fmt: skip
+    try:
+        report = merge_reports(documents)
+    except ServingError as error:
+        code = next((code for kind, code in _EXIT_CODES if isinstance(error, kind)), 1)
+        raise _CommandError(" ".join(str(error).split()), code) from error
+    _finish_report(report, as_json, max_failure_rate)
 
 
 def _compare_table(report: CompareReport) -> str:
@@ -262,6 +361,10 @@ def _compare_table(report: CompareReport) -> str:
             lines.append(f"  {label} diff {estimate:+.4f} (95% CI {low:+.4f} .. {high:+.4f})")
     if report.mcnemar_p is not None:
         lines.append(f"  exact McNemar p = {report.mcnemar_p:.4g} (discordant {report.discordant})")
+    if report.num_failed_rows:
+        lines.append(f"{report.num_failed_rows} rows ({report.failure_rate:.2%}) not answered by both arms")
+    if report.num_corrupt_skipped:
+        lines.append(f"{report.num_corrupt_skipped} corrupt records skipped (--skip-corrupt)")
     return "\n".join(lines)
 
 
@@ -302,4 +405,4 @@ def _status_table(versions: list[VersionStatus]) -> str:
     return _rows(("version", "state", "code", "message"), rows)
 
 
-__all__ = ["compare", "metadata", "predict", "status"]
+__all__ = ["compare", "merge", "metadata", "predict", "status"]
