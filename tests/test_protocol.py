@@ -20,6 +20,9 @@ CLIENT_MODULES = (
     "serving.ab",
     "serving.router",
     "serving.client_cli",
+    "serving.tfrecord",
+    "serving.data",
+    "serving.stats",
 )
 
 
