@@ -58,7 +58,8 @@ with ServingClient({target!r}) as client:
     report = compare(client, "model", source)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
 peak_kb = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
-print(json.dumps({{"seconds": seconds, "cpu_seconds": cpu_seconds, "examples": report.num_examples, "peak_rss_mb": peak_kb / 1024,
+print(json.dumps({{"seconds": seconds, "cpu_seconds": cpu_seconds, "examples": report.num_examples,
+                   "peak_rss_mb": peak_kb / 1024,
                    "tensorflow_loaded": "tensorflow.python" in sys.modules}}))
 """
 

@@ -31,7 +31,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections import deque
@@ -319,8 +318,9 @@ class CompareState:
         self.wall_time_s = 0.0
 
     def answered_version(self) -> int | None:
-        """The one version that answered every arm, or the pinned version when nothing was answered."""
-        versions = self.arms[0].versions | self.arms[1].versions
+        """The one version that answered every arm (and was pinned), or the pinned version when nothing answered."""
+        pinned = {self.version} if self.version is not None else set()
+        versions = self.arms[0].versions | self.arms[1].versions | pinned
         if len(versions) > 1:
             raise MixedVersionsError(
                 f"Rows of this comparison were answered by versions {sorted(versions)} of model {self.model!r}, so its "
@@ -335,8 +335,8 @@ class CompareState:
         if pair.num_paired == 0:
             failed = next((arm for arm in self.arms if arm.first_error), None)
             raise ServingError(
-                f"No example was answered by both arms ({baseline.signature}, {candidate.signature}), so nothing can be "
-                "compared. Expected the server to answer both signatures; check `ema-serving status`. "
+                f"No example was answered by both arms ({baseline.signature}, {candidate.signature}), so nothing can "
+                "be compared. Expected the server to answer both signatures; check `ema-serving status`. "
                 f"Received: {failed.first_error if failed else 'no input rows'}"
             )
         statistics = self._classification() if self.task == "classification" else self._regression()

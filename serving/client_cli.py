@@ -257,7 +257,8 @@ def compare(
         max_in_flight_batches=in_flight,
     )
     with _client(options) as client:
-        data_options = DataOptions(labels_key, compression, skip_corrupt, Shard.parse(shard_text))  # type: ignore[arg-type]
+        shard = Shard.parse(shard_text)
+        data_options = DataOptions(labels_key, compression, skip_corrupt, shard)  # type: ignore[arg-type]
         spec = client.metadata(options["model"], version=options["version"], version_label=options["version_label"])
         spec.signature(baseline)
         source = open_data(data_paths, spec.signature(candidate), data_options)

@@ -411,7 +411,10 @@ class PairTally:
         self.candidate_only += int(np.count_nonzero(correct_b & ~correct_a))
 
     def fold_losses(
-        self, arms: tuple[ArmTally, ArmTally], absolute: tuple[np.ndarray, np.ndarray], squared: tuple[np.ndarray, np.ndarray]
+        self,
+        arms: tuple[ArmTally, ArmTally],
+        absolute: tuple[np.ndarray, np.ndarray],
+        squared: tuple[np.ndarray, np.ndarray],
     ) -> None:
         """Fold per-row regression losses of both arms (mean |error| and mean error^2 over each row's elements)."""
         self.num_labelled += absolute[0].shape[0]

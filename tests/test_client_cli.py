@@ -120,6 +120,8 @@ def test_compare_table_for_people(classifier, data_file) -> None:
         (("compare", "--data", "{data}"), 2, "unexpected arrays ['labels'] (pass --labels KEY"),
         (("compare", "--data", "{data}", "--labels", "labels", "--candidate", "serve_nothing"), 4, "no signature"),
         (("predict", "--data", "{data}", "--version", "1", "--version-label", "stable"), 2, "not both"),
+        (("compare", "--data", "{data}", "--labels", "labels", "--shard", "4/4"), 2, "Invalid shard 4/4"),
+        (("compare", "--data", "no-such-*.tfrecord"), 2, "No data file matches 'no-such-*.tfrecord'"),
     ],
 )
 def test_errors_are_one_line_with_a_fix_and_no_traceback(classifier, data_file, arguments, exit_code, expected):
@@ -130,6 +132,14 @@ def test_errors_are_one_line_with_a_fix_and_no_traceback(classifier, data_file, 
     assert expected in result.output and "Traceback" not in result.output
     if exit_code != 2 or "No such option" not in expected:
         assert len(result.output.strip().splitlines()) == 1
+
+
+def test_progress_goes_to_stderr_with_rows_per_second(classifier, data_file) -> None:
+    path, _, _ = data_file
+    result = CliRunner().invoke(main, ["compare", "--target", classifier.target, "--data", str(path), "--labels",
+                                       "labels", "--progress", "--json"])  # fmt: skip
+    assert result.exit_code == 0 and "rows/s" in result.stderr and "accuracy diff" in result.stderr
+    assert json.loads(result.stdout)["num_paired"] == 120  # stdout stays one JSON document
 
 
 def test_an_unreachable_server_is_reported_in_one_line(tmp_path) -> None:

@@ -9,7 +9,7 @@ import tensorflow as tf
 from serving.client import SignatureSpec, TensorSpec
 from serving.data import Shard, TFRecordSource
 from serving.protocol import DataError
-from serving.tfrecord import CorruptionLog, CorruptRecordError, ExampleDecoder, masked_crc32c, read_records
+from serving.tfrecord import CorruptionLog, CorruptRecordError, ExampleDecoder, Record, masked_crc32c, read_records
 
 
 def write(path, payloads, compression: str = "") -> None:
@@ -62,7 +62,8 @@ def test_a_corrupt_record_names_the_file_and_offset_or_is_skipped_and_counted(tm
     raw = bytearray(path.read_bytes())
     raw[21 + 12 + 2] ^= 0xFF  # a byte inside "second"'s data (the first record is 12 + 5 + 4 = 21 bytes)
     path.write_bytes(bytes(raw))
-    with pytest.raises(CorruptRecordError, match=rf"{path} at byte 21: the data's checksum does not match.*--skip-corrupt"):
+    expected = rf"{path} at byte 21: the data's checksum does not match.*--skip-corrupt"
+    with pytest.raises(CorruptRecordError, match=expected):
         list(read_records(path))
     log = CorruptionLog()
     assert [record.data for record in read_records(path, skip_corrupt=True, log=log)] == [b"first", b"third"]
@@ -99,9 +100,8 @@ def test_examples_fill_the_signature_inputs_reshaped() -> None:
                      pixels=("uint8", (None, 2, 2)), flags=("bool", (None, None)))  # fmt: skip
     decoder = ExampleDecoder(spec, labels_key="label")
     payload = example(image=np.arange(6, dtype=np.float32), ids=np.array([7, 8]), text=np.array([b"hi"]),
-                      pixels=np.array([bytes([1, 2, 3, 4])]), flags=np.array([1, 0, 1]), label=np.array([2]))  # fmt: skip
-    from serving.tfrecord import Record
-
+                      pixels=np.array([bytes([1, 2, 3, 4])]), flags=np.array([1, 0, 1]),
+                      label=np.array([2]))  # fmt: skip
     rows, label = decoder.decode(Record("f", 0, payload))
     np.testing.assert_array_equal(rows["image"], np.arange(6, dtype=np.float32).reshape(2, 3))
     assert rows["image"].dtype == np.float32 and rows["ids"].dtype == np.int32 and rows["ids"].tolist() == [7, 8]
@@ -118,8 +118,6 @@ def test_examples_fill_the_signature_inputs_reshaped() -> None:
     ],
 )
 def test_a_feature_that_does_not_fit_is_named_with_the_expected_shape(features, expected) -> None:
-    from serving.tfrecord import Record
-
     decoder = ExampleDecoder(signature(image=("float32", (None, 2, 3))))
     with pytest.raises(DataError, match=expected):
         decoder.decode(Record("val.tfrecord", 99, example(**features)))
