@@ -2,8 +2,9 @@
 
 Why a stream: a real evaluation set does not fit in memory (ImageNet's validation images as float32 are 30 GB).
 Every source yields ``Batch`` objects of at most ``batch_size`` rows with their row numbers; ``compare`` sends each and
-folds the answers into its statistics, so memory holds a few batches whatever the data set's size. ``.npy`` files are
-memory-mapped; ``.npz`` members are read whole (numpy cannot map them), so big sets belong in ``.npy`` or TFRecord.
+folds the answers into its statistics, so memory holds a few batches whatever the data set's size. ``.npy`` files and
+the members of ``.npz`` files written by ``np.savez`` (stored, not compressed) are memory-mapped; members of
+``np.savez_compressed`` files cannot be and are read whole, so big compressed sets belong in TFRecord.
 
 Sharding (``Shard``): shard ``I`` of ``N`` takes the rows (records) whose number ``r`` has ``r % N == I``, counting
 over the files in the order given, so ``N`` processes split one data set without coordination.
@@ -12,6 +13,8 @@ over the files in the order given, so ``N`` processes split one data set without
 from __future__ import annotations
 
 import glob
+import struct
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,23 +367,57 @@ def load_dataset(
 
 def _read_arrays(path: Path, signature: SignatureSpec, labels_key: str | None) -> dict[str, np.ndarray]:
     try:
-        # mmap_mode maps a .npy (numpy ignores it for .npz, whose members are read whole).
+        # mmap_mode maps a .npy; numpy ignores it for .npz, whose stored members _npz_arrays maps itself.
         loaded = np.load(path, allow_pickle=False, mmap_mode="r")
-    except (OSError, ValueError) as error:
+        if not isinstance(loaded, np.ndarray):
+            loaded.close()
+            return _npz_arrays(path)
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
         raise DataError(
             f"Cannot read {path} as numpy data. Expected a .npz or .npy file written by numpy; check the path "
             f"(--data). Received: {error}"
         ) from error
-    if isinstance(loaded, np.ndarray):
-        if len(signature.inputs) != 1 or labels_key is not None:
-            raise DataError(
-                f"{path.name} holds one array, but signature {signature.name!r} has inputs "
-                f"{sorted(signature.inputs)}{' and labels were asked for' if labels_key else ''}. Expected a .npz "
-                f"with one array per input (and labels); write it with np.savez. Received: a .npy file."
-            )
-        return {next(iter(signature.inputs)): loaded}
-    with loaded:
-        return {name: loaded[name] for name in loaded.files}
+    if len(signature.inputs) != 1 or labels_key is not None:
+        raise DataError(
+            f"{path.name} holds one array, but signature {signature.name!r} has inputs "
+            f"{sorted(signature.inputs)}{' and labels were asked for' if labels_key else ''}. Expected a .npz "
+            f"with one array per input (and labels); write it with np.savez. Received: a .npy file."
+        )
+    return {next(iter(signature.inputs)): loaded}
+
+
+_ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, 22 bytes we skip, file name length, extra field length
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    """An .npz's members: memory-mapped when stored uncompressed (``np.savez``), else read whole."""
+    arrays: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+        for info in archive.infolist():
+            name = info.filename[: -len(".npy")] if info.filename.endswith(".npy") else info.filename
+            mapped = _mapped_member(path, raw, info) if info.compress_type == zipfile.ZIP_STORED else None
+            if mapped is None:
+                with archive.open(info) as member:
+                    mapped = np.lib.format.read_array(member, allow_pickle=False)
+            arrays[name] = mapped
+    return arrays
+
+
+def _mapped_member(path: Path, raw: Any, info: zipfile.ZipInfo) -> np.ndarray | None:
+    """Map a stored member's array in place: its data starts after the zip local header and the .npy header."""
+    raw.seek(info.header_offset)
+    signature, name_length, extra_length = _ZIP_LOCAL_HEADER.unpack(raw.read(_ZIP_LOCAL_HEADER.size))
+    if signature != b"PK\x03\x04":
+        return None
+    raw.seek(info.header_offset + _ZIP_LOCAL_HEADER.size + name_length + extra_length)
+    reader = _NPY_HEADER_READERS.get(np.lib.format.read_magic(raw))
+    if reader is None:
+        return None
+    shape, fortran_order, dtype = reader(raw)
+    if dtype.hasobject or 0 in shape:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, order="F" if fortran_order else "C", offset=raw.tell())
 
 
 def _fit(name: str, array: np.ndarray, signature: SignatureSpec, problems: list[str], cast: bool) -> np.ndarray:

@@ -19,6 +19,7 @@ from serving.ab import (
     mcnemar_exact_p,
     paired_accuracy_difference,
 )
+from serving.data import DataOptions, Shard, open_data
 from serving.stats import ExactSum, LatencyHistogram, paired_mean_interval, wilson_interval
 from serving.protocol import DataError, ModelNotFoundError, ServingError, SignatureNotFoundError
 from test_client_support import classification_inputs
@@ -244,6 +245,19 @@ def test_npz_inputs_are_cast_to_the_signature_dtype(tmp_path, signature) -> None
     assert dataset.inputs["inputs"].dtype == np.float32 and dataset.num_examples == 5
     np.testing.assert_array_equal(dataset.inputs["inputs"], inputs.astype(np.float32))
     np.testing.assert_array_equal(dataset.labels, np.arange(5) % 3)
+
+
+@pytest.mark.parametrize(("save", "mapped"), [(np.savez, True), (np.savez_compressed, False)])
+def test_npz_members_are_memory_mapped_when_numpy_stored_them(tmp_path, signature, save, mapped) -> None:
+    inputs = np.arange(40.0).reshape(10, 4)
+    save(tmp_path / "data.npz", inputs=inputs, labels=np.arange(10) % 3)
+    source = open_data([str(tmp_path / "data.npz")], signature, DataOptions(labels_key="labels", shard=Shard(1, 3)))
+    assert isinstance(source.inputs["inputs"], np.memmap) == mapped and isinstance(source.labels, np.memmap) == mapped
+    batches = list(source.batches(2))
+    assert [batch.rows.tolist() for batch in batches] == [[1, 4], [7]]
+    assert batches[0].inputs["inputs"].dtype == np.float32  # cast batch by batch, the file stays mapped
+    np.testing.assert_array_equal(batches[0].inputs["inputs"], inputs[[1, 4]].astype(np.float32))
+    np.testing.assert_array_equal(batches[1].labels, [1])
 
 
 def test_npy_fills_the_only_input(tmp_path, signature) -> None:
