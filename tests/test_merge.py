@@ -115,7 +115,8 @@ def test_missing_or_repeated_shards_are_refused(shards) -> None:
 
 def test_shards_answered_by_different_versions_are_refused(shards) -> None:
     documents = [json.loads(path.read_text()) for path in shards]
-    moved = copy.deepcopy(documents[1])
+    moved = copy.deepcopy(documents[1])  # as if this shard had started after version 2 replaced version 1
+    moved["state"]["version"] = 2
     for arm in moved["state"]["arms"]:
         arm["versions"] = [2]
     with pytest.raises(MixedVersionsError, match=r"different versions \[1, 2\].*--version 2"):
