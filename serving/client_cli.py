@@ -12,6 +12,7 @@ These commands never load the TensorFlow runtime (``serving.protocol``), so they
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import json
 import sys
@@ -261,6 +262,8 @@ def compare(
         data_options = DataOptions(labels_key, compression, skip_corrupt, shard)  # type: ignore[arg-type]
         spec = client.metadata(options["model"], version=options["version"], version_label=options["version_label"])
         spec.signature(baseline)
+        if spec.version is not None:  # pin the version this first metadata call saw: the inputs were checked against it
+            compare_options = dataclasses.replace(compare_options, version=spec.version, version_label=None)
         source = open_data(data_paths, spec.signature(candidate), data_options)
         writer = PredictionWriter(predictions_path) if predictions_path else None
         bar = _ProgressBar() if (show_progress if show_progress is not None else sys.stderr.isatty()) else None
