@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from serving.cli import main
 
 JOBS_DIR = Path(__file__).resolve().parents[1] / "k8s" / "jobs"
-SERVING_DIR = JOBS_DIR.parent
+SERVING_DIR = JOBS_DIR.parent / "base"
 
 
 def load(name: str) -> dict[str, Any]:
@@ -49,8 +49,7 @@ def test_the_compare_job_is_indexed_with_one_shard_per_index() -> None:
 
 def test_the_shards_talk_to_the_headless_grpc_service_with_round_robin() -> None:
     job = load("compare-job.yaml")
-    service = yaml.safe_load((SERVING_DIR / "service-grpc.yaml").read_text()) if (
-        SERVING_DIR / "service-grpc.yaml").exists() else {"metadata": {"name": "ema-serving-grpc"}}  # fmt: skip
+    service = yaml.safe_load((SERVING_DIR / "service-grpc.yaml").read_text())
     names = [item["name"] for item in container(job)["env"]]
     assert names.index("POD_NAMESPACE") < names.index("EMA_SERVING_TARGET")  # $(VAR) expands only earlier vars
     target = env(job)["EMA_SERVING_TARGET"]
@@ -70,13 +69,22 @@ def test_data_is_read_only_and_reports_share_one_volume_with_the_merge() -> None
     compare, merge = load("compare-job.yaml"), load("merge-job.yaml")
     mounts = {mount["mountPath"]: mount for mount in container(compare)["volumeMounts"]}
     assert mounts["/eval/data"]["readOnly"] is True and not mounts["/eval/reports"].get("readOnly")
-    assert [mount["mountPath"] for mount in container(merge)["volumeMounts"]] == ["/eval/reports"]
-    claims = {job["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
-              for job in (compare, merge)}  # fmt: skip
+    assert [mount["mountPath"] for mount in container(merge)["volumeMounts"]] == ["/tmp", "/eval/reports"]
+    claims = {volume["persistentVolumeClaim"]["claimName"] for job in (compare, merge)
+              for volume in job["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in volume}  # fmt: skip
     assert claims == {load("pvc.yaml")["metadata"]["name"]}
     assert "ema-serving merge /eval/reports/shard-*.json --json" in container(merge)["args"][0]
     rules = compare["spec"]["podFailurePolicy"]["rules"]
     assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [2, 4]
+
+
+def test_the_containers_run_hardened_like_the_serving_pods() -> None:
+    for name in ("compare-job.yaml", "merge-job.yaml"):
+        job = load(name)
+        assert job["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+        security = container(job)["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"]["drop"] == ["ALL"]
 
 
 def test_the_kustomization_lists_every_manifest_but_the_later_merge() -> None:
