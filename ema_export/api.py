@@ -26,7 +26,9 @@ from ema_export.fresh_model import ModelFactory, build_fresh_model, probe_inputs
 from ema_export.layouts import LayoutSettings, choose_layout
 from ema_export.locate import CheckpointSources, locate
 from ema_export.manifest import add_verification, build_manifest, write_manifest
+from ema_export.out_dir import ensure_writable
 from ema_export.restore import restore
+from ema_export.serving_version import skew_warning
 from ema_export.verify import VerificationReport, reference_outputs, verify
 from ema_export.versions import plan_version, publish, staging_directory
 from ema_export.write import write_savedmodel, write_warmup
@@ -45,7 +47,8 @@ class ExportOptions:
         input_signature: Serving inputs (`NAME:DTYPE:[shape]` or TensorSpecs) for models that do not define them.
         allow_missing: Let trainable variables without a shadow serve their live value in `serve_ema`.
         version: Version number to write; default one more than the highest present.
-        overwrite: Replace `version` if it exists.
+        overwrite: Replace `version` if it exists; needs `force` too, since TF Serving never reloads a number it serves.
+        force: With `overwrite`, replace `version` even though a TF Serving may already have loaded it.
         default_signature: Which arm `serving_default` aliases: "ema" or "live".
         layout: Checkpoint layout name; default auto-detected.
         bn_stats: "live" (default) or "ema": whether `serve_ema` uses averaged BatchNorm statistics where the
@@ -56,6 +59,7 @@ class ExportOptions:
         inverted: The checkpoint holds the averages in the model and the raw weights as its EMA (Keras
             `SwapEMAWeights(swap_on_epoch=True)` checkpoints, Model Garden's `ema_checkpoints/`): True swaps the arms
             back, False exports it as it is, None (default) decides from the evidence and refuses when ambiguous.
+        serving_version: The TF Serving release (`2.20`) that will serve the export: warn when TensorFlow is newer.
     """
 
     ema_checkpoint: str | os.PathLike | None = None
@@ -70,6 +74,8 @@ class ExportOptions:
     step: int | None = None
     allow_step_mismatch: bool = False
     inverted: bool | None = None
+    force: bool = False
+    serving_version: str | None = None
 
 
 @dataclass
@@ -119,6 +125,7 @@ def _resolve_options(options: ExportOptions | None, overrides: dict[str, Any]) -
     if options.bn_stats not in BN_STATS_POLICIES:
         raise OutputDirError(f"bn_stats must be one of {', '.join(BN_STATS_POLICIES)}, got {options.bn_stats!r}",
                              hint="Use --bn-stats live or ema")
+    skew_warning(options.serving_version, tf.__version__)  # a malformed --serving-version fails before any work
     return options
 
 
@@ -126,7 +133,7 @@ def _prepare(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model
              options: ExportOptions, step: Callable[[str], None]) -> _Prepared:
     """Stages shared by `export` and `dry_run`: locate, build, restore, collect and fold."""
     step(STAGES[0])
-    version = plan_version(output_dir, options.version, options.overwrite)  # fail before any expensive work
+    version = plan_version(output_dir, options.version, options.overwrite, options.force)  # fail before any work
     sources = locate(checkpoint, options.ema_checkpoint, step=options.step,
                      allow_step_mismatch=options.allow_step_mismatch)
     step(STAGES[1])
@@ -208,6 +215,7 @@ def export(
 
 def _export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model: str | ModelFactory | None,
             options: ExportOptions, step: Callable[[str], None]) -> ExportResult:
+    ensure_writable(output_dir)  # a read-only or full OUT_DIR fails now, not after restoring and folding
     prepared = _prepare(checkpoint, output_dir, model, options, step)
     sources, fresh, restored, report = prepared.sources, prepared.fresh, prepared.restored, prepared.fold
     step(STAGES[5])
@@ -217,7 +225,11 @@ def _export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model:
     manifest = build_manifest(sources, restored, report, assembly, prepared.version,
                               {"bn_stats": options.bn_stats, "allow_missing": options.allow_missing,
                                "allow_step_mismatch": sources.step_mismatch_allowed,
-                               "inverted": options.inverted})
+                               "inverted": options.inverted,
+                               "serving_version": options.serving_version})
+    skew = skew_warning(options.serving_version, tf.__version__)
+    if skew:
+        manifest["warnings"].append(skew)
     model_source, attachment = fresh.source, restored.attachment
     with staging_directory(output_dir) as staging:
         step(STAGES[6])
@@ -234,9 +246,13 @@ def _export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model:
         step(STAGES[7])
         verification = verify(staging, reference)
         add_verification(manifest, verification)
-        version = plan_version(output_dir, options.version, options.overwrite)
-        manifest["version"] = version
-        write_manifest(staging, manifest)
         step(STAGES[8])
-        version_dir = publish(staging, output_dir, version, options.overwrite)
+
+        def stamp(directory: Path, number: int) -> None:
+            manifest["version"] = number
+            write_manifest(directory, manifest)
+
+        version_dir = publish(staging, output_dir, options.version, options.overwrite, force=options.force,
+                              stamp=stamp)
+        version = int(version_dir.name)
     return ExportResult(version, version_dir, sources, model_source, attachment, report, verification, manifest)

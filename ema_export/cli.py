@@ -8,6 +8,7 @@ the arguments are parsed, so `--help` is instant and start-up noise can be hidde
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -131,7 +132,14 @@ def _fail(message: str, code: int, as_json: bool, kind: str) -> None:
                    "(recorded in the manifest) instead of failing.")
 @click.option("--version", "version", type=click.IntRange(min=1), metavar="N",
               help="Version number to write. Default: one more than the highest in OUT_DIR.")
-@click.option("--overwrite", is_flag=True, help="Replace version N if it already exists.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace version N if it already exists; needs --force, because TF Serving never reloads a "
+                   "version number it already serves (publish a new number instead).")
+@click.option("--force", is_flag=True,
+              help="With --overwrite: replace version N even though a TF Serving may already have loaded it.")
+@click.option("--serving-version", metavar="X.Y",
+              help="TF Serving release that will serve the export (e.g. 2.20): warn when the TensorFlow writing it "
+                   "is newer. Recorded in the manifest.")
 @click.option("--default-signature", type=click.Choice(["ema", "live"]), default="ema", show_default=True,
               help="Which arm serving_default serves.")
 @click.option("--layout", metavar="NAME",
@@ -158,9 +166,9 @@ def _fail(message: str, code: int, as_json: bool, kind: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result (the manifest plus version_dir) as JSON.")
 @click.option("--verbose", "-v", is_flag=True, help="Show TensorFlow's log output and full tracebacks.")
 def cli(ckpt_dir: str, out_dir: str, ema_checkpoint: str | None, model_spec: str | None,
-        input_signature: tuple[str, ...], allow_missing: bool, version: int | None, overwrite: bool,
-        default_signature: str, layout: str | None, bn_stats: str, ema_name: str | None, step: int | None,
-        allow_step_mismatch: bool, inverted: bool | None, dry_run: bool,
+        input_signature: tuple[str, ...], allow_missing: bool, version: int | None, overwrite: bool, force: bool,
+        serving_version: str | None, default_signature: str, layout: str | None, bn_stats: str,
+        ema_name: str | None, step: int | None, allow_step_mismatch: bool, inverted: bool | None, dry_run: bool,
         as_json: bool, verbose: bool) -> None:
     """Export the live and EMA weights of a training checkpoint as one SavedModel.
 
@@ -182,7 +190,7 @@ def cli(ckpt_dir: str, out_dir: str, ema_checkpoint: str | None, model_spec: str
                                 allow_missing=allow_missing, version=version, overwrite=overwrite,
                                 default_signature=default_signature, layout=layout, bn_stats=bn_stats,
                                 ema_name=ema_name, step=step, allow_step_mismatch=allow_step_mismatch,
-                                inverted=inverted)
+                                inverted=inverted, force=force, serving_version=serving_version)
         progress = _StageProgress(enabled=not as_json and sys.stderr.isatty())
         if dry_run:
             planned = plan(ckpt_dir, out_dir, model=model_spec, options=options, progress=progress)
@@ -208,4 +216,7 @@ def main() -> None:
     """Console-script entry point: hide native log noise unless --verbose, then run the command."""
     if not wants_verbose(sys.argv[1:]):
         hide_native_logs()
+    # Past a file-size limit (ulimit -f) the kernel sends SIGXFSZ, which kills the process before the staging
+    # directory is removed; ignored, the write fails with EFBIG and the export reports it as one line.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     cli()

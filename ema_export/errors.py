@@ -69,3 +69,21 @@ class OutputDirError(EmaExportError):
 
 class VerificationError(EmaExportError):
     """The written SavedModel does not reproduce the in-memory models; nothing was published."""
+
+
+class CheckpointReadError(CheckpointNotFoundError):
+    """A checkpoint's files are there but cannot be read: an empty or overwritten `.index`, a truncated or corrupt
+    `.data` file. The message says which half (training or EMA) and which file."""
+
+
+class OutputWriteError(OutputDirError):
+    """Writing into OUT_DIR failed: a full disk, a file-size limit, a read-only or unwritable directory. Nothing was
+    published."""
+
+
+class VersionServedError(VersionExistsError):
+    """`--overwrite` of a version a TF Serving may already have loaded; it would keep serving the old copy."""
+
+
+class ServingVersionError(EmaExportError):
+    """`--serving-version` is not a TF Serving release number (MAJOR.MINOR)."""

@@ -175,12 +175,12 @@ STEP_VARIABLES = ("step", "global_step", "train_step")
 """Root-level variables that record the training step, as the training helpers and common loops save them."""
 
 
-def read_step(files: CheckpointFiles) -> CheckpointFiles:
+def read_step(files: CheckpointFiles, role: str) -> CheckpointFiles:
     """The checkpoint with its step: a step variable saved in it, else the `-N` number of its prefix."""
     if not files.is_keras_file:
-        import tensorflow as tf
+        from ema_export.read import open_checkpoint
 
-        reader = tf.train.load_checkpoint(files.prefix)
+        reader = open_checkpoint(files.prefix, role)
         for name in STEP_VARIABLES:
             for key in (f"{name}/.ATTRIBUTES/VARIABLE_VALUE", name):
                 if reader.has_tensor(key):
@@ -293,11 +293,11 @@ def locate(checkpoint: str | os.PathLike, ema_checkpoint: str | os.PathLike | No
             raise CheckpointNotFoundError(f"--step {step} given, but the training checkpoint is "
                                           f"{training.prefix} and there is no EMA checkpoint to pair",
                                           hint="Pass CKPT_DIR/ckpt-N directly, or drop --step")
-        return CheckpointSources(read_step(training), ema, checkpoint_dir)
+        return CheckpointSources(read_step(training, "training"), ema, checkpoint_dir)
     both_directories = Path(checkpoint).is_dir() and (ema_checkpoint is None or Path(ema_checkpoint).is_dir())
     if both_directories or step is not None:
         training, ema = _pair_in_directories(training, ema, step, ema_checkpoint is not None)
-    training, ema = read_step(training), read_step(ema)
+    training, ema = read_step(training, "training"), read_step(ema, "EMA")
     mismatch = training.step is not None and ema.step is not None and training.step != ema.step
     if mismatch and not allow_step_mismatch:
         raise CheckpointNotFoundError(

@@ -18,6 +18,7 @@ from ema_export.checkpoint_graph import children_of, iter_variables, match_objec
 from ema_export.errors import RestoreError
 from ema_export.fresh_model import FreshModel
 from ema_export.locate import CheckpointFiles
+from ema_export.read import ROLE_TRAINING, open_checkpoint, reading
 
 _LISTED = 8  # offenders named in one message before "and N more"
 
@@ -86,7 +87,7 @@ def restore(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredModel:
         from ema_export.keras_files import restore_from_keras_file
 
         return restore_from_keras_file(fresh, checkpoint)
-    if read_object_graph(tf.train.load_checkpoint(checkpoint.prefix)) is None:
+    if read_object_graph(open_checkpoint(checkpoint.prefix, ROLE_TRAINING)) is None:
         from ema_export.restore_by_name import restore_by_name
 
         return restore_by_name(fresh, checkpoint)
@@ -144,7 +145,7 @@ def restore_live(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredMode
         RestoreError: The checkpoint is name-based, or some model variable has no entry at any attachment point,
             or a value read back differs from its checkpoint entry.
     """
-    reader = tf.train.load_checkpoint(checkpoint.prefix)
+    reader = open_checkpoint(checkpoint.prefix, ROLE_TRAINING)
     graph = read_object_graph(reader)
     if graph is None:
         raise RestoreError(
@@ -183,7 +184,8 @@ def restore_live(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredMode
                                           tuple(shapes.get(entry.checkpoint_key, ())))
                                          for identity, entry in found.items()])
     root = tf.train.Checkpoint(root=fresh.model) if node_id == 0 else tf.train.Checkpoint(**{label: fresh.model})
-    status = root.read(checkpoint.prefix)
+    with reading(checkpoint.prefix, ROLE_TRAINING):
+        status = root.read(checkpoint.prefix)
     status.expect_partial()  # optimizer state, step counters and other objects the model does not own: on purpose
     try:
         # Every object of the model found its checkpoint entry, so no variable kept its initializer.

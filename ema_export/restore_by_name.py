@@ -17,6 +17,7 @@ from ema_export.checkpoint_graph import children_of, variable_identity
 from ema_export.errors import RestoreError
 from ema_export.fresh_model import FreshModel
 from ema_export.locate import CheckpointFiles
+from ema_export.read import ROLE_TRAINING, open_checkpoint
 from ema_export.restore import RestoredModel, RestoredVariable, model_variables, name_list
 
 
@@ -78,7 +79,7 @@ def restore_by_name(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredM
     Raises:
         RestoreError: Listing every variable with no entry, several candidate entries, or a different shape.
     """
-    reader = tf.train.load_checkpoint(checkpoint.prefix)
+    reader = open_checkpoint(checkpoint.prefix, ROLE_TRAINING)
     shapes = reader.get_variable_to_shape_map()
     keys = sorted(shapes)
     problems: list[str] = []

@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import ema_export
 import tiny_models as tm
-from ema_export.errors import FoldError, RestoreError, VersionExistsError
+from ema_export.errors import FoldError, RestoreError, VersionExistsError, VersionServedError
 from ema_export.manifest import read_manifest
 from ema_export.names import (ASSETS_EXTRA_DIR, MANIFEST_FILENAME, SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE,
                               WARMUP_FILENAME)
@@ -161,7 +161,10 @@ def test_versions_increment_and_are_never_replaced_without_overwrite(seed_ckpt, 
     with pytest.raises(VersionExistsError, match="--overwrite"):
         ema_export.export(seed_ckpt, out, model=tm.LinearModule, version=1)
     assert (out / "1" / "marker").exists()
-    assert ema_export.export(seed_ckpt, out, model=tm.LinearModule, version=1, overwrite=True).version == 1
+    with pytest.raises(VersionServedError, match="never reloads the same number.*Publish a new number instead"):
+        ema_export.export(seed_ckpt, out, model=tm.LinearModule, version=1, overwrite=True)
+    assert (out / "1" / "marker").exists()
+    assert ema_export.export(seed_ckpt, out, model=tm.LinearModule, version=1, overwrite=True, force=True).version == 1
     assert not (out / "1" / "marker").exists()
     assert ema_export.export(seed_ckpt, out, model=tm.LinearModule, version=7).version == 7
     assert sorted(p.name for p in out.iterdir()) == ["1", "2", "7"]

@@ -103,7 +103,7 @@ def test_help_documents_every_option():
     result = run("--help")
     assert result.exit_code == 0
     for option in ("--ema-checkpoint", "--model", "--input-signature", "--allow-missing", "--version",
-                   "--overwrite", "--default-signature", "--json", "--verbose"):
+                   "--overwrite", "--force", "--serving-version", "--default-signature", "--json", "--verbose"):
         assert option in result.output
 
 

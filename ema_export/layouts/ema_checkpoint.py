@@ -8,12 +8,11 @@ list gives positional keys. Either way the object graph records each shadow's ow
 
 from __future__ import annotations
 
-import tensorflow as tf
-
 from ema_export.checkpoint_graph import iter_variables, read_object_graph
 from ema_export.layouts.base import (CheckpointShadows, Layout, ShadowMatch, match_by_name, strip_ema_suffix,
                                      strip_output_index)
 from ema_export.locate import STEP_VARIABLES, CheckpointSources
+from ema_export.read import ROLE_EMA, open_checkpoint
 from ema_export.restore import RestoredModel
 
 _BOOKKEEPING = frozenset({"save_counter", *STEP_VARIABLES})
@@ -28,7 +27,7 @@ class EmaCheckpointLayout(Layout):
     def detect(self, sources: CheckpointSources, restored: RestoredModel) -> str | None:
         if sources.ema is None:
             return None
-        graph = read_object_graph(tf.train.load_checkpoint(sources.ema.prefix))
+        graph = read_object_graph(open_checkpoint(sources.ema.prefix, ROLE_EMA))
         if graph is None:
             return None
         count = sum(1 for entry in iter_variables(graph) if entry.path[:1] and entry.path[0] not in _BOOKKEEPING)
@@ -38,7 +37,7 @@ class EmaCheckpointLayout(Layout):
 
     def collect(self, sources: CheckpointSources, restored: RestoredModel) -> ShadowMatch:
         assert sources.ema is not None
-        reader = tf.train.load_checkpoint(sources.ema.prefix)
+        reader = open_checkpoint(sources.ema.prefix, ROLE_EMA)
         graph = read_object_graph(reader)
         assert graph is not None
         build = CheckpointShadows(reader)

@@ -33,6 +33,7 @@ from ema_export.checkpoint_graph import VARIABLE_VALUE, read_object_graph
 from ema_export.errors import CheckpointNotFoundError, LayoutError
 from ema_export.layouts.base import CheckpointShadows, Layout, Shadow, ShadowMatch
 from ema_export.locate import CheckpointSources, resolve_checkpoint
+from ema_export.read import ROLE_TRAINING, open_checkpoint
 from ema_export.restore import RestoredModel, name_list
 
 AVERAGE_SLOT = "average"
@@ -210,7 +211,7 @@ def _mirrored_without_name(prefix: str) -> InvertedCheckpoint | None:
 
 def _mirrors(inverted_prefix: str, regular_prefix: str) -> bool:
     """Whether the inverted checkpoint's weights equal the regular one's averages (to within the swap's rounding)."""
-    inverted, regular = tf.train.load_checkpoint(inverted_prefix), tf.train.load_checkpoint(regular_prefix)
+    inverted, regular = open_checkpoint(inverted_prefix, ROLE_TRAINING), open_checkpoint(regular_prefix, ROLE_TRAINING)
     graph = read_object_graph(regular)
     if graph is None:
         return False
@@ -254,7 +255,7 @@ def _read_average_slots(
     """The training checkpoint's reader, object graph and `average` slots (None, None, [] for a Keras file)."""
     if sources.training.is_keras_file:
         return None, None, []
-    reader = tf.train.load_checkpoint(sources.training.prefix)
+    reader = open_checkpoint(sources.training.prefix, ROLE_TRAINING)
     graph = read_object_graph(reader)
     return reader, graph, find_average_slots(graph) if graph is not None else []
 

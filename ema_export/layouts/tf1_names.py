@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import re
 
-import tensorflow as tf
-
 from ema_export.checkpoint_graph import read_object_graph
 from ema_export.layouts.base import CheckpointShadows, Layout, Shadow, ShadowMatch
 from ema_export.locate import CheckpointSources
+from ema_export.read import ROLE_TRAINING, open_checkpoint
 from ema_export.restore import RestoredModel, name_list
 
 _DEFAULT_SUFFIX = r"ExponentialMovingAverage(_\d+)?"
@@ -33,7 +32,7 @@ class Tf1NamesLayout(Layout):
         """Variable name -> keys of its shadows, for a name-based training checkpoint (else empty)."""
         if sources.training.is_keras_file:
             return {}
-        reader = tf.train.load_checkpoint(sources.training.prefix)
+        reader = open_checkpoint(sources.training.prefix, ROLE_TRAINING)
         if read_object_graph(reader) is not None:
             return {}
         pattern = self._pattern()
@@ -52,7 +51,7 @@ class Tf1NamesLayout(Layout):
         return f"{sources.training.prefix} is name-based and holds {sum(map(len, found.values()))} <variable>/{suffix} entries"
 
     def collect(self, sources: CheckpointSources, restored: RestoredModel) -> ShadowMatch:
-        build = CheckpointShadows(tf.train.load_checkpoint(sources.training.prefix))
+        build = CheckpointShadows(open_checkpoint(sources.training.prefix, ROLE_TRAINING))
 
         def shadow(key: str, variable_name: str) -> Shadow:
             return build.shadow(key, key, [variable_name])

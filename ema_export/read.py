@@ -1,0 +1,129 @@
+"""Opening a checkpoint: `tf.train.load_checkpoint`, with TensorFlow's read failures turned into one named error.
+
+TensorFlow reports a damaged checkpoint from whichever call first touches the damage, in its own words and without
+saying which checkpoint it was reading:
+
+- an empty, truncated or overwritten `.index` fails as the reader opens ("not an sstable", "file is too short");
+- a missing `.data` file fails on the first tensor read ("...data-00000-of-00001; No such file or directory");
+- a truncated `.data` file fails only when a tensor stored past the cut is read ("Read less bytes than requested",
+  an OutOfRange status that the checkpoint reader raises as `IndexError`);
+- flipped bytes fail that tensor's checksum ("Checksum does not match").
+
+`open_checkpoint` opens a checkpoint once and returns a reader whose tensor reads translate the same way, so the error
+names the checkpoint, which half of the export it is (training or EMA), the file and the fix. `reading` covers the
+other readers of the same files (`tf.train.Checkpoint.read`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import tensorflow as tf
+
+from ema_export.errors import CheckpointReadError
+
+ROLE_TRAINING = "training"
+ROLE_EMA = "EMA"
+_FLAGS = {ROLE_TRAINING: "CKPT_DIR", ROLE_EMA: "--ema-checkpoint"}
+
+# Exceptions TensorFlow's checkpoint readers raise for unreadable files (OutOfRange surfaces as IndexError, and
+# some C++ paths still raise RuntimeError).
+_READ_FAILURES = (tf.errors.OpError, IndexError, RuntimeError)
+
+
+class CheckpointReader:
+    """A `tf.train.CheckpointReader` for one checkpoint whose tensor reads raise `CheckpointReadError`.
+
+    It offers the reader's methods the stages use; anything else is passed through unchanged.
+    """
+
+    def __init__(self, reader: Any, prefix: str, role: str) -> None:
+        self._reader = reader
+        self.prefix = prefix
+        self.role = role
+
+    def get_tensor(self, key: str) -> Any:
+        with reading(self.prefix, self.role):
+            return self._reader.get_tensor(key)
+
+    def has_tensor(self, key: str) -> bool:
+        return bool(self._reader.has_tensor(key))
+
+    def get_variable_to_shape_map(self) -> dict[str, list[int]]:
+        return self._reader.get_variable_to_shape_map()
+
+    def get_variable_to_dtype_map(self) -> dict[str, tf.DType]:
+        return self._reader.get_variable_to_dtype_map()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
+
+
+def open_checkpoint(prefix: str | os.PathLike, role: str) -> CheckpointReader:
+    """Open the checkpoint at `prefix` for reading.
+
+    Args:
+        prefix: The checkpoint prefix (`.../ckpt-7`, without `.index`).
+        role: `ROLE_TRAINING` or `ROLE_EMA`: which half of the export it is, for the message.
+
+    Raises:
+        CheckpointReadError: The index is missing, empty or not a checkpoint index.
+
+    Example:
+        >>> reader = open_checkpoint("runs/7/ema/ckpt-3", ROLE_EMA)
+        >>> reader.get_tensor("save_counter/.ATTRIBUTES/VARIABLE_VALUE")
+    """
+    prefix = os.fspath(prefix)
+    with reading(prefix, role):
+        return CheckpointReader(tf.train.load_checkpoint(prefix), prefix, role)
+
+
+@contextlib.contextmanager
+def reading(prefix: str | os.PathLike, role: str) -> Iterator[None]:
+    """Turn TensorFlow's failures while reading the checkpoint at `prefix` into `CheckpointReadError`."""
+    try:
+        yield
+    except _READ_FAILURES as error:
+        raise checkpoint_read_error(os.fspath(prefix), role, error) from error
+
+
+def checkpoint_read_error(prefix: str, role: str, error: BaseException) -> CheckpointReadError:
+    """The one-line error for a failed read of the `role` checkpoint at `prefix`, from TensorFlow's `error`."""
+    detail = _first_line(error)
+    index = prefix + ".index"
+    data = _data_files(prefix)
+    fix = (f"Copy the {role} checkpoint again from where training wrote it, or export another step with --step N "
+           f"(the {role} checkpoint comes from {_FLAGS.get(role, 'CKPT_DIR')})")
+    if not os.path.exists(index):
+        what = f"its index {index} is missing"
+    elif "sstable" in detail or "Unable to open table file" in detail or os.path.getsize(index) == 0:
+        size = os.path.getsize(index)
+        what = (f"its index {index} is {'empty' if size == 0 else f'not a checkpoint index ({size} bytes)'}: "
+                f"truncated or overwritten")
+    elif "No such file" in detail:
+        what = f"its data file is missing ({detail})"
+    elif isinstance(error, IndexError) or "Read less bytes" in detail:
+        what = f"its data file {data} is shorter than its index says: truncated (an incomplete copy or a full disk)"
+    elif "Checksum does not match" in detail:
+        what = f"its data file {data} is corrupt: a tensor's bytes fail their checksum"
+    else:
+        what = "it cannot be read"
+    return CheckpointReadError(f"The {role} checkpoint {prefix} cannot be read: {what}. Received: {detail}",
+                               hint=fix)
+
+
+def _data_files(prefix: str) -> str:
+    found = sorted(glob.glob(glob.escape(prefix) + ".data-*"))
+    return ", ".join(found) if found else f"{prefix}.data-*"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    # TensorFlow prefixes op errors with the function node that ran them, which says nothing to a user.
+    if text.startswith("{{function_node"):
+        text = text.split("}}", 1)[-1].strip()
+    return text.removesuffix(" [Op:RestoreV2]")
