@@ -64,12 +64,13 @@ def ensure_writable(base_path: str | os.PathLike) -> None:
     base = Path(base_path)
     where = base if base.is_dir() else _nearest_existing(base)
     probe = where / f"{TEMP_VERSION_PREFIX}{os.getpid()}-probe-{secrets.token_hex(4)}"
-    with write_errors(base_path):
-        try:
-            probe.mkdir()
-            (probe / "probe").write_bytes(b"\0" * _PROBE_BYTES)
-        finally:
-            shutil.rmtree(probe, ignore_errors=True)
+    try:
+        probe.mkdir()
+        (probe / "probe").write_bytes(b"\0" * _PROBE_BYTES)
+    except OSError as error:
+        raise output_write_error(error, base, file=f"a probe file in {where} (the pre-flight check)") or error
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -86,12 +87,20 @@ def write_errors(base_path: str | os.PathLike, staging: Path | None = None) -> I
         raise translated from error
 
 
-def output_write_error(error: BaseException, base: Path, staging: Path | None = None) -> OutputWriteError | None:
-    """The named error for a failed write into OUT_DIR `base`, or None when `error` is no known write failure."""
+def output_write_error(error: BaseException, base: Path, staging: Path | None = None,
+                       file: str | None = None) -> OutputWriteError | None:
+    """The named error for a failed write into OUT_DIR `base`, or None when `error` is no known write failure.
+
+    Args:
+        error: What the write raised.
+        base: OUT_DIR.
+        staging: The staging directory, to name files relative to the export.
+        file: What was being written, when `error` does not say (Python's write() errors carry no file name).
+    """
     code = _errno_of(error)
     if code is None:
         return None
-    where = _describe_file(_path_of(error), staging)
+    where = file or _describe_file(_path_of(error), staging)
     received = f"Received: {_first_line(error)}"
     if code in (errno.ENOSPC, errno.EDQUOT):
         what = "no space left on the device" if code == errno.ENOSPC else "the disk quota is exhausted"

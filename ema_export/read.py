@@ -108,10 +108,10 @@ def checkpoint_read_error(prefix: str, role: str, error: BaseException) -> Check
         what = f"its data file is missing ({detail})"
     elif isinstance(error, IndexError) or "Read less bytes" in detail:
         what = f"its data file {data} is shorter than its index says: truncated (an incomplete copy or a full disk)"
-    elif "Checksum does not match" in detail:
-        what = f"its data file {data} is corrupt: a tensor's bytes fail their checksum"
+    elif "checksum does not match" in detail.lower():
+        what = f"its data file {data} is corrupt: the stored bytes fail their checksum"
     else:
-        what = "it cannot be read"
+        what = "TensorFlow's checkpoint reader failed on it"
     return CheckpointReadError(f"The {role} checkpoint {prefix} cannot be read: {what}. Received: {detail}",
                                hint=fix)
 
