@@ -77,8 +77,7 @@ def _existing_version_error(base: Path, version: int, overwrite: bool, force: bo
         return VersionServedError(
             f"{exists}, and a TF Serving that has loaded it never reloads the same number: it would keep serving "
             f"the old version {version}",
-            hint=f"Publish a new number instead (omit --version to write version {next_version(base)}); add --force "
-            f"to --overwrite only if no server has loaded version {version}",
+            hint=f"{instead.capitalize()}; add --force to --overwrite only if no server has loaded version {version}",
         )
     return None
 
