@@ -191,9 +191,8 @@ def _rename_to_new(staging: Path, target: Path) -> bool:
 def _publish_as(staging: Path, base: Path, version: int, overwrite: bool, force: bool) -> Path:
     """Publish as exactly `version`, replacing it only with `overwrite` and `force`."""
     target = base / str(version)
-    if not os.path.lexists(target):
-        if _rename_to_new(staging, target):
-            return target
+    if _rename_to_new(staging, target):
+        return target
     refusal = _existing_version_error(base, version, overwrite, force, appeared=True)
     if refusal is not None:
         raise refusal
