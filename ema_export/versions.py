@@ -39,10 +39,12 @@ def plan_version(base_path: str | os.PathLike, version: int | None, overwrite: b
     """The version number this export will take: `version`, or one more than the highest present.
 
     Replacing an existing version needs both `overwrite` and `force`: TF Serving never reloads a version number it
-    already serves. Its file-system source reports the numbers it finds (file_system_storage_path_source.cc,
-    `AspireVersion`), and the manager loads only numbers it does not manage yet (aspired_versions_manager.cc,
-    `ProcessAspiredVersionsRequest`: `additions` is next minus current aspired versions), so a server that loaded
-    version N keeps answering with the old N after it is replaced on disk.
+    already serves. Its file-system source reports each version by its number (tensorflow_serving/sources/
+    storage_path/file_system_storage_path_source.cc 75-79, `AspireVersion`), and the manager loads only numbers it
+    does not manage yet (tensorflow_serving/core/aspired_versions_manager.cc 284-353,
+    `ProcessAspiredVersionsRequest`: `additions` is the set difference of next and current aspired versions at 322),
+    so a server that loaded version N keeps answering with the old N after it is replaced on disk. (Line numbers at
+    tensorflow/serving commit 9d981c5c.)
 
     Raises:
         OutputDirError: `base_path` is a file or lies under one, or `version` is not positive.
