@@ -177,7 +177,7 @@ def _nearby_prefixes(prefix: str) -> list[str]:
 
 
 def _global_step(prefix: str) -> int | None:
-    reader = tf.train.load_checkpoint(prefix)
+    reader = open_checkpoint(prefix, ROLE_TRAINING)
     for key in ("global_step/.ATTRIBUTES/VARIABLE_VALUE", "step/.ATTRIBUTES/VARIABLE_VALUE"):
         if reader.has_tensor(key):
             return int(reader.get_tensor(key))
