@@ -113,13 +113,12 @@ def staging_directory(base_path: str | os.PathLike) -> Iterator[Path]:
     `OutputWriteError` naming the file; the staging directory is removed either way, so nothing half-written remains.
     """
     base = Path(base_path)
-    with write_errors(base):
-        base.mkdir(parents=True, exist_ok=True)
-        remove_abandoned_staging(base)
-        staging = base / f"{TEMP_VERSION_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
-        staging.mkdir()
-    try:
+    staging = base / f"{TEMP_VERSION_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+    try:  # created inside the try, so an interrupt right after mkdir still removes it
         with write_errors(base, staging):
+            base.mkdir(parents=True, exist_ok=True)
+            remove_abandoned_staging(base)
+            staging.mkdir()
             yield staging
     finally:
         # After a successful publish the directory has been renamed away; otherwise nothing of it may remain.
