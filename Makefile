@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-fast lint install bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +21,20 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/seed_quickstart.py
 
-test: $(STAMP)
+# Lint and type checks first (seconds), then every test, slow ones included.
+test: lint
 	$(BIN)/python -m pytest -q
+
+# The tests not marked slow (no full export, no server process): for the edit-test loop.
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/export_bench.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache

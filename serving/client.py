@@ -294,7 +294,7 @@ class ServingClient:
             self._channel = grpc.secure_channel(target, credentials, options=options)
         self._prediction = PredictionServiceStub(self._channel)
         # Predict itself exchanges bytes we frame and parse (see _predict_request_bytes): no serializers on this one.
-        self._predict = self._channel.unary_unary(PREDICT_METHOD)
+        self._predict: grpc.UnaryUnaryMultiCallable[bytes, bytes] = self._channel.unary_unary(PREDICT_METHOD)
         self._models = ModelServiceStub(self._channel)
         self._closed = threading.Event()
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -73,8 +73,8 @@ _DATATYPES: dict[int, tuple[str, str]] = {
     _DT.Value("DT_COMPLEX128"): ("complex128", "dcomplex_val"),
     _DT.Value("DT_STRING"): ("string", "string_val"),
 }
-_DATATYPE_BY_NAME = {name: datatype for datatype, (name, _) in _DATATYPES.items()}
-DT_STRING = _DT.Value("DT_STRING")
+_DATATYPE_BY_NAME: dict[str, int] = {name: datatype for datatype, (name, _) in _DATATYPES.items()}
+DT_STRING: int = _DT.Value("DT_STRING")
 
 SUPPORTED_DTYPES: tuple[str, ...] = tuple(name for name, _ in _DATATYPES.values())
 """Dtype names the codec reads and writes (``"string"`` is numpy ``object``/``bytes_``/``str_``)."""
@@ -89,7 +89,8 @@ def _bfloat16() -> np.dtype:
             "bfloat16 tensors need the 'ml_dtypes' package, which numpy uses to hold them. Expected it to be "
             "installed; fix with `pip install ml_dtypes`. Received: a DT_BFLOAT16 tensor."
         ) from error
-    return np.dtype(ml_dtypes.bfloat16)
+    bfloat16: np.dtype = np.dtype(ml_dtypes.bfloat16)
+    return bfloat16
 
 
 @functools.cache
@@ -99,7 +100,8 @@ def numpy_dtype(name: str) -> np.dtype:
         return _bfloat16()
     if name == "string":
         return np.dtype(object)
-    return np.dtype(name).newbyteorder("<")
+    little_endian: np.dtype = np.dtype(name).newbyteorder("<")
+    return little_endian
 
 
 def dtype_name(datatype: int) -> str:
@@ -326,7 +328,7 @@ def tensor_pieces(
     if array.nbytes == 0:
         return [header], len(header)
     content = length_delimited(_CONTENT_FIELD, array.nbytes)
-    body = memoryview(array.reshape(-1).view(np.uint8))
+    body = array.reshape(-1).view(np.uint8).data
     return [header, content, body], len(header) + len(content) + array.nbytes
 
 
@@ -389,7 +391,9 @@ def decode_bytes(data: bytes | memoryview, *, writable: bool = False) -> np.ndar
     return array.copy() if writable and not array.flags.writeable else array
 
 
-def _parse_tensor(view: memoryview) -> tuple[int, tuple[int, ...], memoryview | None, dict[int, list], list]:
+def _parse_tensor(
+    view: memoryview,
+) -> tuple[int, tuple[int, ...], memoryview | None, dict[int, list[memoryview | bytes]], list[memoryview]]:
     """(dtype, shape, tensor_content, raw bytes of each numeric repeated field, string_val items) of a TensorProto."""
     datatype = 0
     dims: list[int] = []
@@ -438,7 +442,7 @@ def _as_packed(number: int, wire_type: int, value: Any) -> memoryview | bytes:
     fixed-width value's bytes and a re-encoded varint are exactly what that value contributes to the packed form.
     """
     if wire_type == WIRE_LENGTH_DELIMITED:
-        return value
+        return cast(memoryview, value)  # already the packed form
     name = _VALUE_FIELDS_BY_NUMBER[number]
     expected = {"float_val": WIRE_FIXED32, "scomplex_val": WIRE_FIXED32, "double_val": WIRE_FIXED64,
                 "dcomplex_val": WIRE_FIXED64}.get(name, WIRE_VARINT)  # fmt: skip
@@ -447,7 +451,7 @@ def _as_packed(number: int, wire_type: int, value: Any) -> memoryview | bytes:
             f"Malformed {name}: wire type {wire_type}. Expected the packed form or wire type {expected}; the sender "
             "wrote a corrupt tensor. Received: a field of the wrong type."
         )
-    return value if wire_type != WIRE_VARINT else encode_varint(value)
+    return encode_varint(value) if wire_type == WIRE_VARINT else cast(memoryview, value)
 
 
 def _read_packed(chunks: list[memoryview | bytes], name: str, field: str, dtype: np.dtype) -> np.ndarray:
@@ -475,7 +479,7 @@ def _read_packed(chunks: list[memoryview | bytes], name: str, field: str, dtype:
     if field == "half_val":
         return varints.astype(np.uint16).view(dtype)
     if field == "bool_val":
-        return varints != 0
+        return varints.astype(bool)
     if dtype.kind == "i":
         return varints.view(np.int64).astype(dtype)  # negative int32 values are sign-extended to 64 bits
     return varints.astype(dtype)

@@ -17,16 +17,13 @@ Example::
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from google.protobuf import text_format
-from tensorflow_serving.config import model_server_config_pb2
+from tensorflow_serving.config.model_server_config_pb2 import ModelConfig, ModelServerConfig
 
 from ema_export.errors import HintedError
 from ema_export.names import DEFAULT_MODEL_NAME
-
-ModelServerConfig = model_server_config_pb2.ModelServerConfig
-ModelConfig = model_server_config_pb2.ModelConfig
 
 TENSORFLOW_PLATFORM = "tensorflow"
 """The only ``model_platform`` this server (and a stock TF Serving build) loads."""

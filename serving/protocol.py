@@ -288,6 +288,7 @@ def iter_fields(data: memoryview) -> Iterator[tuple[int, int, Any]]:
         else:
             key, position = _read_varint(data, position)
         field_number, wire_type = key >> 3, key & 7
+        value: int | memoryview
         if wire_type == WIRE_VARINT:
             value, position = _read_varint(data, position)
         elif wire_type == WIRE_LENGTH_DELIMITED:
