@@ -24,6 +24,7 @@ from serving.stats import ExactSum, LatencyHistogram, paired_mean_interval, wils
 from serving.protocol import DataError, ModelNotFoundError, ServingError, SignatureNotFoundError
 from test_client_support import classification_inputs
 
+pytestmark = pytest.mark.slow  # compares the arms of exports served on loopback; tests/unit covers the statistics alone
 pytest_plugins = ("test_client_support",)
 
 NUM_EXAMPLES = 300

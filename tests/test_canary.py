@@ -44,6 +44,7 @@ from serving.cli import main
 from serving.config import parse_model_server_config
 from serving.server import start_server
 
+pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
 pytest_plugins = ["serving_fixtures"]
 
 CONFIG_POLL_S = 0.1

@@ -22,6 +22,7 @@ from serving.protocol import (
 )
 from test_client_support import FakeBehaviour, classification_inputs, serve_fake
 
+pytestmark = pytest.mark.slow  # most tests query exports served on loopback (exported once per session)
 pytest_plugins = ("test_client_support",)
 
 FAST_RETRY = RetryPolicy(max_attempts=5, initial_backoff_s=0.01, max_backoff_s=0.05)

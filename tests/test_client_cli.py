@@ -15,6 +15,7 @@ from serving import client_cli
 from serving.cli import main
 from test_client_support import classification_inputs
 
+pytestmark = pytest.mark.slow  # queries exports served on loopback (exported once per session)
 pytest_plugins = ("test_client_support",)
 
 COMMANDS = ("predict", "compare", "merge", "metadata", "status")

@@ -365,6 +365,7 @@ def test_kustomization_lists_every_manifest_in_k8s():
     assert sorted(listed) == on_disk
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     shutil.which("kubectl") is None,
     reason="kubectl (with built-in kustomize) is not installed: Debian kubernetes-client, which .ci/run installs",
@@ -400,6 +401,7 @@ def _relocated(file_name: str, seed_export: Path, models_root: Path) -> tuple[Mo
     return config, path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("file_name", ["k8s-models.config", "models.config"])
 def test_local_server_serves_an_export_under_the_shipped_model_config(file_name, seed_export, tmp_path):
     config, path = _relocated(file_name, seed_export, tmp_path / "models")

@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tensorflow as tf
 
 from ema_export.manifest import read_manifest
 
+pytestmark = pytest.mark.slow  # runs the quickstart end to end: train, export, serve, compare
 ROOT = Path(__file__).resolve().parent.parent
 
 

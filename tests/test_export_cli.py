@@ -18,6 +18,7 @@ import tiny_models as tm
 from ema_export.cli import cli
 from ema_export.names import TEMP_VERSION_PREFIX
 
+pytestmark = pytest.mark.slow  # exports through the CLI, some in a child process
 MODEL = "tiny_models:LinearModule"
 
 

@@ -41,7 +41,7 @@ needs_kubectl = pytest.mark.skipif(
     reason="kubectl is not installed (Debian package kubernetes-client; .ci/run installs it where apt-get exists): "
     "the overlays can only be checked as kustomize renders them",
 )
-pytestmark = needs_kubectl
+pytestmark = [needs_kubectl, pytest.mark.slow]  # kubectl renders each kustomization
 
 
 @cache

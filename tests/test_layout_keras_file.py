@@ -12,6 +12,7 @@ import tiny_models as tm
 from ema_export.errors import LayoutError, RestoreError
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
 
+pytestmark = pytest.mark.slow  # every test trains a model and exports it
 AVERAGES = [f"optimizer/vars/{i}" for i in range(2, 8)]
 """Adam with a float learning rate: step counter, learning rate, then the six averages in model order."""
 

@@ -13,6 +13,8 @@ import tiny_models as tm
 from ema_export.errors import FoldError, LayoutError
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
 
+pytestmark = pytest.mark.slow  # every test trains a model and exports it
+
 
 def save(model, directory, with_optimizer: bool = True, **extra) -> str:
     """What Keras training code saves: the model and its optimizer (plus anything else it tracks). A compiled

@@ -22,6 +22,7 @@ from ema_export.locate import locate
 from ema_export.names import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
 from ema_export.restore import restore
 
+pytestmark = pytest.mark.slow  # every test runs a full export
 X = np.array([[1.0, -2.0, 0.5, 3.0], [0.0, 1.0, -1.0, 2.0], [4.0, 0.25, -0.5, -1.0]], np.float32)
 LAYOUT = OptimizerSlotLayout.name
 

@@ -17,6 +17,7 @@ import tiny_models as tm
 from ema_export.errors import FoldError, LayoutError
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
 
+pytestmark = pytest.mark.slow  # every test trains a model and exports it
 X = kp.X
 
 

@@ -41,6 +41,7 @@ def run_python(code: str) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a child Python process imports TensorFlow
 def test_client_modules_never_import_the_tensorflow_runtime() -> None:
     result = run_python(
         f"""
@@ -57,6 +58,7 @@ def test_client_modules_never_import_the_tensorflow_runtime() -> None:
     assert result == {"runtime": [], "keras": False}
 
 
+@pytest.mark.slow  # a child Python process imports TensorFlow
 def test_tensorflow_imported_afterwards_works_and_shares_the_protocol_classes() -> None:
     result = run_python(
         """
@@ -81,6 +83,7 @@ def test_tensorflow_imported_afterwards_works_and_shares_the_protocol_classes() 
     assert result == {"before": False, "real_init_ran": True, "same_module": True, "same_class": True, "sum": 3.0}
 
 
+@pytest.mark.slow  # a child Python process imports TensorFlow
 def test_protocol_imported_after_tensorflow_reuses_its_modules() -> None:
     result = run_python(
         """

@@ -61,6 +61,7 @@ def client(classifier) -> ServingClient:
         yield opened
 
 
+@pytest.mark.slow
 def test_routed_requests_are_answered_by_their_arm_and_counted(client, classifier) -> None:
     router = Router(client, RouterConfig(classifier.name, weights={SIGNATURE_EMA: 0.5, SIGNATURE_LIVE: 0.5}))
     inputs = classification_inputs(4)
@@ -80,6 +81,7 @@ def test_routed_requests_are_answered_by_their_arm_and_counted(client, classifie
     assert router.metrics().shadows == ()
 
 
+@pytest.mark.slow
 def test_shadow_divergence_matches_numpy(client, classifier) -> None:
     router = Router(client, RouterConfig(classifier.name, weights={SIGNATURE_EMA: 1.0}, shadow=SIGNATURE_LIVE))
     batches = [classification_inputs(16, seed=seed) for seed in range(5)]
@@ -104,6 +106,7 @@ def test_shadow_divergence_matches_numpy(client, classifier) -> None:
     assert roles == {(SIGNATURE_EMA, "primary"): 5, (SIGNATURE_LIVE, "shadow"): 5}
 
 
+@pytest.mark.slow
 def test_a_slow_shadow_does_not_delay_the_answer(fake_server) -> None:
     fake_server.behaviour.delay_s[SIGNATURE_LIVE] = 1.0
     with ServingClient(fake_server.target) as client:
@@ -131,6 +134,7 @@ def test_shadow_failures_are_counted_never_raised(fake_server) -> None:
     assert roles[(SIGNATURE_LIVE, "shadow")] == (3, 3) and roles[(SIGNATURE_EMA, "primary")] == (3, 0)
 
 
+@pytest.mark.slow
 def test_primary_failures_raise_and_are_counted(client) -> None:
     router = Router(client, RouterConfig("no-such-model"))
     with pytest.raises(ModelNotFoundError):
@@ -139,6 +143,7 @@ def test_primary_failures_raise_and_are_counted(client) -> None:
     assert (arm.signature, arm.role, arm.requests, arm.errors) == (SIGNATURE_EMA, "primary", 1, 1)
 
 
+@pytest.mark.slow
 def test_prometheus_exposition_has_per_signature_series(client, classifier) -> None:
     prometheus_client = pytest.importorskip("prometheus_client")
     router = Router(client, RouterConfig(classifier.name, weights={SIGNATURE_EMA: 1.0}, shadow=SIGNATURE_LIVE))

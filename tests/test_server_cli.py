@@ -23,6 +23,7 @@ from serving_fixtures import (
 from serving.cli import main
 from serving.server_cli import serve
 
+pytestmark = pytest.mark.slow  # starts the server process
 pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library, labelled_server
 
 FLAGS = ["--model-name", "--model_name", "--model-base-path", "--model_base_path", "--port", "--rest-api-port",

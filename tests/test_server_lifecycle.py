@@ -32,6 +32,7 @@ from serving.config import ModelConfigError
 from serving.server import ModelLoadError, ModelPathError, ServerStartError, start_server
 from serving.server import servable as servable_module
 
+pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
 pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library, labelled_server
 
 StatusCode = grpc.StatusCode

@@ -38,6 +38,7 @@ from tensorflow_serving.apis import (
 
 from ema_export.names import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
 
+pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
 pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library, labelled_server
 
 StatusCode = grpc.StatusCode

@@ -18,6 +18,7 @@ from serving_fixtures import (
 
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
 
+pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
 pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library, labelled_server
 
 

@@ -10,6 +10,7 @@ import ema_export
 import tiny_models as tm
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
 
+pytestmark = pytest.mark.slow  # every test trains a model and exports it
 tf_keras = pytest.importorskip("tf_keras")
 
 X = np.array([[1.0, -2.0, 0.5, 3.0], [0.0, 1.0, -1.0, 2.0], [4.0, 0.25, -0.5, -1.0]], np.float32)

@@ -23,6 +23,7 @@ from ema_export.errors import CheckpointNotFoundError
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
 from ema_export.training import EmaCheckpoint, EmaCheckpointer, TrainingSetupError
 
+pytestmark = pytest.mark.slow  # every test trains and exports, some in a child process
 X = np.array([[0.5, -1.0, 2.0, 1.5], [1.0, 1.0, -2.0, 0.0]], np.float32)
 
 
