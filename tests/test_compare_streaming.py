@@ -21,6 +21,7 @@ from serving.protocol import ModelNotFoundError, prediction_service_pb2_grpc
 from serving.server import start_server
 from test_client_support import FakeBehaviour, FakePredictionService, classification_inputs
 
+pytestmark = pytest.mark.slow  # compares the arms of exports served on loopback (exported once per session)
 pytest_plugins = ("test_client_support",)
 
 NUM_EXAMPLES = 150

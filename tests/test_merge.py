@@ -15,6 +15,7 @@ from serving.ab import MergeError, MixedVersionsError, merge_reports
 from serving.cli import main
 from test_client_support import classification_inputs
 
+pytestmark = pytest.mark.slow  # compares the arms of exports served on loopback (exported once per session)
 pytest_plugins = ("test_client_support",)
 
 NUM_EXAMPLES = 211  # not a multiple of the shard count or the batch size

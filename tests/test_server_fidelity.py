@@ -38,6 +38,7 @@ from serving.server.errors import MAX_STATUS_MESSAGE_CHARS, TRUNCATION_MARK
 from serving.server.manager import ModelManager
 from serving.server.servable import CLASSIFY_METHOD, PREDICT_METHOD
 
+pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
 pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library, labelled_server
 
 StatusCode = grpc.StatusCode

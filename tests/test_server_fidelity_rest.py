@@ -19,6 +19,7 @@ from ema_export.names import SIGNATURE_EMA
 from serving.server import start_server
 from serving.server.rest import json_debug_string
 
+pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
 pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library, labelled_server
 
 

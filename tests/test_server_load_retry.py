@@ -20,6 +20,7 @@ from tensorflow_serving.apis import get_model_status_pb2
 from serving.cli import main as ema_serving
 from serving.server import start_server
 
+pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
 pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library
 
 State = get_model_status_pb2.ModelVersionStatus.State
