@@ -68,7 +68,10 @@ def ensure_writable(base_path: str | os.PathLike) -> None:
         probe.mkdir()
         (probe / "probe").write_bytes(b"\0" * _PROBE_BYTES)
     except OSError as error:
-        raise output_write_error(error, base, file=f"a probe file in {where} (the pre-flight check)") or error
+        named = output_write_error(error, base, file=f"a probe file in {where} (the pre-flight check)")
+        if named is None:
+            raise
+        raise named from error
     finally:
         shutil.rmtree(probe, ignore_errors=True)
 
