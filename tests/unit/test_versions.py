@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ema_export.errors import OutputDirError, VersionExistsError
+from ema_export.errors import OutputDirError, VersionExistsError, VersionServedError
 from ema_export.names import TEMP_VERSION_PREFIX
 from ema_export.versions import numeric_versions, plan_version, publish, remove_abandoned_staging, staging_directory
 from serving.server.manager import list_versions
@@ -55,7 +55,9 @@ def test_the_next_version_is_one_above_the_highest(tmp_path):
 def test_an_explicit_version_is_taken_as_given(tmp_path):
     base = _make(tmp_path, "1", "3")
     assert plan_version(base, 2, overwrite=False) == 2
-    assert plan_version(base, 3, overwrite=True) == 3
+    assert plan_version(base, 3, overwrite=True, force=True) == 3
+    with pytest.raises(VersionServedError):  # a TF Serving may serve 3 already and would never reload it
+        plan_version(base, 3, overwrite=True)
 
 
 def test_an_existing_version_is_never_replaced_silently(tmp_path):
@@ -100,7 +102,7 @@ def test_publishing_over_an_existing_version_needs_overwrite(tmp_path):
         (staging / "new").write_text("")
         with pytest.raises(VersionExistsError, match="appeared"):
             publish(staging, tmp_path, 1, overwrite=False)
-        publish(staging, tmp_path, 1, overwrite=True)
+        publish(staging, tmp_path, 1, overwrite=True, force=True)
     assert [child.name for child in (tmp_path / "1").iterdir()] == ["new"]
     assert [child.name for child in tmp_path.iterdir()] == ["1"]
 
