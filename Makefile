@@ -11,9 +11,16 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# Reinstall whenever the project's metadata changes.
-$(STAMP): $(BIN)/python pyproject.toml
+# Reinstall whenever the project's metadata or this recipe changes.
+# Second step: Model Garden (tf-models-official), whose real ExponentialMovingAverage optimizer the optimizer-slot
+# tests train with. Its declared requirements (tensorflow~=2.20.0, tensorflow-text~=2.20.0, tensorflow-datasets,
+# opencv, ...) do not resolve beside TF 2.21, yet official/modeling/optimization/ema_optimizer.py needs only
+# tensorflow and tf-keras, which the test extra installs. Only `pip install --no-deps` installs it that way, and a
+# pyproject extra cannot say --no-deps (pip would resolve, and fail on, its requirements), so it is a step of its own
+# here. gin-config is what importing official.modeling.optimization needs beyond that (optimizer_factory imports gin).
+$(STAMP): $(BIN)/python pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps tf-models-official==2.20.0 gin-config==0.5.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,13 +1,15 @@
 """Real producers of optimizer-slot EMA checkpoints, for the tests of the `optimizer-slot` layout.
 
-TF Addons' `MovingAverage` and Model Garden's `ExponentialMovingAverage` keep their averages as optimizer slots named
-`average`, created through tf-keras's legacy OptimizerV2 slot machinery. Neither package installs beside TF 2.21, so
-this module rebuilds both wrappers, from their documented behaviour, on that same machinery (`add_slot`, slot
-tracking, checkpoint keys): the checkpoints the tests export are written by TensorFlow exactly as those wrappers
+Model Garden's `ExponentialMovingAverage` (tf-models-official 2.20, `official/modeling/optimization/ema_optimizer.py`)
+is the real class, trained under a distribution strategy as Model Garden's trainer runs it; `make install` installs
+it without its dependencies (see the Makefile). TF Addons' `MovingAverage` does not install beside TF 2.21, so this
+module rebuilds it, from its documented behaviour, on the same tf-keras legacy OptimizerV2 slot machinery (`add_slot`,
+slot tracking, checkpoint keys): the checkpoints the tests export are written by TensorFlow exactly as that wrapper
 would have them written. `EmaCheckpointing` is Model Garden's eval action that writes the inverted checkpoints.
 
-Every producer trains a few real steps with gradients before it checkpoints, so the averages are genuine. The decays
-default to 0.9 (0.99 upstream) so that four steps move the averages visibly away from the weights.
+Every producer trains a few real steps with gradients before it checkpoints, so the averages are genuine. The TF
+Addons decay defaults to 0.9 so that four steps move the averages visibly away from the weights; Model Garden's
+dynamic decay, `min(0.99, (1 + step) / (10 + step))`, is still far below its 0.99 then.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 import tensorflow as tf
 import tf_keras
 
@@ -25,7 +29,7 @@ import tiny_models as tm
 
 AVERAGE_SLOT = "average"
 TFA_INNER_NAME = "awg_optimizer"
-MODEL_GARDEN_INNER_NAME = "base_optimizer"
+MODEL_GARDEN_INNER_NAME = "ema_base_optimizer"  # ema_optimizer.py:110
 EMA_CHECKPOINTS_SUBDIR = "ema_checkpoints"
 EMA_CHECKPOINT_NAME = "average_weights"
 
@@ -92,101 +96,39 @@ class ColumnAverage(MovingAverage):
         return average.assign_sub((1.0 - self._average_decay) * (average - value))
 
 
-class ExponentialMovingAverage(tf_keras.optimizers.legacy.Optimizer):
-    """Model Garden `ExponentialMovingAverage` semantics.
-
-    The inner optimizer is tracked as `base_optimizer` and owns the step counter. `shadow_copy` creates the `average`
-    slots filled with zeros, for the trainable variables or, with `trainable_weights_only=False`, for all of them
-    (BatchNorm statistics included). After each inner step the averages move with a decay that starts near 0.1
-    and grows to `average_decay`: `min(average_decay, (1 + step) / (10 + step))`.
-    """
-
-    def __init__(self, optimizer: tf_keras.optimizers.legacy.Optimizer, average_decay: float = 0.9,
-                 trainable_weights_only: bool = True, dynamic_decay: bool = True,
-                 name: str = "ExponentialMovingAverage") -> None:
-        super().__init__(name)
-        self._optimizer = optimizer
-        self._average_decay = average_decay
-        self._trainable_weights_only = trainable_weights_only
-        self._dynamic_decay = dynamic_decay
-        self._track_trackable(optimizer, MODEL_GARDEN_INNER_NAME)
-        self._model_weights: list[tf.Variable] = []
-        self._average_weights: list[tf.Variable] = []
-
-    @property
-    def iterations(self) -> tf.Variable:
-        return self._optimizer.iterations
-
-    @iterations.setter
-    def iterations(self, variable: tf.Variable) -> None:
-        self._optimizer.iterations = variable
-
-    def shadow_copy(self, model: tf.Module) -> None:
-        """Create the zero-initialised `average` slots for the model's weights."""
-        self._model_weights = list(model.trainable_variables if self._trainable_weights_only else model.variables)
-        self._average_weights = [self.add_slot(v, AVERAGE_SLOT, initializer="zeros") for v in self._model_weights]
-
-    def apply_gradients(self, grads_and_vars, name: str | None = None, **kwargs) -> tf.Operation:
-        result = self._optimizer.apply_gradients(grads_and_vars, name, **kwargs)
-        self.update_average()
-        return result
-
-    def decay(self) -> float:
-        """The decay the next average update uses (the step counter has already counted the inner step)."""
-        step = float(self.iterations.numpy())
-        return min(self._average_decay, (1.0 + step) / (10.0 + step)) if self._dynamic_decay else self._average_decay
-
-    def update_average(self) -> None:
-        decay = self.decay()
-        for average, variable in zip(self._average_weights, self._model_weights):
-            average.assign_sub((1.0 - decay) * (average - variable))
-
-    def swap_weights(self) -> None:
-        """Exchange weights and averages in place, without a third buffer: a += b; b = a - b; a -= b.
-
-        The arithmetic rounds, so after a swap both hold their partner's value to within float precision only.
-        """
-        for average, variable in zip(self._average_weights, self._model_weights):
-            average.assign_add(variable)
-            variable.assign(average - variable)
-            average.assign_sub(variable)
-
-    def _create_slots(self, var_list: Sequence[tf.Variable]) -> None:
-        self._optimizer._create_slots(var_list=var_list)
-
-    def _create_hypers(self) -> None:
-        self._optimizer._create_hypers()
-
-    def _prepare(self, var_list: Sequence[tf.Variable]) -> dict:
-        return self._optimizer._prepare(var_list)
-
-    def _resource_apply_dense(self, grad: tf.Tensor, variable: tf.Variable, apply_state: dict | None = None):
-        return self._optimizer._resource_apply_dense(grad, variable, apply_state)
-
-    def get_config(self) -> dict:
-        return {"name": self._name, "average_decay": self._average_decay}
+def model_garden_ema() -> Any:
+    """Model Garden's `ExponentialMovingAverage` class (tf-models-official 2.20, installed by `make install`)."""
+    module = pytest.importorskip("official.modeling.optimization.ema_optimizer",
+                                 reason="tf-models-official is installed by `make install` (pip --no-deps)")
+    return module.ExponentialMovingAverage
 
 
 class EmaCheckpointing:
-    """Model Garden's `EMACheckpointing` eval action: swap weights and averages, save, swap back.
+    """Model Garden's `EMACheckpointing` eval action (`official/core/actions.py:76-123` in tf-models-official 2.20):
+    swap weights and averages, save, swap back.
 
-    The checkpoint is the trainer's own (`global_step`, `model`, `optimizer`), saved to
-    `<model_dir>/ema_checkpoints/average_weights-<step>`: there the model holds the averages and the `average` slots
-    hold the raw weights.
+    The action itself cannot be imported here: `official.core` imports `tensorflow_datasets`, which tf-models-official
+    was installed without. Its body is these three calls on the real optimizer, under the distribution strategy Model
+    Garden's trainer runs in (`swap_weights` refuses to run outside a cross-replica context,
+    `official/modeling/optimization/ema_optimizer.py:172-178`). The checkpoint is the trainer's own (`global_step`,
+    `model`, `optimizer`), saved to `<model_dir>/ema_checkpoints/average_weights-<step>`: there the model holds the
+    averages and the `average` slots hold the raw weights.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, optimizer: ExponentialMovingAverage,
-                 checkpoint: tf.train.Checkpoint, max_to_keep: int = 1) -> None:
+    def __init__(self, model_dir: str | os.PathLike, optimizer: Any, checkpoint: tf.train.Checkpoint,
+                 strategy: tf.distribute.Strategy, max_to_keep: int = 1) -> None:
         self._optimizer = optimizer
+        self._strategy = strategy
         self._manager = tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, EMA_CHECKPOINTS_SUBDIR),
                                                    max_to_keep=max_to_keep, checkpoint_name=EMA_CHECKPOINT_NAME)
 
     def __call__(self) -> str:
-        self._optimizer.swap_weights()
-        try:
-            return self._manager.save(checkpoint_number=self._optimizer.iterations)
-        finally:
+        with self._strategy.scope():
             self._optimizer.swap_weights()
+            try:
+                return self._manager.save(checkpoint_number=self._optimizer.iterations)
+            finally:
+                self._optimizer.swap_weights()
 
 
 class StandardizedLinearModule(tm.LinearModule):
@@ -221,26 +163,34 @@ def _values(variables: Sequence[tf.Variable]) -> dict[str, np.ndarray]:
     return {variable.name.split(":")[0]: variable.numpy() for variable in variables}
 
 
-def train(module: tm.LinearModule, optimizer: tf_keras.optimizers.legacy.Optimizer, num_steps: int = 4,
-          seed: int = 0) -> Trajectory:
+def train(module: tm.LinearModule, optimizer: Any, num_steps: int = 4, seed: int = 0,
+          strategy: tf.distribute.Strategy | None = None) -> Trajectory:
     """Fit the module to a random linear target by mean squared error, one batch per step.
 
-    The weights start from random values (not zeros) so every variable moves and differs from its average.
+    The weights start from random values (not zeros) so every variable moves and differs from its average. With a
+    `strategy`, each step runs through `strategy.run`, as Model Garden's trainer runs its train step.
     """
     rng = np.random.default_rng(seed)
     for variable in module.trainable_variables:
         variable.assign(rng.standard_normal(variable.shape).astype(np.float32))
     target_weights = rng.standard_normal((tm.NUM_FEATURES, tm.NUM_CLASSES)).astype(np.float32)
     trajectory = Trajectory(_values(module.trainable_variables), [])
+
+    def step(inputs: tf.Tensor) -> None:
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(module(inputs) - tf.matmul(inputs, target_weights)))
+        variables = module.trainable_variables
+        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
+
     for _ in range(num_steps):
         inputs = rng.standard_normal((8, tm.NUM_FEATURES)).astype(np.float32) + 1.0
         if isinstance(module, StandardizedLinearModule):
             module.input_mean.assign(0.5 * module.input_mean + 0.5 * inputs.mean(axis=0))
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(module(inputs) - inputs @ target_weights))
-        variables = module.trainable_variables
-        optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        trajectory.steps.append(_values(variables))
+        if strategy is None:
+            step(tf.constant(inputs))
+        else:
+            strategy.run(step, args=(tf.constant(inputs),))
+        trajectory.steps.append(_values(module.trainable_variables))
     return trajectory
 
 
@@ -289,14 +239,19 @@ class ModelGardenRun:
 
 def write_model_garden_run(model_dir: str | os.PathLike, trainable_weights_only: bool = True,
                            num_steps: int = 4) -> ModelGardenRun:
-    """Train with a Model Garden-style wrapper, then save as its trainer does: the regular checkpoint
-    `<model_dir>/ckpt-<step>` and, from the eval action, the inverted `ema_checkpoints/average_weights-<step>`."""
-    module = StandardizedLinearModule() if not trainable_weights_only else tm.LinearModule()
-    optimizer = ExponentialMovingAverage(sgd(), trainable_weights_only=trainable_weights_only)
-    optimizer.shadow_copy(module)
-    trajectory = train(module, optimizer, num_steps)
+    """Train with Model Garden's `ExponentialMovingAverage`, then save as its trainer does: the regular checkpoint
+    `<model_dir>/ckpt-<step>` and, from the eval action, the inverted `ema_checkpoints/average_weights-<step>`.
+
+    Model, optimizer and steps live in a one-device strategy, as in Model Garden's trainer (its swap needs one).
+    """
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with strategy.scope():
+        module = StandardizedLinearModule() if not trainable_weights_only else tm.LinearModule()
+        optimizer = model_garden_ema()(sgd(), trainable_weights_only=trainable_weights_only)
+        optimizer.shadow_copy(module)
+    trajectory = train(module, optimizer, num_steps, strategy=strategy)
     checkpoint = tf.train.Checkpoint(global_step=optimizer.iterations, model=module, optimizer=optimizer)
     regular = tf.train.CheckpointManager(checkpoint, str(model_dir), max_to_keep=3).save(
         checkpoint_number=optimizer.iterations)
-    inverted = EmaCheckpointing(model_dir, optimizer, checkpoint)()
+    inverted = EmaCheckpointing(model_dir, optimizer, checkpoint, strategy)()
     return ModelGardenRun(Path(model_dir), regular, inverted, trajectory)

@@ -1,12 +1,14 @@
 """The `optimizer-slot` layout: `average` slots of moving-average optimizer wrappers, on checkpoints they wrote.
 
-The producers (`slot_producers`) train a few real steps with the TF Addons- and Model Garden-style wrappers and
-checkpoint through TensorFlow; expected outputs are computed in numpy from the values read back from those files.
+The producers (`slot_producers`) train a few real steps with Model Garden's own `ExponentialMovingAverage` and a
+TF Addons-style wrapper and checkpoint through TensorFlow; expected outputs are computed in numpy from the values read
+back from those files.
 """
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,11 +78,13 @@ def test_tfa_style_average_starts_at_the_variable_and_follows_each_step(tmp_path
         np.testing.assert_allclose(read(prefix, average_key(name)), value, rtol=1e-5, atol=1e-6)
 
 
-def test_model_garden_style_average_starts_at_zero_with_a_growing_decay(tmp_path):
+def test_model_garden_average_starts_at_zero_with_a_growing_decay(tmp_path):
+    # What the layout relies on, checked on the real optimizer: zero-initialised `average` slots (ema_optimizer.py:122)
+    # that follow the weights with decay min(0.99, (1 + step) / (10 + step)) after each step (lines 142-158).
     run = sp.write_model_garden_run(tmp_path / "model_dir")
     expected = {name: np.zeros_like(value) for name, value in run.trajectory.initial.items()}
     for step, values in enumerate(run.trajectory.steps, start=1):
-        decay = min(0.9, (1 + step) / (10 + step))
+        decay = min(0.99, (1 + step) / (10 + step))
         expected = {name: expected[name] - (1 - decay) * (expected[name] - value) for name, value in values.items()}
     for name, value in expected.items():
         np.testing.assert_allclose(read(run.regular, average_key("model/" + name)), value, rtol=1e-5, atol=1e-6)
@@ -94,7 +98,7 @@ PRODUCERS = {
     # name: (write the checkpoint into a directory -> its prefix, where the model hangs, inner optimizer's name)
     "tfa-at-root": (lambda d: sp.write_tfa_checkpoint(d).prefix, "", "awg_optimizer"),
     "tfa-under-model": (lambda d: sp.write_tfa_checkpoint(d, attach_at_root=False).prefix, "model/", "awg_optimizer"),
-    "model-garden": (lambda d: sp.write_model_garden_run(d).regular, "model/", "base_optimizer"),
+    "model-garden": (lambda d: sp.write_model_garden_run(d).regular, "model/", sp.MODEL_GARDEN_INNER_NAME),
 }
 
 
@@ -233,6 +237,67 @@ def test_inverted_checkpoint_copied_away_is_still_recognised_by_name(tmp_path):
     message = str(error.value)
     assert "inverted EMA checkpoint" in message and "its name is average_weights-<step>" in message
     assert "Pass the regular checkpoint in the training's model directory" in message
+
+
+def copy_checkpoint(prefix, directory, name: str) -> str:
+    """Copy a checkpoint's files under another name, with a state file, as someone keeping a checkpoint does."""
+    directory.mkdir()
+    for path in Path(prefix).parent.glob(Path(prefix).name + ".*"):
+        shutil.copy(path, directory / (name + path.name[len(Path(prefix).name):]))
+    tf.compat.v1.train.update_checkpoint_state(str(directory), str(directory / name))
+    return str(directory / name)
+
+
+def test_renamed_copy_of_the_inverted_checkpoint_is_recognised_by_its_values(tmp_path):
+    run = sp.write_model_garden_run(tmp_path / "model_dir")
+    copy = copy_checkpoint(run.inverted, run.model_dir / "best", "ckpt-4")  # not Model Garden names
+
+    # The regular ckpt-4 mirrors both the copy and Model Garden's named ema_checkpoints/average_weights-4: it is the
+    # regular one, so the copy is the inverted one.
+    with pytest.raises(LayoutError) as error:
+        ema_export.export(run.model_dir / "best", tmp_path / "models", model=tm.LinearModule)
+    message = str(error.value)
+    assert f"{copy} is an inverted EMA checkpoint" in message and "renamed copy of that inverted checkpoint" in message
+    assert f"Pass {run.regular} (the regular checkpoint of the same step) as CKPT_DIR instead" in message
+    regular = ema_export.export(run.model_dir, tmp_path / "models", model=tm.LinearModule)
+    assert regular.sources.training.prefix == run.regular
+
+    # Without Model Garden's own copy, the two cannot be told apart: refused until the user says which is which.
+    shutil.rmtree(run.model_dir / "ema_checkpoints")
+    for checkpoint in (run.model_dir / "best", run.model_dir):
+        with pytest.raises(LayoutError, match="Cannot tell whether .* is an inverted EMA checkpoint.*--inverted"):
+            ema_export.export(checkpoint, tmp_path / "models", model=tm.LinearModule)
+    swapped = ema_export.export(run.model_dir / "best", tmp_path / "models", model=tm.LinearModule, inverted=True)
+    live, ema = expected_linear(run.regular, "model/")
+    np.testing.assert_allclose(serve(swapped.version_dir, SIGNATURE_LIVE, X), live, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(serve(swapped.version_dir, SIGNATURE_EMA, X), ema, rtol=1e-5, atol=1e-5)
+    assert swapped.manifest["policies"]["inverted"] is True
+
+
+def test_ema_checkpoints_given_as_ema_checkpoint_says_to_drop_it(tmp_path):
+    run = sp.write_model_garden_run(tmp_path / "model_dir")
+    with pytest.raises(LayoutError) as error:
+        ema_export.export(run.model_dir, tmp_path / "models", model=tm.LinearModule,
+                          ema_checkpoint=run.model_dir / "ema_checkpoints")
+    message = str(error.value)
+    assert f"{run.inverted} is an inverted EMA checkpoint" in message
+    assert f"Drop --ema-checkpoint (the regular checkpoint holds the averages itself) and pass {run.regular}" in message
+    assert nothing_published(tmp_path / "models")
+
+
+def test_model_garden_averaged_statistics_serve_with_bn_stats_ema_without_a_warning(tmp_path):
+    run = sp.write_model_garden_run(tmp_path / "model_dir", trainable_weights_only=False)
+
+    result = ema_export.export(run.model_dir, tmp_path / "models", model=sp.StandardizedLinearModule, bn_stats="ema")
+
+    live = [read(run.regular, value_key("model/" + name)) for name in ("weights", "biases", "input_mean")]
+    ema = [read(run.regular, average_key("model/" + name)) for name in ("weights", "biases", "input_mean")]
+    np.testing.assert_allclose(serve(result.version_dir, SIGNATURE_LIVE, X), sp.standardized_linear_numpy(X, *live),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(serve(result.version_dir, SIGNATURE_EMA, X), sp.standardized_linear_numpy(X, *ema),
+                               rtol=1e-5, atol=1e-6)
+    assert not result.fold.kept_live
+    assert result.warnings == []
 
 
 def test_model_garden_averaged_statistics_stay_live_with_a_warning(tmp_path):

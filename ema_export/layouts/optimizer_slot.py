@@ -1,21 +1,24 @@
 """Optimizer slots named `average`: the shadows a moving-average optimizer wrapper keeps in the training checkpoint.
 
 TF Addons' `MovingAverage` (inner optimizer tracked as `awg_optimizer`) and Model Garden's `ExponentialMovingAverage`
-(`base_optimizer`) wrap another optimizer and give every variable a slot `average`, saved beside the live value as
-`<variable path>/.OPTIMIZER_SLOT/<optimizer path>/average/.ATTRIBUTES/VARIABLE_VALUE`. The object graph records each
-slot on its optimizer's node as (original variable node, slot name, slot node), so a slot is paired with its variable
-by node, exactly and without reading any name. Two `average` slots for one variable (nested or parallel averaging
-wrappers, e.g. TF Addons SWA over MovingAverage) are reported with both candidates, never chosen between. Slots of
-variables the model does not own (a head trained beside it) are skipped with a warning, as restoring skips their
-values; slots of non-trainable variables (Model Garden's `trainable_weights_only=False`) pair, and folding keeps those
-variables live in both arms.
+(`ema_base_optimizer` in its 2.20 release) wrap another optimizer and give every variable a slot `average`, saved
+beside the live value as `<variable path>/.OPTIMIZER_SLOT/<optimizer path>/average/.ATTRIBUTES/VARIABLE_VALUE`
+(Model Garden: `shadow_copy` adds them, zero-initialised, `official/modeling/optimization/ema_optimizer.py:114-126`
+of tf-models-official 2.20). The object graph records each slot on its optimizer's node as (original variable node,
+slot name, slot node), so a slot is paired with its variable by node, exactly and without reading any name. Two
+`average` slots for one variable (nested or parallel averaging wrappers, e.g. TF Addons SWA over MovingAverage) are
+reported with both candidates, never chosen between. Slots of variables the model does not own (a head trained
+beside it) are skipped with a warning, as restoring skips their values; slots of non-trainable variables (Model
+Garden's `trainable_weights_only=False`, `ema_optimizer.py:117-120`) pair, and folding keeps those variables live in
+both arms unless `--bn-stats ema`.
 
-Model Garden's `EMACheckpointing` also writes *inverted* checkpoints, `<model_dir>/ema_checkpoints/average_weights-N`:
-weights and averages are swapped before saving, so the model holds the averages and the slots the raw weights. Their
-keys and object graph are those of a regular checkpoint; only Model Garden's names for them, and a comparison with
-the regular checkpoint of the same step, tell them apart. They are refused rather than exported with the arms swapped
-back: the swap is arithmetic (`a += b; b = a - b; a -= b`), so neither value survives it exactly, while the regular
-checkpoint Model Garden writes beside it holds both exactly.
+Model Garden's `EMACheckpointing` (`official/core/actions.py:76-123`) also writes *inverted* checkpoints,
+`<model_dir>/ema_checkpoints/average_weights-N`: weights and averages are swapped before saving, so the model holds
+the averages and the slots the raw weights. Their keys and object graph are those of a regular checkpoint; only
+Model Garden's names for them, and a comparison with the regular checkpoint of the same step (also for a renamed copy,
+through a regular checkpoint that the named one mirrors), tell them apart. They are refused rather than exported with
+the arms swapped back: the swap is arithmetic (`a += b; b = a - b; a -= b`, `ema_optimizer.py:181-197`), so neither
+value survives it exactly, while the regular checkpoint Model Garden writes beside it holds both exactly.
 """
 
 from __future__ import annotations
@@ -41,9 +44,12 @@ AVERAGE_SLOT = "average"
 
 INNER_OPTIMIZERS = {
     "awg_optimizer": "TF Addons MovingAverage",
+    "ema_base_optimizer": "Model Garden ExponentialMovingAverage",
     "base_optimizer": "Model Garden ExponentialMovingAverage",
 }
-"""How each known wrapper tracks the optimizer it wraps, which names the producer."""
+"""How each known wrapper tracks the optimizer it wraps, which names the producer. Model Garden 2.20 tracks it as
+`ema_base_optimizer` (tf-models-official 2.20, `official/modeling/optimization/ema_optimizer.py:110`); its main branch
+on GitHub as `base_optimizer`."""
 
 INVERTED_DIRECTORY = "ema_checkpoints"
 INVERTED_NAME = re.compile(r"^average_weights-(\d+)$")
@@ -184,29 +190,45 @@ def _global_step(prefix: str) -> int | None:
     return None
 
 
+def _mirror_partners(prefix: str, step: int) -> list[str]:
+    """Checkpoints nearby of the same step whose values are this one's, swapped."""
+    partners = []
+    for other in _nearby_prefixes(prefix):
+        try:
+            if _global_step(other) == step and _mirrors(prefix, other):
+                partners.append(other)
+        except (tf.errors.OpError, ValueError):
+            continue
+    return partners
+
+
 def _mirrored_without_name(prefix: str) -> InvertedCheckpoint | None:
     """A checkpoint without Model Garden's names that holds, swapped, the values of a checkpoint of the same step
     nearby: a renamed copy of an inverted checkpoint, or the regular checkpoint such a copy was made from.
 
-    Named partners decide (beside `ema_checkpoints/average_weights-N`, this one is the regular checkpoint); two
-    unnamed ones cannot be told apart, and the export is refused until the user says which this is.
+    Named partners decide: beside `ema_checkpoints/average_weights-N`, this one is the regular checkpoint; and when
+    its unnamed partner has such a named partner itself, that partner is the regular one and this is a renamed copy
+    of the inverted one. Two unnamed ones alone cannot be told apart, and the export is refused until the user says
+    which this is.
     """
     step = _global_step(prefix)
     if step is None:
         return None
-    for other in _nearby_prefixes(prefix):
-        try:
-            if _global_step(other) != step or not _mirrors(prefix, other):
-                continue
-        except (tf.errors.OpError, ValueError):
-            continue
-        if _is_named_inverted(other):
-            return None
-        return InvertedCheckpoint(
-            prefix, (f"its model values are the 'average' slots of {other}, a checkpoint of the same step "
-                     f"({step}) that is not named as Model Garden names its inverted checkpoints either, so one of "
-                     "the two is a renamed copy of ema_checkpoints/average_weights-N",), other, True, certain=False)
-    return None
+    partners = _mirror_partners(prefix, step)
+    if not partners or any(_is_named_inverted(other) for other in partners):
+        return None
+    for other in partners:
+        named = [third for third in _mirror_partners(other, step) if _is_named_inverted(third)]
+        if named:
+            return InvertedCheckpoint(
+                prefix, (f"its model values are the 'average' slots of {other}, a checkpoint of the same step "
+                         f"({step}) that Model Garden's {named[0]} mirrors too: this is a renamed copy of that "
+                         "inverted checkpoint",), other, regular_is_same_step=True)
+    other = partners[0]
+    return InvertedCheckpoint(
+        prefix, (f"its model values are the 'average' slots of {other}, a checkpoint of the same step "
+                 f"({step}) that is not named as Model Garden names its inverted checkpoints either, so one of "
+                 "the two is a renamed copy of ema_checkpoints/average_weights-N",), other, True, certain=False)
 
 
 def _mirrors(inverted_prefix: str, regular_prefix: str) -> bool:
