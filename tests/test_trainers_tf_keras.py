@@ -1,0 +1,95 @@
+"""What tf-keras (Keras 2) training code really writes, exported (item 5 of issue 9).
+
+One `fit()` run with tf-keras's own `ModelCheckpoint`, trained with `Adam(use_ema=True)`, writes both files these tests
+export: the callback's default output, a SavedModel directory per epoch, and a `.keras` file saved by the same
+callback. At each epoch's end, before the checkpoint callbacks run, a callback placed first computes the raw and the
+averaged outputs inside the training process with the model itself; the export must serve exactly those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import ema_export
+import tiny_models as tm
+from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
+
+tf_keras = pytest.importorskip("tf_keras")
+
+pytestmark = pytest.mark.slow
+
+X = np.array([[1.0, -2.0, 0.5, 3.0], [0.0, 1.0, -1.0, 2.0], [4.0, 0.25, -0.5, -1.0]], np.float32)
+
+
+def build_mlp():
+    inputs = tf_keras.Input((tm.NUM_FEATURES,), name="features")
+    hidden = tf_keras.layers.ReLU()(tf_keras.layers.BatchNormalization()(tf_keras.layers.Dense(tm.HIDDEN)(inputs)))
+    return tf_keras.Model(inputs, tf_keras.layers.Dense(tm.NUM_CLASSES)(hidden))
+
+
+@dataclass(frozen=True)
+class Run:
+    directory: Path
+    raw: list[np.ndarray]
+    """Per epoch: the model's outputs on X when the checkpoints were written."""
+    averaged: list[np.ndarray]
+    """Per epoch: the outputs with the optimizer's averages in place of the trainable weights."""
+
+
+def outputs_of_both_arms(model) -> tuple[np.ndarray, np.ndarray]:
+    """Raw and averaged outputs, computed by the training model itself: averages swapped in, then swapped back."""
+    raw_values = [variable.numpy() for variable in model.trainable_variables]
+    raw = model(X, training=False).numpy()
+    for variable, average in zip(model.trainable_variables, model.optimizer._model_variables_moving_average):
+        variable.assign(average)
+    averaged = model(X, training=False).numpy()
+    for variable, value in zip(model.trainable_variables, raw_values):
+        variable.assign(value)
+    return raw, averaged
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Run:
+    """tf-keras fit() for 2 epochs with ModelCheckpoint writing SavedModel directories and .keras files."""
+    directory = tmp_path_factory.mktemp("tf_keras_run")
+    tf_keras.utils.set_random_seed(3)
+    model = build_mlp()
+    model.compile(optimizer=tf_keras.optimizers.Adam(0.05, use_ema=True, ema_momentum=0.5), loss="mse")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((32, tm.NUM_FEATURES)).astype(np.float32)
+    y = rng.standard_normal((32, tm.NUM_CLASSES)).astype(np.float32)
+    raw, averaged = [], []
+
+    def record(epoch, logs):
+        both = outputs_of_both_arms(model)
+        raw.append(both[0])
+        averaged.append(both[1])
+
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[
+        tf_keras.callbacks.LambdaCallback(on_epoch_end=record),
+        tf_keras.callbacks.ModelCheckpoint(str(directory / "savedmodel-{epoch}")),  # the default: a SavedModel
+        tf_keras.callbacks.ModelCheckpoint(str(directory / "model-{epoch}.keras")),
+    ])
+    return Run(directory, raw, averaged)
+
+
+def served(version_dir, signature: str) -> np.ndarray:
+    function = tf.saved_model.load(str(version_dir)).signatures[signature]
+    return function(features=tf.constant(X))["output_0"].numpy()
+
+
+def test_model_checkpoint_saved_model_directory_serves_both_arms(run, tmp_path):
+    assert (run.directory / "savedmodel-2" / "saved_model.pb").is_file()
+    assert not np.allclose(run.raw[1], run.averaged[1], atol=1e-3)
+
+    result = ema_export.export(run.directory / "savedmodel-2", tmp_path / "out", model=build_mlp)
+
+    assert result.sources.training.prefix == str(run.directory / "savedmodel-2" / "variables" / "variables")
+    assert result.fold.layout == "tf-keras-use-ema"
+    np.testing.assert_allclose(served(result.version_dir, SIGNATURE_LIVE), run.raw[1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(served(result.version_dir, SIGNATURE_EMA), run.averaged[1], rtol=1e-5, atol=1e-5)
