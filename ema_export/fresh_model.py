@@ -118,6 +118,17 @@ def load_factory(spec: str) -> ModelFactory:
     return factory
 
 
+def _tf_keras_model_from_json(config_text: str) -> Any:
+    try:
+        import tf_keras
+    except ImportError as error:
+        raise ModelLoadError(
+            f"This .keras file was saved by tf-keras (Keras 2), which is not installed ({error})",
+            hint="pip install tf-keras (the version that trained the model), or pass --model package.module:factory",
+        ) from error
+    return tf_keras.models.model_from_json(config_text)
+
+
 def _keras_config_factory(path: Path) -> ModelFactory:
     import keras
 
@@ -133,9 +144,15 @@ def _keras_config_factory(path: Path) -> ModelFactory:
     else:
         config_text = path.read_text()
 
+    from ema_export.keras_files import saved_by_tf_keras
+
+    # A .keras file tf-keras saved names tf-keras's classes (`Functional` from `keras.engine`), which Keras 3 cannot
+    # rebuild: tf-keras rebuilds it, into the tf-keras model its values load into.
+    model_from_json = _tf_keras_model_from_json if saved_by_tf_keras(str(path)) else keras.models.model_from_json
+
     def build() -> Any:
         try:
-            return keras.models.model_from_json(config_text)
+            return model_from_json(config_text)
         except Exception as error:  # Keras raises many types for configs it cannot rebuild
             raise ModelLoadError(
                 f"Cannot rebuild the architecture in {path}: {error}",

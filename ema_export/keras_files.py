@@ -166,6 +166,100 @@ def weight_paths(model: Any) -> dict[int, str]:
     return store.paths
 
 
+TF_KERAS_MAJOR = "2"
+"""`keras_version` in a `.keras` archive's metadata.json: tf-keras (Keras 2) writes 2.x, Keras 3 writes 3.x."""
+
+
+def saved_by_tf_keras(path: str) -> bool:
+    """Whether a `.keras` archive was written by tf-keras: its layout of values is Keras 3's, its config is not."""
+    if not path.endswith(".keras"):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            metadata = json.loads(archive.read("metadata.json"))
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile):
+        return False
+    return str(metadata.get("keras_version", "")).split(".")[0] == TF_KERAS_MAJOR
+
+
+def _tf_keras_weight_paths(model: Any) -> dict[int, str]:
+    """Where tf-keras's saving walk (`tf_keras/src/saving/saving_lib.py` `_save_state`) stores each variable.
+
+    tf-keras layers hand the store values, not variables (`Layer.save_own_variables` stores `v.numpy()`), so each
+    variable is first filled with its own number, the walk records which number lands at which path, and the values
+    are put back. The restore loads every value from the file right after, and checks it.
+    """
+    from tf_keras.src.saving import saving_lib
+
+    variables = model_variables(model)
+    originals = [variable.numpy() for variable in variables]
+    by_number: dict[int, int] = {}
+    paths: dict[int, str] = {}
+
+    class RecordingStore(dict):
+        def __init__(self, current: str) -> None:
+            super().__init__()
+            self.current = current
+
+        def __setitem__(self, key: str, value: Any) -> None:
+            array = np.asarray(value)
+            if array.size and int(array.flat[0]) in by_number:
+                paths.setdefault(by_number[int(array.flat[0])], f"{self.current}/vars/{key}".lstrip("/"))
+
+    class Walk:
+        def make(self, path: str) -> RecordingStore:
+            return RecordingStore(path)
+
+    try:
+        for number, variable in enumerate(variables, start=1):
+            if variable.dtype.is_floating or variable.dtype.is_integer:
+                variable.assign(tf.fill(tf.shape(variable), tf.cast(number, variable.dtype)))
+                by_number[number] = variable_identity(variable)
+        skipped = {id(model.optimizer)} if getattr(model, "optimizer", None) is not None else set()
+        saving_lib._save_state(model, Walk(), None, "", skipped)
+    finally:
+        for variable, value in zip(variables, originals):
+            variable.assign(value)
+    return paths
+
+
+def _load_tf_keras(model: Any, path: str) -> None:
+    """tf-keras's own loader (`saving_lib.load_weights_only`), never into the fresh model's optimizer."""
+    from tf_keras.src.saving import saving_lib
+
+    skipped = {id(model.optimizer)} if getattr(model, "optimizer", None) is not None else set()
+    archive = zipfile.ZipFile(path) if path.endswith(".keras") else None
+    store = (saving_lib.H5IOStore(WEIGHTS_MEMBER, archive=archive, mode="r") if archive is not None
+             else saving_lib.H5IOStore(path, mode="r"))
+    try:
+        saving_lib._load_state(model, weights_store=store, assets_store=None, inner_path="",
+                               visited_trackables=skipped)
+    finally:
+        store.close()
+        if archive is not None:
+            archive.close()
+
+
+def _trackable_paths(model: Any) -> dict[int, str]:
+    """The object-graph path of each variable (`layer_with_weights-0/kernel`), by identity: where the EMA copy of a
+    tf-keras model hangs the same variable (`assemble` follows these paths)."""
+    from ema_export.checkpoint_graph import children_of
+
+    paths: dict[int, str] = {}
+    seen = {id(model)}
+    queue = [(model, "")]
+    while queue:
+        obj, prefix = queue.pop(0)
+        for name, child in children_of(obj).items():
+            path = f"{prefix}/{name}".lstrip("/")
+            if isinstance(child, tf.Variable):
+                paths.setdefault(id(child), path)
+            elif id(child) not in seen:
+                seen.add(id(child))
+                queue.append((child, path))
+    return paths
+
+
 def _load(model: Any, path: str) -> None:
     """Load the model's weights with Keras's loader, never the fresh model's optimizer (it is not exported)."""
     from keras.src.saving import saving_lib
@@ -182,28 +276,43 @@ def _training_name(weights: h5py.File, key: str, variable: Any) -> str:
     return f"{recorded}/{variable.name}" if recorded else getattr(variable, "path", variable.name)
 
 
+def _tf_keras_variable(variable: Any, key: str, graph_paths: dict[int, str]) -> RestoredVariable:
+    name = variable.name.split(":")[0]
+    return RestoredVariable(variable=variable, path=graph_paths.get(id(variable), name), checkpoint_key=key,
+                            training_name=name, trainable=bool(variable.trainable), shape=tuple(variable.shape),
+                            dtype=tf.dtypes.as_dtype(variable.dtype))
+
+
 def restore_from_keras_file(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredModel:
     """Restore the live values of a Keras model from a `.keras` or `.weights.h5` file, strictly.
 
+    A file saved by tf-keras is loaded into a tf-keras model by tf-keras's own loader: its values sit at the same
+    paths as Keras 3's (`layers/dense/vars/0`, `optimizer/vars/<i>`).
+
     Raises:
-        RestoreError: The model is not a Keras model, Keras cannot load the file into it, or some variable's value
-            differs from its entry in the file (or the file has layers the model lacks).
+        RestoreError: The model is not a Keras model of the kind that saved the file, Keras cannot load the file
+            into it, or some variable's value differs from its entry in the file (or the file has layers the model
+            lacks).
     """
     path = checkpoint.prefix
-    if not fresh.is_keras:
+    by_tf_keras = saved_by_tf_keras(path)
+    if not (fresh.is_tf_keras if by_tf_keras else fresh.is_keras):
+        saver, wanted = ("tf-keras (Keras 2)", "a tf-keras model") if by_tf_keras else ("Keras 3", "a Keras 3 model")
         raise RestoreError(
-            f"{path} is a Keras file, but the model from {fresh.source} is a {type(fresh.model).__name__}: only a "
-            "Keras 3 model can load it",
-            hint="Pass a --model factory that builds the Keras model that was trained",
+            f"{path} is a Keras file saved by {saver}, but the model from {fresh.source} is a "
+            f"{type(fresh.model).__name__}: only {wanted} can load it",
+            hint="Omit --model to rebuild the architecture saved in the file, or pass a --model factory that builds "
+            f"{wanted} of the architecture that was trained",
         )
     model = fresh.model
-    paths = weight_paths(model)
+    paths = _tf_keras_weight_paths(model) if fresh.is_tf_keras else weight_paths(model)
+    graph_paths = _trackable_paths(model) if fresh.is_tf_keras else {}
     with open_weights(path) as weights:
         raise_for_shapes(path, [(key, tuple(variable.shape), tuple(weights[key].shape))
                                 for variable in model_variables(model)
                                 for key in [paths.get(variable_identity(variable), "")] if key in weights])
     try:
-        _load(model, path)
+        (_load_tf_keras if fresh.is_tf_keras else _load)(model, path)
     except Exception as error:  # Keras raises ValueError, KeyError, OSError ... for files that do not fit
         raise RestoreError(
             f"Keras could not load {path} into the model from {fresh.source}: {error}",
@@ -222,7 +331,7 @@ def restore_from_keras_file(fresh: FreshModel, checkpoint: CheckpointFiles) -> R
                 if expected is None or not np.array_equal(np.asarray(variable.numpy()), expected,
                                                           equal_nan=expected.dtype.kind == "f"):
                     differing.append(key)
-            restored.append(RestoredVariable(
+            restored.append(_tf_keras_variable(variable, key, graph_paths) if fresh.is_tf_keras else RestoredVariable(
                 variable=variable,
                 path=key or variable.path,
                 checkpoint_key=key,
@@ -235,7 +344,9 @@ def restore_from_keras_file(fresh: FreshModel, checkpoint: CheckpointFiles) -> R
         # Entries nothing loads mean layers the model lacks; unless some layer saves transformed values, which
         # then have entries of their own that no variable maps to.
         unmapped = any(not item.checkpoint_key for item in restored)
-        extra = [] if unmapped else sorted(k for k in stored - set(paths.values()) if not k.startswith("optimizer/"))
+        # tf-keras also saves a compiled model's metrics; a rebuilt model has none, and they are not served.
+        state = ("optimizer/", "metrics/") if fresh.is_tf_keras else ("optimizer/",)
+        extra = [] if unmapped else sorted(k for k in stored - set(paths.values()) if not k.startswith(state))
     if differing or extra:
         problems = ([f"{len(differing)} variables differ from their entries: {name_list(differing)}"] if differing
                     else []) + ([f"{len(extra)} entries belong to no model variable: {name_list(extra)}"] if extra

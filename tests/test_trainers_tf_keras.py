@@ -93,3 +93,31 @@ def test_model_checkpoint_saved_model_directory_serves_both_arms(run, tmp_path):
     assert result.fold.layout == "tf-keras-use-ema"
     np.testing.assert_allclose(served(result.version_dir, SIGNATURE_LIVE), run.raw[1], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(served(result.version_dir, SIGNATURE_EMA), run.averaged[1], rtol=1e-5, atol=1e-5)
+
+
+def test_tf_keras_dot_keras_file_rebuilds_its_architecture_and_serves_both_arms(run, tmp_path):
+    # Epoch 1's file: fit() had not finished, so its weights are raw and optimizer/vars/N hold the averages.
+    path = run.directory / "model-1.keras"
+    assert not np.allclose(run.raw[0], run.averaged[0], atol=1e-3)
+
+    for model in (None, build_mlp):  # the architecture inside the file, or the training code's factory
+        result = ema_export.export(path, tmp_path / "out", model=model)
+        assert result.fold.layout == "keras-file-use-ema"
+        assert "Adam use_ema=True in its config.json, positions from Keras" in result.fold.layout_reason
+        np.testing.assert_allclose(served(result.version_dir, SIGNATURE_LIVE), run.raw[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(served(result.version_dir, SIGNATURE_EMA), run.averaged[0], rtol=1e-5, atol=1e-5)
+        assert not result.warnings
+
+
+def test_tf_keras_file_with_a_keras_3_model_names_the_saver(run, tmp_path):
+    import keras
+
+    def keras_3_mlp():
+        inputs = keras.Input((tm.NUM_FEATURES,), name="features")
+        return keras.Model(inputs, keras.layers.Dense(tm.NUM_CLASSES)(inputs))
+
+    with pytest.raises(ema_export.EmaExportError) as error:
+        ema_export.export(run.directory / "model-1.keras", tmp_path / "out", model=keras_3_mlp)
+    message = str(error.value)
+    assert "saved by tf-keras (Keras 2)" in message and "only a tf-keras model can load it" in message
+    assert "Omit --model" in message and "\n" not in message and "Could not locate class" not in message

@@ -53,13 +53,20 @@ def _span(positions: list[int]) -> str:
     return ", ".join(f"{OPTIMIZER_GROUP}/{p}" for p in positions)
 
 
+def _is_tf_keras(model: Any) -> bool:
+    return type(model).__module__.startswith("tf_keras.")
+
+
 def _known_config(path: str, model: Any) -> tuple[dict[str, Any], str] | None:
     config = optimizer_config(path)
     if config is not None:
         return config, "its config.json"
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None and hasattr(optimizer, "get_config"):
-        import keras
+        if _is_tf_keras(model):
+            import tf_keras as keras
+        else:
+            import keras
 
         return keras.optimizers.serialize(optimizer), "the compiled model from --model"
     return None
@@ -70,7 +77,10 @@ def _keras_positions(config: dict[str, Any], model: Any) -> tuple[list[int], int
 
     None when Keras cannot rebuild it (a custom optimizer class that is not registered).
     """
-    import keras
+    if _is_tf_keras(model):
+        import tf_keras as keras  # its optimizers keep averages the same way, and serialize with the same keys
+    else:
+        import keras
 
     try:
         optimizer = keras.optimizers.deserialize(config)
@@ -97,7 +107,7 @@ def _fits(stored: list[StoredValue], first: int, shapes: list[tuple[int, ...]]) 
 def _plan(sources: CheckpointSources, restored: RestoredModel) -> _Plan | None:
     """Where the averages are, from the optimizer's config when known, else from the file's counts and shapes;
     None when the source is not a Keras file of a model whose optimizer kept averages."""
-    if not sources.training.is_keras_file or not restored.fresh.is_keras:
+    if not sources.training.is_keras_file or not (restored.fresh.is_keras or restored.fresh.is_tf_keras):
         return None
     path = sources.training.prefix
     stored = optimizer_values(path)
