@@ -57,27 +57,32 @@ def serve(version_dir, signature: str, inputs: dict[str, np.ndarray]) -> np.ndar
     return function(**{name: tf.constant(value) for name, value in inputs.items()})["output_0"].numpy()
 
 
-def test_kerashub_dict_inputs_export_and_serve_by_name(tmp_path):
-    raw, averaged, probe = train_bert(tmp_path / "run")
+@pytest.fixture(scope="module")
+def bert_run(tmp_path_factory):
+    """One KerasHub training run shared by the tests that export it (building and fitting BERT is the slow part)."""
+    directory = tmp_path_factory.mktemp("bert") / "run"
+    raw, averaged, probe = train_bert(directory)
+    return directory, raw, averaged, probe
+
+
+def test_kerashub_dict_inputs_export_and_serve_by_name(bert_run, tmp_path):
+    run, raw, averaged, probe = bert_run
     assert not np.allclose(raw, averaged)
-    result = ema_export.export(tmp_path / "run", tmp_path / "out", model=bert_classifier)
+    result = ema_export.export(run, tmp_path / "out", model=bert_classifier)
     signature = tf.saved_model.load(str(result.version_dir)).signatures["serve_ema"]
     assert sorted(signature.structured_input_signature[1]) == ["padding_mask", "segment_ids", "token_ids"]
     np.testing.assert_allclose(serve(result.version_dir, "serve_live", probe), raw, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(serve(result.version_dir, "serve_ema", probe), averaged, rtol=1e-5, atol=1e-5)
 
-
-def test_kerashub_input_signature_names_the_dict_keys(tmp_path):
-    raw, averaged, probe = train_bert(tmp_path / "run")
+    # --input-signature names the dict's keys, in any order.
     specs = [f"{key}:int32:[None,{SEQUENCE_LENGTH}]" for key in ("padding_mask", "token_ids", "segment_ids")]
-    result = ema_export.export(tmp_path / "run", tmp_path / "out", model=bert_classifier, input_signature=specs)
-    function = tf.saved_model.load(str(result.version_dir)).signatures["serve_ema"]
+    given = ema_export.export(run, tmp_path / "out", model=bert_classifier, input_signature=specs)
+    function = tf.saved_model.load(str(given.version_dir)).signatures["serve_ema"]
     assert function.structured_input_signature[1]["token_ids"].shape.as_list() == [None, SEQUENCE_LENGTH]
-    np.testing.assert_allclose(serve(result.version_dir, "serve_ema", probe), averaged, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(serve(given.version_dir, "serve_ema", probe), averaged, rtol=1e-5, atol=1e-5)
 
     with pytest.raises(ema_export.EmaExportError, match="dict of inputs keyed token_ids, segment_ids, padding_mask"):
-        ema_export.export(tmp_path / "run", tmp_path / "out2", model=bert_classifier,
-                          input_signature=["inputs:int32:[None,6]"])
+        ema_export.export(run, tmp_path / "out2", model=bert_classifier, input_signature=["inputs:int32:[None,6]"])
 
 
 # --- 1 and 6: SwapEMAWeights(swap_on_epoch=True) + ModelCheckpoint, per-epoch files ---------------------------------
@@ -97,11 +102,18 @@ def mlp_from_file(path, trainable: list[np.ndarray]) -> np.ndarray:
     return kp.mlp_outputs(trainable, statistics)
 
 
-def test_swap_ema_weights_checkpoints_are_refused_then_swapped_back_with_inverted(tmp_path):
-    _, truth = kp.fit_with_swapped_checkpoints(tmp_path / "run", tm.build_functional, epochs=3)
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model-01.keras", "model-02.keras",
-                                                                    "model-03.keras"]
-    middle = tmp_path / "run" / "model-02.keras"
+@pytest.fixture(scope="module")
+def swapped_run(tmp_path_factory):
+    """One fit() with SwapEMAWeights(swap_on_epoch=True) + ModelCheckpoint for 3 epochs, shared (read only)."""
+    directory = tmp_path_factory.mktemp("swapped") / "run"
+    _, truth = kp.fit_with_swapped_checkpoints(directory, tm.build_functional, epochs=3)
+    return directory, truth
+
+
+def test_swap_ema_weights_checkpoints_are_refused_then_swapped_back_with_inverted(swapped_run, tmp_path):
+    run, truth = swapped_run
+    assert sorted(p.name for p in run.iterdir()) == ["model-01.keras", "model-02.keras", "model-03.keras"]
+    middle = run / "model-02.keras"
     # What Keras really wrote: the model holds the epoch's averages (to within the swap's rounding).
     np.testing.assert_allclose(kp.h5_values(middle)["layers/dense/vars/0"], truth[1][1][0], rtol=1e-6, atol=1e-6)
 
@@ -111,7 +123,7 @@ def test_swap_ema_weights_checkpoints_are_refused_then_swapped_back_with_inverte
     assert "--inverted" in str(refused.value)
     # The same file chosen from the directory with --step (item 6): refused the same way.
     with pytest.raises(LayoutError, match="model-02.keras is an inverted EMA checkpoint"):
-        ema_export.export(tmp_path / "run", tmp_path / "out", step=2)
+        ema_export.export(run, tmp_path / "out", step=2)
 
     result = ema_export.export(middle, tmp_path / "out", inverted=True)  # architecture from the file itself
     assert result.manifest["policies"]["inverted"] is True
@@ -124,7 +136,7 @@ def test_swap_ema_weights_checkpoints_are_refused_then_swapped_back_with_inverte
     assert not np.allclose(mlp_from_file(middle, raw), mlp_from_file(middle, averages), atol=1e-3)
 
     # The directory itself: the newest file by its number (the finalized last epoch), said so (item 6).
-    newest = ema_export.export(tmp_path / "run", tmp_path / "out")
+    newest = ema_export.export(run, tmp_path / "out")
     assert newest.sources.training.prefix.endswith("model-03.keras")
     assert "newest by the number in its name, of 3 Keras files" in newest.sources.training.chosen_by
     assert any("averages equal their weights exactly" in warning for warning in newest.warnings)
@@ -142,9 +154,8 @@ def test_checkpoints_without_the_swap_are_not_taken_for_inverted(tmp_path):
     assert not result.warnings
 
 
-def test_cli_inverted_is_recorded_and_not_inverted_exports_as_is(tmp_path):
-    kp.fit_with_swapped_checkpoints(tmp_path / "run", tm.build_functional, epochs=2)
-    middle = tmp_path / "run" / "model-01.keras"
+def test_cli_inverted_is_recorded_and_not_inverted_exports_as_is(swapped_run, tmp_path):
+    middle = swapped_run[0] / "model-01.keras"
     swapped = CliRunner().invoke(cli, [str(middle), str(tmp_path / "out"), "--inverted", "--json"])
     assert swapped.exit_code == 0, swapped.output
     assert json.loads(swapped.stdout)["policies"]["inverted"] is True

@@ -1,12 +1,15 @@
-"""Plain TensorFlow training code: a `tf.Module` restored from a TF1 `Saver` checkpoint by names (item 8 of issue 9)."""
+"""Plain TensorFlow training code: a `tf.Module` restored from a TF1 `Saver` checkpoint by names (item 8 of issue 9),
+and averages that belong to another model (item 3)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import ema_export
 import tiny_models as tm
+from ema_export.errors import FoldError
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
 
 X = np.array([[0.5, -1.0, 2.0, 1.5], [1.0, 1.0, -2.0, 0.0]], np.float32)
@@ -54,3 +57,20 @@ def test_scoped_variable_names_in_a_module_follow_attribute_paths(tmp_path):
                                    reader.get_tensor("linear/bias" + suffix))
         np.testing.assert_allclose(loaded.signatures[signature](inputs=X)["output_0"].numpy(), expected, rtol=1e-5)
     assert {item.name for item in result.fold.folded} == {"linear/kernel", "linear/bias"}
+
+
+def test_no_allow_missing_hint_when_no_variable_has_a_shadow(tmp_path):
+    """Averages of another model (every name differs): a misread checkpoint, where --allow-missing would serve the
+    raw weights as "EMA". The error must not suggest it (item 3 of issue 9)."""
+    live_prefix, _ = tm.write_seed_checkpoints(tmp_path / "seed")
+    variables = [tf.Variable(tf.zeros([tm.NUM_FEATURES, 8]), name="dense/kernel"), tf.Variable(tf.zeros([8]),
+                                                                                           name="dense/bias")]
+    average = tf.train.ExponentialMovingAverage(decay=0.9)
+    average.apply(variables)
+    tf.train.Checkpoint(ema_weights={v.name: average.average(v) for v in variables}).save(str(tmp_path / "ema" / "c"))
+
+    with pytest.raises(FoldError) as error:
+        ema_export.export(live_prefix, tmp_path / "out", model=tm.LinearModule, ema_checkpoint=tmp_path / "ema")
+    message = str(error.value)
+    assert "missing shadow for 2 trainable variables" in message
+    assert "allow-missing" not in message
