@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import gc
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from ema_export.fold import BN_STATS_POLICIES, FoldReport, fold
 from ema_export.fresh_model import ModelFactory, build_fresh_model, probe_inputs
 from ema_export.layouts import LayoutSettings, choose_layout
 from ema_export.locate import CheckpointSources, locate
-from ema_export.manifest import add_verification, build_manifest, write_manifest
+from ema_export.manifest import add_timings, add_verification, build_manifest, write_manifest
 from ema_export.out_dir import ensure_writable
 from ema_export.restore import restore
 from ema_export.serving_version import skew_warning
@@ -36,6 +37,31 @@ from ema_export.write import write_savedmodel, write_warmup
 STAGES = ("locate", "build model", "restore live values", "collect shadows", "fold", "assemble signatures",
           "write SavedModel", "verify", "publish")
 """Stage names passed to the progress callback, in order."""
+
+
+class _StageClock:
+    """Passes each stage's name on to the progress callback and records how long every stage took.
+
+    A slow export is diagnosed by its stage durations: they go into the manifest (`timings`) and the result.
+    """
+
+    def __init__(self, progress: Callable[[str], None] | None) -> None:
+        self.progress = progress or (lambda stage: None)
+        self.durations: dict[str, float] = {}
+        self.current: str | None = None
+        self.started = 0.0
+
+    def __call__(self, stage: str) -> None:
+        self.stop()
+        self.current, self.started = stage, time.perf_counter()
+        self.progress(stage)
+
+    def stop(self) -> dict[str, float]:
+        """End the running stage; every duration so far, in seconds."""
+        if self.current is not None:
+            self.durations[self.current] = round(time.perf_counter() - self.started, 3)
+            self.current = None
+        return dict(self.durations)
 
 
 @dataclass(frozen=True)
@@ -90,6 +116,8 @@ class ExportResult:
     fold: FoldReport
     verification: VerificationReport
     manifest: dict[str, Any] = field(repr=False)
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds spent in each stage (`STAGES`), publishing included."""
 
     @property
     def warnings(self) -> list[str]:
@@ -106,6 +134,8 @@ class DryRunResult:
     model_source: str
     attachment: str
     fold: FoldReport
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds spent in each stage that ran."""
 
 
 @dataclass
@@ -130,7 +160,7 @@ def _resolve_options(options: ExportOptions | None, overrides: dict[str, Any]) -
 
 
 def _prepare(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model: str | ModelFactory | None,
-             options: ExportOptions, step: Callable[[str], None]) -> _Prepared:
+             options: ExportOptions, step: Callable[[str], None], keep_values: bool = True) -> _Prepared:
     """Stages shared by `export` and `dry_run`: locate, build, restore, collect and fold."""
     step(STAGES[0])
     version = plan_version(output_dir, options.version, options.overwrite, options.force)  # fail before any work
@@ -145,7 +175,7 @@ def _prepare(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model
         ema_name=options.ema_name, inverted=options.inverted, bn_stats=options.bn_stats))
     match = layout.collect(sources, restored)
     step(STAGES[4])
-    report = fold(restored, match, reason, options.allow_missing, options.bn_stats)
+    report = fold(restored, match, reason, options.allow_missing, options.bn_stats, keep_values)
     return _Prepared(sources, fresh, restored, report, version)
 
 
@@ -164,9 +194,10 @@ def dry_run(
     can only fail in writing or verification.
     """
     options = _resolve_options(options, overrides)
-    prepared = _prepare(checkpoint, output_dir, model, options, progress or (lambda stage: None))
+    clock = _StageClock(progress)
+    prepared = _prepare(checkpoint, output_dir, model, options, clock, keep_values=False)
     return DryRunResult(prepared.version, Path(output_dir) / str(prepared.version), prepared.sources,
-                        prepared.fresh.source, prepared.restored.attachment, prepared.fold)
+                        prepared.fresh.source, prepared.restored.attachment, prepared.fold, clock.stop())
 
 
 def export(
@@ -207,20 +238,20 @@ def export(
     if frozen_here:
         gc.freeze()
     try:
-        return _export(checkpoint, output_dir, model, options, progress or (lambda stage: None))
+        return _export(checkpoint, output_dir, model, options, _StageClock(progress))
     finally:
         if frozen_here:
             gc.unfreeze()
 
 
 def _export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model: str | ModelFactory | None,
-            options: ExportOptions, step: Callable[[str], None]) -> ExportResult:
+            options: ExportOptions, step: _StageClock) -> ExportResult:
     ensure_writable(output_dir)  # a read-only or full OUT_DIR fails now, not after restoring and folding
     prepared = _prepare(checkpoint, output_dir, model, options, step)
     sources, fresh, restored, report = prepared.sources, prepared.fresh, prepared.restored, prepared.fold
     step(STAGES[5])
     assembly = assemble(restored, report, options.default_signature)
-    report.values.clear()  # the averaged values now live in variables; the numpy copies only raise peak memory
+    report.values.clear()  # the export root holds the averaged variables it needs; a copied module's are spare
     probe = probe_inputs(fresh.input_signature)
     manifest = build_manifest(sources, restored, report, assembly, prepared.version,
                               {"bn_stats": options.bn_stats, "allow_missing": options.allow_missing,
@@ -246,6 +277,7 @@ def _export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model:
         step(STAGES[7])
         verification = verify(staging, reference)
         add_verification(manifest, verification)
+        add_timings(manifest, step.stop())
         step(STAGES[8])
 
         def stamp(directory: Path, number: int) -> None:
@@ -255,4 +287,5 @@ def _export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model:
         version_dir = publish(staging, output_dir, options.version, options.overwrite, force=options.force,
                               stamp=stamp)
         version = int(version_dir.name)
-    return ExportResult(version, version_dir, sources, model_source, attachment, report, verification, manifest)
+    return ExportResult(version, version_dir, sources, model_source, attachment, report, verification, manifest,
+                        step.stop())

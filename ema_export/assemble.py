@@ -64,8 +64,7 @@ def _keras_ema_call(restored: RestoredModel, report: FoldReport, root: tf.Module
         for variable in variables:
             index = index_of[variable_identity(variable)]
             if index in report.values:
-                average = tf.Variable(report.values[index], trainable=False,
-                                      name="ema/" + restored.variables[index].path.replace("/", "."))
+                average = report.values[index]  # created by fold, straight from the checkpoint
                 averaged.append(average)
                 result.append(average)
             else:

@@ -3,13 +3,18 @@
 Validation is total and raises once: every trainable variable gets a shadow (or is reported), every shadow belongs
 to a variable, shapes and dtypes agree, values are finite, nothing is claimed twice. Non-trainable variables
 (BatchNorm moving statistics, counters) keep their live values in both arms.
+
+Each shadow is read once, checked, and put straight into the variable the SavedModel will save; the numpy copy is
+dropped before the next shadow is read, so folding never holds more than one shadow beyond the saved variables.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import tensorflow as tf
 
 from ema_export.errors import FoldError
 from ema_export.layouts import Shadow, ShadowMatch
@@ -42,7 +47,11 @@ class KeptVariable:
 
 @dataclass
 class FoldReport:
-    """What folding decided. `values` maps a variable's index in `RestoredModel.variables` to its averaged value."""
+    """What folding decided.
+
+    `values` maps a variable's index in `RestoredModel.variables` to a `tf.Variable` holding its averaged value (the
+    variable `serve_ema` reads and the SavedModel saves); empty when folding ran without keeping values (dry run).
+    """
 
     layout: str
     layout_reason: str
@@ -50,7 +59,7 @@ class FoldReport:
     folded: list[FoldedVariable]
     kept_live: list[KeptVariable]
     warnings: list[str]
-    values: dict[int, np.ndarray] = field(repr=False)
+    values: dict[int, tf.Variable] = field(repr=False)
 
     @property
     def ema_equals_live(self) -> bool:
@@ -62,15 +71,48 @@ class FoldReport:
         return sorted(self.folded, key=lambda item: item.relative_l2, reverse=True)[:count]
 
 
+_SLICE = 1 << 22
+"""Elements per slice in the value checks: their temporaries stay at 16 MiB (float32) however large the tensor."""
+
+
+def _slices(*arrays: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
+    """Matching flat slices of same-sized arrays (views, no copies, for contiguous arrays)."""
+    flat = [np.ravel(array) for array in arrays]
+    for start in range(0, flat[0].size, _SLICE):
+        yield tuple(part[start:start + _SLICE] for part in flat)
+
+
 def relative_l2(live: np.ndarray, average: np.ndarray) -> float:
     """||average - live|| / ||live|| (the absolute distance when the live value is all zeros).
 
-    Norms accumulate in float64 without materialising float64 copies of large tensors.
+    Norms accumulate in float64 across slices; each slice's difference goes into one reused buffer, so a large
+    tensor costs neither a full-size temporary nor fresh pages per slice.
     """
-    difference = np.subtract(average, live, dtype=np.float64) if live.dtype.itemsize < 4 else average - live
-    distance = float(np.sqrt(np.vdot(difference, difference).real))
-    scale = float(np.sqrt(np.vdot(live, live).real))
+    wide = live.dtype.itemsize < 4  # float16 / bfloat16 sums of squares overflow in their own type
+    scratch = np.empty(min(live.size, _SLICE), np.float64 if wide else np.result_type(live, average))
+    distance_squared = scale_squared = 0.0
+    for live_part, average_part in _slices(live, average):
+        difference = scratch[:live_part.size]
+        if wide:
+            live_part = live_part.astype(np.float64)
+        np.subtract(average_part, live_part, out=difference, casting="unsafe")
+        distance_squared += float(np.vdot(difference, difference).real)
+        scale_squared += float(np.vdot(live_part, live_part).real)
+    distance, scale = float(np.sqrt(distance_squared)), float(np.sqrt(scale_squared))
     return distance / scale if scale > 0 else distance
+
+
+def count_non_finite(value: np.ndarray) -> int:
+    """NaN and Inf elements of a floating-point value (bfloat16 and float16 included).
+
+    A slice whose sum is finite holds no NaN or Inf (either would make the sum NaN or infinite), so only a slice
+    whose sum is not finite, through a bad element or overflow, is counted element by element: the count is exact.
+    """
+    bad = 0
+    for (part,) in _slices(value):
+        if not np.isfinite(part.sum(dtype=np.float64 if part.dtype.itemsize < 4 else None)):
+            bad += int(part.size - np.count_nonzero(np.isfinite(part)))
+    return bad
 
 
 BN_STATS_POLICIES = ("live", "ema")
@@ -88,14 +130,19 @@ def _checked_value(variable: RestoredVariable, shadow: Shadow) -> tuple[np.ndarr
         return None, (f"dtype mismatch: {variable.name} is {variable.dtype.name}, its shadow "
                       f"{shadow.checkpoint_key} is {shadow.dtype.name}")
     value = shadow.value()
-    if value.dtype.kind in "fc" and not np.all(np.isfinite(value)):
-        bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+    bad = count_non_finite(value) if shadow.dtype.is_floating or shadow.dtype.is_complex else 0
+    if bad:
         return None, f"non-finite shadow: {shadow.checkpoint_key} (for {variable.name}) has {bad} NaN/Inf values"
     return value, None
 
 
+def averaged_variable(variable: RestoredVariable, value: np.ndarray) -> tf.Variable:
+    """The variable that holds `variable`'s averaged value in the export (named after its path, under `ema/`)."""
+    return tf.Variable(value, trainable=False, name="ema/" + variable.path.replace("/", "."))
+
+
 def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_missing: bool = False,
-         bn_stats: str = "live") -> FoldReport:
+         bn_stats: str = "live", keep_values: bool = True) -> FoldReport:
     """Check the pairing and collect averaged values.
 
     Args:
@@ -105,6 +152,8 @@ def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_
         allow_missing: Trainable variables without a shadow serve their live value instead of failing.
         bn_stats: "live" keeps non-trainable variables (BatchNorm statistics) live in both arms even when the
             checkpoint averaged them; "ema" uses their averages in `serve_ema` where the checkpoint has them.
+        keep_values: Put each checked average into its export variable (`FoldReport.values`); a dry run checks
+            every value the same way but keeps none.
 
     Raises:
         FoldError: Listing every missing, extra, mismatched, duplicated or non-finite shadow at once.
@@ -112,8 +161,10 @@ def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_
     problems = list(match.problems)
     folded: list[FoldedVariable] = []
     kept: list[KeptVariable] = []
-    values: dict[int, np.ndarray] = {}
+    values: dict[int, tf.Variable] = {}
     missing: list[str] = []
+    averaged: set[int] = set()  # indices of the variables folded
+    all_zero = True
     for index, variable in enumerate(restored.variables):
         shadow = match.matched.get(index)
         if shadow is None:
@@ -129,10 +180,14 @@ def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_
         if problem:
             problems.append(problem)
             continue
-        values[index] = value
         live = np.asarray(variable.variable.numpy())  # restored and checked equal to its checkpoint entry
         folded.append(FoldedVariable(variable.name, variable.path, variable.shape, variable.dtype.name,
                                      shadow.checkpoint_key, relative_l2(live, value)))
+        averaged.add(index)
+        all_zero = all_zero and not np.any(value)
+        if keep_values:
+            values[index] = averaged_variable(variable, value)
+        del value, live  # before the next shadow is read: one shadow in numpy at a time
     if missing and not allow_missing:
         problems.append(f"missing shadow for {len(missing)} trainable variables: {', '.join(missing)}")
     if match.unmatched:
@@ -155,10 +210,10 @@ def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_
             "every shadow equals its live value exactly: the EMA was never updated, or was saved as a copy of the "
             "weights (Keras fit() with use_ema=True overwrites the weights with the averages at its end)"
         )
-    if bn_stats == "ema" and not any(not v.trainable for i, v in enumerate(restored.variables) if i in values):
+    if bn_stats == "ema" and not any(not restored.variables[index].trainable for index in averaged):
         warnings.append("--bn-stats ema: the checkpoint has no averaged non-trainable statistics; both arms use the "
                         "live ones")
-    if values and all(not np.any(value) for value in values.values()):
+    if folded and all_zero:
         warnings.append("every shadow is all zeros: averages initialised to zero (as Model Garden's EMA optimizer "
                         "does) that were never updated, or saved before the first step")
     if missing:

@@ -100,6 +100,14 @@ def add_verification(manifest: dict[str, Any], verification: VerificationReport)
         manifest["warnings"].append("serve_live and serve_ema give identical outputs on the probe batch")
 
 
+def add_timings(manifest: dict[str, Any], durations: dict[str, float]) -> None:
+    """Record how long each stage took, in seconds, so a slow export shows where its time went.
+
+    Publishing (a rename) comes after the manifest is written and is not in it.
+    """
+    manifest["timings"] = dict(durations, total=round(sum(durations.values()), 3))
+
+
 def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
     """Write the manifest into a version (or staging) directory."""
     path = directory / ASSETS_EXTRA_DIR / MANIFEST_FILENAME
