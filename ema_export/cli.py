@@ -210,6 +210,9 @@ def cli(ckpt_dir: str, out_dir: str, ema_checkpoint: str | None, model_spec: str
         click.echo(json.dumps(dict(result.manifest, version_dir=str(Path(result.version_dir))), indent=2))
     else:
         click.echo(_summary(result))
+        if verbose:  # where a slow export spent its time (also in the manifest's "timings")
+            click.echo("Stage durations      " + ", ".join(f"{stage} {seconds:.2f}s"
+                                                        for stage, seconds in result.timings.items()))
 
 
 def main() -> None:

@@ -109,9 +109,10 @@ def count_non_finite(value: np.ndarray) -> int:
     whose sum is not finite, through a bad element or overflow, is counted element by element: the count is exact.
     """
     bad = 0
-    for (part,) in _slices(value):
-        if not np.isfinite(part.sum(dtype=np.float64 if part.dtype.itemsize < 4 else None)):
-            bad += int(part.size - np.count_nonzero(np.isfinite(part)))
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum only sends the slice to the exact count
+        for (part,) in _slices(value):
+            if not np.isfinite(part.sum(dtype=np.float64 if part.dtype.itemsize < 4 else None)):
+                bad += int(part.size - np.count_nonzero(np.isfinite(part)))
     return bad
 
 

@@ -1,0 +1,112 @@
+"""Export stages' cost accounting and the memory-lean fold: stage durations, checks slice by slice, averages read
+straight into the variables that are saved."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+
+import ema_export
+import tiny_models as tm
+from ema_export import fold as fold_module
+from ema_export.api import STAGES
+from ema_export.cli import cli
+from ema_export.errors import FoldError
+from ema_export.fold import count_non_finite, relative_l2
+from ema_export.manifest import read_manifest
+
+BFLOAT16 = tf.bfloat16.as_numpy_dtype
+
+
+@pytest.fixture
+def seed_ckpt(tmp_path):
+    tm.write_seed_checkpoints(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_manifest_and_result_record_every_stage_duration(seed_ckpt, tmp_path):
+    seen = []
+    result = ema_export.export(seed_ckpt, tmp_path / "models", model=tm.LinearModule, progress=seen.append)
+
+    timings = read_manifest(result.version_dir)["timings"]
+    assert list(timings) == list(STAGES[:-1]) + ["total"]  # publishing comes after the manifest is written
+    assert all(seconds >= 0 for seconds in timings.values())
+    assert timings["total"] == pytest.approx(sum(v for k, v in timings.items() if k != "total"), abs=0.01)
+    assert timings["write SavedModel"] > 0 and timings["verify"] > 0
+    assert list(result.timings) == list(STAGES) == seen
+
+
+def test_dry_run_times_its_stages_and_keeps_no_values(seed_ckpt, tmp_path):
+    planned = ema_export.dry_run(seed_ckpt, tmp_path / "models", model=tm.LinearModule)
+
+    assert list(planned.timings) == list(STAGES[:5])
+    assert planned.fold.values == {}
+    assert {item.name for item in planned.fold.folded} == {"weights", "biases"}
+
+
+def test_dry_run_still_checks_every_value(tmp_path):
+    bad = tm.EMA_W.copy()
+    bad[1, 2] = np.inf
+    tm.write_seed_checkpoints(tmp_path / "ckpt", ema=(bad, tm.EMA_B))
+
+    with pytest.raises(FoldError, match="1 NaN/Inf"):
+        ema_export.dry_run(tmp_path / "ckpt", tmp_path / "models", model=tm.LinearModule)
+
+
+def test_verbose_cli_prints_stage_durations(seed_ckpt, tmp_path):
+    result = CliRunner().invoke(cli, [str(seed_ckpt), str(tmp_path / "models"), "--model",
+                                      "tiny_models:LinearModule", "--verbose"])
+
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("Stage durations"))
+    assert all(f"{stage} " in line for stage in STAGES)
+
+
+def test_keras_averages_are_the_saved_variables_read_from_the_checkpoint(tmp_path):
+    keys = tm.write_keras_checkpoints(tm.build_sequential, tmp_path / "ckpt", ema_key=lambda v: v.path)
+    reader = tf.train.load_checkpoint(str(tmp_path / "ckpt" / "ema"))
+    result = ema_export.export(tmp_path / "ckpt", tmp_path / "models", model=tm.build_sequential)
+
+    stored = dict(tf.train.list_variables(str(result.version_dir / "variables" / "variables")))
+    for shadow_key in keys[2]:
+        value = reader.get_tensor(shadow_key)
+        saved = [key for key in stored if key.startswith("ema_variables/")
+                 and np.array_equal(tf.train.load_variable(str(result.version_dir / "variables" / "variables"),
+                                                           key), value)]
+        assert len(saved) == 1, shadow_key  # each average saved exactly once, bit for bit
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, BFLOAT16, np.complex64])
+def test_non_finite_count_is_exact_across_slices(monkeypatch, dtype):
+    monkeypatch.setattr(fold_module, "_SLICE", 7)
+    value = np.ones(50, np.float32)
+    value[[3, 20, 49]] = [np.nan, np.inf, -np.inf]
+
+    assert count_non_finite(value.astype(dtype)) == 3
+    assert count_non_finite(np.ones(50, dtype)) == 0
+
+
+def test_sums_that_overflow_are_not_mistaken_for_non_finite_values(monkeypatch):
+    monkeypatch.setattr(fold_module, "_SLICE", 8)
+    assert count_non_finite(np.full(40, 3e38, np.float32)) == 0
+    assert count_non_finite(np.full(40, 60000, np.float16)) == 0
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, BFLOAT16])
+def test_relative_l2_matches_float64_numpy_across_slices(monkeypatch, dtype):
+    monkeypatch.setattr(fold_module, "_SLICE", 11)
+    rng = np.random.default_rng(0)
+    live = rng.standard_normal((9, 13)).astype(dtype)
+    average = (live.astype(np.float32) + rng.normal(0, 0.1, live.shape)).astype(dtype)
+    wide_live, wide_average = live.astype(np.float64), average.astype(np.float64)
+    expected = np.linalg.norm(wide_average - wide_live) / np.linalg.norm(wide_live)
+
+    assert relative_l2(live, average) == pytest.approx(expected, rel=1e-5)
+
+
+def test_relative_l2_of_a_large_float16_tensor_does_not_overflow():
+    live = np.ones(200_000, np.float16)  # its sum of squares is far above float16's largest value
+    assert relative_l2(live, live * np.float16(1.5)) == pytest.approx(0.5)
+    assert relative_l2(np.zeros(3, np.float32), np.full(3, 2.0, np.float32)) == pytest.approx(np.sqrt(12))
