@@ -204,7 +204,8 @@ def _row(label: str, result: dict) -> str:
         base = f"{plain[key] / scale:.1f}" if key == "seconds" else f"{plain[key] / scale:.0f}"
         cells.append(f"{ratio:.2f}x ({number} vs {base}{unit}){verdict}")
     time_vs_keras = ours["seconds"] / keras["seconds"]
-    return f"| {label} | {cells[0]} | {time_vs_keras:.2f}x | {cells[1]} | {ours['peak_rss_mib'] / keras['peak_rss_mib']:.2f}x | {cells[2]} |"
+    rss_vs_keras = ours["peak_rss_mib"] / keras["peak_rss_mib"]
+    return f"| {label} | {cells[0]} | {time_vs_keras:.2f}x | {cells[1]} | {rss_vs_keras:.2f}x | {cells[2]} |"
 
 
 def main() -> None:
