@@ -68,6 +68,12 @@ def _bool_flag(*names: str, default: bool, help: str) -> Any:  # noqa: A002 (cli
                  "TF Serving does with this flag.")
 @click.option("--grpc-max-threads", "--grpc_max_threads", type=click.IntRange(1), default=16, show_default=True,
               help="Requests answered concurrently.")
+@click.option("--max-request-bytes", "--max_request_bytes", type=click.IntRange(1), default=2**31 - 1,
+              show_default=True, help="Largest gRPC message, REST body and decoded inputs of one request "
+                                      "(TF Serving's INT32_MAX by default).")
+@click.option("--max-broadcast-bytes", "--max_broadcast_bytes", type=click.IntRange(0), default=16 << 20,
+              show_default=True, help="Largest expansion of repeated values (one float_val filling a large shape) "
+                                      "in one request; 0 = no limit, as in TF Serving.")
 @click.option("--host", default="0.0.0.0", show_default=True,
               help="Interface to listen on (TF Serving listens on all of them; 127.0.0.1 keeps it local).")
 @click.option("--grace-period", type=click.FloatRange(0), default=5.0, show_default=True,
@@ -89,6 +95,8 @@ def serve(
     load_retry_interval_micros: int,
     enable_grpc_healthcheck_service: bool,
     grpc_max_threads: int,
+    max_request_bytes: int,
+    max_broadcast_bytes: int,
     host: str,
     grace_period: float,
     verbose: bool,
@@ -124,6 +132,8 @@ def serve(
         max_num_load_retries=max_num_load_retries,
         load_retry_interval_micros=load_retry_interval_micros,
         enable_grpc_healthcheck_service=enable_grpc_healthcheck_service,
+        max_request_bytes=max_request_bytes,
+        max_broadcast_bytes=max_broadcast_bytes,
     )
     try:
         server = start_server(options)
@@ -134,23 +144,35 @@ def serve(
     click.echo(f"ema-serving: gRPC on {host}:{server.port}{rest}")
     for line in server.describe_models():
         click.echo(f"  model {line}")
+    stop = _catch_stop_signals()  # before "Serving.": a supervisor may signal as soon as it reads that line
     click.echo("Serving. Stop with Ctrl-C or SIGTERM.", nl=True)
     sys.stdout.flush()
 
-    _wait_for_stop_signal()
+    _wait_for_stop_signal(stop)
     click.echo(f"Stopping: in-flight requests get up to {grace_period:g} s to finish...")
     server.stop(grace=grace_period)
     click.echo("Stopped.")
+    # Everything is released; skip the interpreter's teardown, which spends seconds collecting TensorFlow's objects
+    # and would carry the exit past the grace period.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
-def _wait_for_stop_signal() -> None:
-    """Block until SIGTERM or SIGINT, then restore the previous handlers."""
+def _catch_stop_signals() -> tuple[threading.Event, dict[int, Any]]:
+    """Route SIGTERM and SIGINT to an event, so a stop signal always means a graceful stop; return the previous
+    handlers too."""
     stop = threading.Event()
 
     def handle(signum: int, frame: Any) -> None:
         stop.set()
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return stop, {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _wait_for_stop_signal(caught: tuple[threading.Event, dict[int, Any]]) -> None:
+    """Block until SIGTERM or SIGINT, then restore the previous handlers."""
+    stop, previous = caught
     try:
         while not stop.wait(0.5):
             pass

@@ -5,8 +5,12 @@ or a ``--model_config_file``), load every model's aspired versions, and only the
 so the first request already finds a model. Unlike TF Serving, a missing or empty base path stops start-up with a
 clear error instead of waiting forever for a version to appear.
 
-Shutdown is graceful: the health service turns NOT_SERVING, the ports stop accepting, in-flight requests get up to
-``grace`` seconds to finish, then the pollers stop and the versions are released.
+Shutdown is graceful and bounded by ``grace`` seconds, whatever clients do: the health service turns NOT_SERVING,
+every call gRPC delivers from then on is answered UNAVAILABLE (safe to retry: it was not run), every call already
+admitted runs to its answer, and only when none is left (and no new call arrived for a moment) does gRPC's own
+shutdown start. gRPC cancels the calls its transport holds when it shuts down, and CANCELLED is not retried by
+clients, so the transport must be empty by then. REST stops accepting at once, lets requests being answered
+finish and closes idle connections. Then the pollers stop and the versions are released.
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ from serving.server.errors import ModelLoadError, ModelPathError, RpcStatus, Ser
 from serving.server.grpc_service import add_services, make_health_servicer
 from serving.server.manager import ManagerOptions, ModelManager, ModelsUnavailable, list_versions
 from serving.server.rest import RestServer
+from serving.server.tensors import DEFAULT_MAX_BROADCAST_BYTES, MAX_MESSAGE_BYTES, RequestLimits
 
 logger = logging.getLogger("serving.server")
 
-MAX_MESSAGE_BYTES = 2**31 - 1
-"""TF Serving accepts messages up to INT32_MAX; the 4 MB limit people hit is the client channel's default."""
+QUIET_SECONDS = 0.2
+"""How long no new call may arrive before gRPC's shutdown starts: calls still in the transport then would be
+CANCELLED, so draining waits for a lull (never past the grace period)."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,10 @@ class ServerOptions:
         load_retry_interval_micros: Microseconds between load attempts (TF Serving's default, one minute).
         enable_grpc_healthcheck_service: Register the standard gRPC health service (off by default, as in TF
             Serving, where it needs ``--enable_grpc_healthcheck_service``).
+        max_request_bytes: Largest gRPC message, REST body and decoded inputs of one request (`RequestLimits`);
+            TF Serving's INT32_MAX by default.
+        max_broadcast_bytes: Largest expansion of repeated values (one ``float_val`` filling a large shape) in
+            one request; 0 = no limit, as in TF Serving (`RequestLimits`).
     """
 
     model_name: str = DEFAULT_MODEL_NAME
@@ -86,6 +96,87 @@ class ServerOptions:
     max_num_load_retries: int = 5
     load_retry_interval_micros: int = 60 * 1000 * 1000
     enable_grpc_healthcheck_service: bool = False
+    max_request_bytes: int = MAX_MESSAGE_BYTES
+    max_broadcast_bytes: int = DEFAULT_MAX_BROADCAST_BYTES
+
+    @property
+    def limits(self) -> RequestLimits:
+        """What one request may cost, as the front ends check it."""
+        return RequestLimits(self.max_request_bytes, self.max_broadcast_bytes)
+
+
+class _Admission(grpc.ServerInterceptor):
+    """Admits calls until draining starts, then answers them UNAVAILABLE; knows when no admitted call is left.
+
+    Calls are counted where gRPC hands them to Python: every call becomes one task of the worker pool (`pool`),
+    queued or running, including one whose client gave up before a worker took it. gRPC runs interceptors on its
+    serving thread as each call arrives, so a refusal is decided at arrival. Health checks are never refused and do
+    not count as arrivals: a probe polling every few milliseconds must see NOT_SERVING and must not hold the stop
+    back. (The health service's Watch is non-blocking: its task ends at once.)
+    """
+
+    def __init__(self, max_workers: int) -> None:
+        self._condition = threading.Condition()
+        self._draining = False
+        self._last_arrival = time.monotonic()
+        self.pool = _CountingPool(self._condition, max_workers=max_workers, thread_name_prefix="ema-serving-grpc")
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        if details.method.startswith(_HEALTH_METHOD_PREFIX):
+            return continuation(details)  # probes keep working while draining, and see NOT_SERVING
+        with self._condition:
+            self._last_arrival = time.monotonic()
+            if self._draining:
+                return _UNAVAILABLE_HANDLER
+        return continuation(details)
+
+    def drain(self, deadline: float) -> None:
+        """Refuse new calls from now on; return when admitted calls finished and arrivals paused, or at deadline."""
+        with self._condition:
+            self._draining = True
+            while time.monotonic() < deadline:
+                quiet_for = time.monotonic() - self._last_arrival
+                if self.pool.num_tasks == 0 and quiet_for >= QUIET_SECONDS:
+                    return
+                wait = QUIET_SECONDS - quiet_for if self.pool.num_tasks == 0 else QUIET_SECONDS
+                self._condition.wait(max(min(wait, deadline - time.monotonic()), 0.001))
+            if self.pool.num_tasks:
+                logger.warning("%d request(s) still running after the grace period are cancelled", self.pool.num_tasks)
+
+
+class _CountingPool(futures.ThreadPoolExecutor):
+    """gRPC's worker pool, counting its unfinished tasks (one per call) under ``condition``, notified at each end."""
+
+    def __init__(self, condition: threading.Condition, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._condition = condition
+        self.num_tasks = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future:
+        with self._condition:
+            self.num_tasks += 1
+        try:
+            future = super().submit(fn, *args, **kwargs)
+        except BaseException:
+            self._task_done(None)
+            raise
+        future.add_done_callback(self._task_done)
+        return future
+
+    def _task_done(self, future: futures.Future | None) -> None:
+        with self._condition:
+            self.num_tasks -= 1
+            self._condition.notify_all()
+
+
+def _refuse_while_draining(request: Any, context: grpc.ServicerContext) -> None:
+    context.abort(
+        grpc.StatusCode.UNAVAILABLE, "The server is shutting down and takes no new requests; send it elsewhere"
+    )
+
+
+_UNAVAILABLE_HANDLER = grpc.unary_unary_rpc_method_handler(_refuse_while_draining)
+_HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
 
 
 class _Periodic:
@@ -130,6 +221,7 @@ class LocalServer:
         port: int,
         health_servicer: Any,
         rest_server: RestServer | None,
+        admission: _Admission,
     ) -> None:
         self.options = options
         self.host = options.host
@@ -139,6 +231,7 @@ class LocalServer:
         self._grpc_server = grpc_server
         self._health = health_servicer
         self._rest_server = rest_server
+        self._admission = admission
         self._pollers: list[_Periodic] = []
         self._config_text: str | None = None
         self._config_problem: str | None = None
@@ -186,18 +279,24 @@ class LocalServer:
         self._manager.poll()
 
     def stop(self, grace: float = 5.0) -> None:
-        """Stop accepting requests, let in-flight ones finish (up to ``grace`` seconds), release every model.
+        """Stop accepting requests, answer every admitted one (up to ``grace`` seconds), release every model.
 
-        Safe to call more than once and from any thread.
+        New gRPC calls get UNAVAILABLE and health NOT_SERVING at once; no admitted call is CANCELLED unless it runs
+        past the grace period. Returns within about ``grace`` seconds whatever clients do (idle REST connections
+        are closed). Safe to call more than once and from any thread.
         """
         with self._stop_lock:
             if self._stopped.is_set():
                 return
+            deadline = time.monotonic() + grace
             self._health.enter_graceful_shutdown()
-            done = self._grpc_server.stop(grace)
             if self._rest_server is not None:
-                self._rest_server.stop()
-            done.wait(grace + 1.0)
+                self._rest_server.stop_accepting()
+            self._admission.drain(deadline)
+            done = self._grpc_server.stop(max(deadline - time.monotonic(), 0.0))
+            if self._rest_server is not None:
+                self._rest_server.stop(deadline)
+            done.wait(max(deadline - time.monotonic(), 0.0) + 1.0)
             for poller in self._pollers:
                 poller.stop()
             self._manager.close()
@@ -358,10 +457,13 @@ def _load_initial_models(manager: ModelManager, config: ModelServerConfig) -> No
 
 
 def _open_ports(options: ServerOptions, manager: ModelManager) -> LocalServer:
+    admission = _Admission(options.grpc_max_threads)
     grpc_server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=options.grpc_max_threads, thread_name_prefix="ema-serving-grpc"),
+        admission.pool,
+        interceptors=[admission],
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # A larger message is refused by gRPC (RESOURCE_EXHAUSTED) from its length prefix, before it is read.
+            ("grpc.max_receive_message_length", min(options.max_request_bytes, MAX_MESSAGE_BYTES)),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
         ],
@@ -372,6 +474,7 @@ def _open_ports(options: ServerOptions, manager: ModelManager) -> LocalServer:
         manager,
         health_servicer if options.enable_grpc_healthcheck_service else None,
         as_tensor_content=options.enable_serialization_as_tensor_content,
+        limits=options.limits,
     )
     address = f"[{options.host}]:{options.port}" if ":" in options.host else f"{options.host}:{options.port}"
     try:
@@ -387,7 +490,7 @@ def _open_ports(options: ServerOptions, manager: ModelManager) -> LocalServer:
         if options.rest_api_port and options.rest_api_port == port:
             raise ServerStartError("--rest-api-port must differ from --port", hint="Choose two different ports")
         try:
-            rest_server = RestServer(manager, options.host, options.rest_api_port)
+            rest_server = RestServer(manager, options.host, options.rest_api_port, limits=options.limits)
         except OSError as error:
             raise ServerStartError(
                 f"Could not bind the REST port {options.host}:{options.rest_api_port}: {error.strerror}",
@@ -396,7 +499,7 @@ def _open_ports(options: ServerOptions, manager: ModelManager) -> LocalServer:
     grpc_server.start()
     if rest_server is not None:
         rest_server.start()
-    return LocalServer(options, manager, grpc_server, port, health_servicer, rest_server)
+    return LocalServer(options, manager, grpc_server, port, health_servicer, rest_server, admission)
 
 
 def _read_text(path: str | os.PathLike[str]) -> str | None:

@@ -34,6 +34,7 @@ from serving.server.servable import (
     check_classification_signature,
     check_regression_signature,
 )
+from serving.server.tensors import RequestLimits, check_request_cost
 
 logger = logging.getLogger("serving.server")
 
@@ -114,18 +115,27 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     """``tensorflow.serving.PredictionService``: Predict and GetModelMetadata; Classify, Regress and MultiInference
     make TF Serving's checks, then answer UNIMPLEMENTED (this server does not run tf.Example signatures)."""
 
-    def __init__(self, manager: ModelManager, *, as_tensor_content: bool = False) -> None:
+    def __init__(
+        self, manager: ModelManager, *, as_tensor_content: bool = False, limits: RequestLimits = RequestLimits()
+    ) -> None:
         self._manager = manager
         self._as_tensor_content = as_tensor_content
+        self._limits = limits
 
     def Predict(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 (gRPC's method name)
-        return answer(context, self._predict, request)
+        return answer(context, self._predict, request, context)
 
-    def _predict(self, request: Any) -> Any:
+    def _predict(self, request: Any, context: grpc.ServicerContext | None = None) -> Any:
         if not request.HasField("model_spec"):
             raise invalid_argument("Missing ModelSpec")
+        check_request_cost(request.inputs, self._limits)
         servable = self._manager.get_servable(request.model_spec)
-        return servable.predict(request, as_tensor_content=self._as_tensor_content)
+        check_deadline(context)
+        response = servable.predict(
+            request, as_tensor_content=self._as_tensor_content, check_alive=lambda: check_deadline(context)
+        )
+        check_deadline(context)  # nobody waits for the answer: do not serialize it
+        return response
 
     def GetModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         return answer(context, get_model_metadata, self._manager, request)
@@ -179,6 +189,18 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         raise _examples_unimplemented("MultiInference")
 
 
+def check_deadline(context: grpc.ServicerContext | None) -> None:
+    """Stop work nobody waits for: the client cancelled, or its deadline passed (TF Serving hands the deadline
+    to ``Session::Run`` as its timeout, ``model_servers/prediction_service_impl.cc`` 42-45)."""
+    if context is None:
+        return
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise RpcStatus(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+    if not context.is_active():
+        raise RpcStatus(grpc.StatusCode.CANCELLED, "The client cancelled the request")
+
+
 def _examples_unimplemented(method: str) -> RpcStatus:
     """Where TF Serving would now parse tf.Examples and run the signature, which this server does not do."""
     return RpcStatus(
@@ -226,14 +248,14 @@ def make_health_servicer() -> health.HealthServicer:
 
 
 def add_services(server: grpc.Server, manager: ModelManager, health_servicer: health.HealthServicer | None, *,
-                 as_tensor_content: bool = False) -> None:
+                 as_tensor_content: bool = False, limits: RequestLimits = RequestLimits()) -> None:
     """Register the prediction and model services, and the health service when one is given.
 
     TF Serving registers health only with ``--enable_grpc_healthcheck_service`` (server.cc:415-416); without it a
     health check is UNIMPLEMENTED there, and here.
     """
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionService(manager, as_tensor_content=as_tensor_content), server
+        PredictionService(manager, as_tensor_content=as_tensor_content, limits=limits), server
     )
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), server)
     if health_servicer is not None:

@@ -18,8 +18,9 @@ Routes, JSON shapes, HTTP codes and messages follow TF Serving (``model_servers/
 * Errors are ``{"error": "<message>"}`` with TF Serving's mapping of status codes to HTTP codes; messages that quote
   the request (``JSON Value: ...``) quote it as rapidjson's pretty writer does, cut at 256 bytes (json_tensor.cc:229).
 
-The HTTP server is the standard library's threading server: one thread per request, joined on shutdown so in-flight
-requests finish.
+The HTTP server is the standard library's threading server: one thread per connection. Bodies are read as libevent
+(TF Serving's HTTP library) reads them: Content-Length or chunked, refused above ``--max-request-bytes``. A stop
+closes idle connections at once and lets requests being answered finish, within the grace period.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import math
 import re
 import socket
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -67,7 +69,6 @@ _STATUS_PATH = re.compile(
 )
 _CORS_ORIGIN = re.compile(r"https?://")
 _BYTES_SUFFIX = "_bytes"
-_MAX_BODY_BYTES = 1 << 31
 _JSON_CONTENT_TYPE = "application/json"
 _LIBEVENT_CONTENT_TYPE = "text/html; charset=ISO-8859-1"
 """libevent's default Content-Type, which its error pages go out with."""
@@ -281,6 +282,12 @@ def _parse_json(body: bytes) -> dict[str, Any]:
     except json.JSONDecodeError as error:
         reason = _RAPIDJSON_PARSE_ERRORS.get(error.msg, error.msg)
         raise invalid_argument(f"JSON Parse error: {reason} at offset: {error.pos}") from None
+    except RecursionError:
+        # TF Serving parses iteratively (kParseIterativeFlag, util/json_tensor.cc 483), so no depth breaks its parser;
+        # the nesting is then refused as a tensor at the wrong level: INVALID_ARGUMENT either way, never a crash.
+        raise invalid_argument(
+            "JSON Parse error: the document is nested too deeply (more levels than any tensor has)"
+        ) from None
     if not isinstance(document, dict):
         raise _format_error(document, "Is not object")
     return document
@@ -723,12 +730,33 @@ def _text(item: Any) -> str:
     return item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item)
 
 
+_READ_BYTES = 1 << 20  # the body is read in pieces, so memory follows what arrives, not what a header claims
+_MAX_CHUNK_LINE = 1024
+
+
+class _BodyError(Exception):
+    """A request body that cannot be read: the HTTP status and the JSON error to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 class _Handler(BaseHTTPRequestHandler):
-    """Reads one request, hands it to `RestApi`, writes the JSON answer; HTTP/1.0, so each connection closes."""
+    """Reads one request, hands it to `RestApi`, writes the JSON answer; HTTP/1.0, so each connection closes.
+
+    Every answer is JSON, including the ones the base class would write as an HTML page (malformed request line,
+    unknown method): TF Serving's clients parse ``{"error": ...}``. Methods follow TF Serving: GET, POST, HEAD, PUT,
+    DELETE, OPTIONS and PATCH reach its handler (``evhttp_set_allowed_methods``, ``util/net_http/server/internal/
+    evhttp_server.cc`` 114-117), which answers all but GET and POST "Malformed request: <METHOD> <path>"
+    (``model_servers/http_rest_api_handler.cc`` 74-75); libevent answers other methods 501 (``http.c``).
+    """
 
     server: _RestHttpServer
     server_version = "ema-serving"
-    timeout = 60  # a client that stops sending cannot hold a thread (or shutdown) forever
+    default_request_version = "HTTP/1.0"  # so an answer to a garbled request line still has a status line
+    timeout = 60  # a client that stops sending cannot hold a thread forever; shutdown closes it sooner
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's method name)
         self._dispatch("GET")
@@ -736,43 +764,188 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self._dispatch("POST")
 
+    def do_PUT(self) -> None:  # noqa: N802
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._dispatch("DELETE")
+
+    def do_PATCH(self) -> None:  # noqa: N802
+        self._dispatch("PATCH")
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._dispatch("HEAD")
+
     def do_OPTIONS(self) -> None:  # noqa: N802
         self._dispatch("OPTIONS")
 
+    def parse_request(self) -> bool:
+        self.server.connection_busy(self.connection)  # a request line arrived: no longer an idle connection
+        return super().parse_request()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The base class's error answers (bad request line, 501 for unknown methods), as JSON."""
+        self.close_connection = True
+        if code == HTTPStatus.NOT_IMPLEMENTED and getattr(self, "command", None):
+            message = f"Method {self.command} is not supported; use GET or POST (TF Serving's REST API)"
+        self._reply(RestResponse(code, _error_json(message or _phrase(code) or str(code)).encode("utf-8")))
+
     def _dispatch(self, method: str) -> None:
         path = urlsplit(self.path).path
-        length = int(self.headers.get("Content-Length") or 0)
-        if length < 0 or length > _MAX_BODY_BYTES:
-            error = json.dumps({"error": f"Request body of {length} bytes is too large"})
-            response = RestResponse(413, error.encode("utf-8"))
+        try:
+            body = self._read_body()
+        except _BodyError as error:
+            self.close_connection = True
+            response = RestResponse(error.status, _error_json(error.message).encode("utf-8"))
         else:
-            body = self.rfile.read(length) if length else b""
             response = self.server.api.respond(method, path, body, self.headers.get("Origin"))
-        status, payload = response.status, response.body
-        self.send_response(status, HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else None)
+        self._reply(response)
+
+    def _read_body(self) -> bytes:
+        """The request body, as libevent reads it: chunked, or Content-Length bytes, or none."""
+        limit = self.server.limits.max_request_bytes
+        encoding = self.headers.get("Transfer-Encoding")
+        if encoding is not None:
+            if encoding.strip().lower() != "chunked":
+                raise _BodyError(501, f"Transfer-Encoding {encoding!r} is not supported; send chunked or plain")
+            return self._read_chunked(limit)
+        lengths = self.headers.get_all("Content-Length") or []
+        if not lengths:
+            return b""  # libevent: no Content-Length and no Transfer-Encoding means no body
+        # libevent refuses a length that is not a whole decimal number >= 0 with 400 (http.c, evhttp_get_body_length).
+        if len(set(lengths)) > 1 or not re.fullmatch(r"\s*\+?[0-9]+", lengths[0]):
+            raise _BodyError(
+                400, f"Content-Length {', '.join(lengths)} is not a number of bytes; send one whole number >= 0"
+            )
+        length = int(lengths[0])
+        if length > limit:
+            raise _BodyError(413, _too_large(length, limit))
+        return self._read_exactly(length)
+
+    def _read_exactly(self, length: int) -> bytes:
+        pieces = []
+        remaining = length
+        while remaining:
+            piece = self.rfile.read(min(remaining, _READ_BYTES))
+            if not piece:
+                raise _BodyError(400, f"The request body ended after {length - remaining} of {length} bytes")
+            pieces.append(piece)
+            remaining -= len(piece)
+        return b"".join(pieces)
+
+    def _read_chunked(self, limit: int) -> bytes:
+        pieces = []
+        total = 0
+        while True:
+            line = self.rfile.readline(_MAX_CHUNK_LINE)
+            size_text = line.split(b";", 1)[0].strip()
+            if not re.fullmatch(rb"[0-9A-Fa-f]{1,16}", size_text):
+                raise _BodyError(400, f"Malformed chunk size line {line[:40]!r} in a chunked body")
+            size = int(size_text, 16)
+            if size == 0:
+                break
+            total += size
+            if total > limit:
+                raise _BodyError(413, _too_large(total, limit))
+            pieces.append(self._read_exactly(size))
+            if self.rfile.readline(_MAX_CHUNK_LINE).strip():
+                raise _BodyError(400, "A chunk of a chunked body is longer than its size line says")
+        while self.rfile.readline(_MAX_CHUNK_LINE).strip():  # trailer fields, up to the blank line
+            pass
+        return b"".join(pieces)
+
+    def _reply(self, response: RestResponse) -> None:
+        payload = response.body
+        self.send_response(response.status, _phrase(response.status))
         if response.content_type is not None:
             self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(payload)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(payload)
+        if getattr(self, "command", None) != "HEAD":
+            self.wfile.write(payload)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's signature)
         logger.debug("REST %s - %s", self.address_string(), format % args)
 
 
+def _phrase(status: int) -> str | None:
+    return HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else None
+
+
+def _too_large(size: int, limit: int) -> str:
+    return (
+        f"Request body of {size} bytes is larger than this server accepts ({limit} bytes, --max-request-bytes); "
+        "send smaller batches"
+    )
+
+
 class _RestHttpServer(ThreadingHTTPServer):
+    """The threading HTTP server, knowing its open connections so that a stop never waits on an idle one."""
+
     daemon_threads = False  # shutdown joins request threads, so in-flight requests finish
     block_on_close = True
 
-    def __init__(self, address: tuple[str, int], api: RestApi) -> None:
+    def __init__(self, address: tuple[str, int], api: RestApi, limits: tensors.RequestLimits) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         self.api = api
+        self.limits = limits
+        self._connections: dict[socket.socket, bool] = {}  # open connection -> a request is being answered
+        self._connections_changed = threading.Condition()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._connections_changed:
+            self._connections[request] = False
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._connections_changed:
+            self._connections.pop(request, None)
+            self._connections_changed.notify_all()
+        super().shutdown_request(request)
+
+    def connection_busy(self, connection: socket.socket) -> None:
+        with self._connections_changed:
+            if connection in self._connections:
+                self._connections[connection] = True
+
+    def close_connections(self, deadline: float) -> None:
+        """Close idle connections now and busy ones once answered (or at ``deadline``), unblocking their threads."""
+        with self._connections_changed:
+            while True:
+                for connection, busy in list(self._connections.items()):
+                    if not busy:
+                        _shut(connection)
+                        self._connections.pop(connection)
+                remaining = deadline - time.monotonic()
+                if not self._connections or remaining <= 0:
+                    break
+                self._connections_changed.wait(remaining)
+            for connection in self._connections:
+                logger.warning("REST request from %s still running after the grace period is cut off",
+                               _peer(connection))
+                _shut(connection)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        """A connection that broke (timeout, reset) is logged, not printed to stderr as the base class does."""
-        logger.warning("REST connection from %s failed", client_address[0], exc_info=True)
+        """A connection that broke (timeout, reset, closed at shutdown) is logged, not printed to stderr."""
+        logger.debug("REST connection from %s failed", client_address[0], exc_info=True)
+
+
+def _shut(connection: socket.socket) -> None:
+    try:
+        connection.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed by the peer
+
+
+def _peer(connection: socket.socket) -> str:
+    try:
+        return str(connection.getpeername()[0])
+    except OSError:
+        return "a closed connection"
 
 
 class RestServer:
@@ -782,13 +955,16 @@ class RestServer:
         manager: Where models come from.
         host: Interface to bind.
         port: Port to bind (0 picks a free one; see `port`).
+        limits: What one request may cost (the body size limit).
 
     Raises:
         OSError: the port cannot be bound.
     """
 
-    def __init__(self, manager: ModelManager, host: str, port: int) -> None:
-        self._http = _RestHttpServer((host, port), RestApi(manager))
+    def __init__(
+        self, manager: ModelManager, host: str, port: int, *, limits: tensors.RequestLimits = tensors.RequestLimits()
+    ) -> None:
+        self._http = _RestHttpServer((host, port), RestApi(manager), limits)
         self.port: int = self._http.server_address[1]
         self._thread = threading.Thread(
             target=self._http.serve_forever, kwargs={"poll_interval": 0.1}, name="ema-serving-rest", daemon=True
@@ -798,8 +974,17 @@ class RestServer:
         """Start accepting requests."""
         self._thread.start()
 
-    def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish, close the socket."""
+    def stop_accepting(self) -> None:
+        """Close the listening socket: new connections are refused; open ones are still answered."""
         if self._thread.is_alive():
             self._http.shutdown()
-        self._http.server_close()
+        self._http.socket.close()
+
+    def stop(self, deadline: float | None = None) -> None:
+        """Stop accepting, let requests being answered finish (until ``deadline``), close every connection.
+
+        Idle connections (nothing sent yet) are closed at once, so they cannot hold the stop back.
+        """
+        self.stop_accepting()
+        self._http.close_connections(time.monotonic() if deadline is None else deadline)
+        self._http.server_close()  # joins the request threads, all unblocked by now

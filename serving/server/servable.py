@@ -193,9 +193,16 @@ class LoadedVersion:
         return signature
 
     def predict(
-        self, request: predict_pb2.PredictRequest, *, as_tensor_content: bool = False
+        self,
+        request: predict_pb2.PredictRequest,
+        *,
+        as_tensor_content: bool = False,
+        check_alive: Callable[[], None] = lambda: None,
     ) -> predict_pb2.PredictResponse:
         """Answer a PredictRequest as TF Serving's ``RunPredict`` does (predict_util.cc:79-119).
+
+        ``check_alive`` runs between the heavy steps (decode, run, encode) and raises to stop a request nobody
+        waits for any more (deadline passed, client gone).
 
         Raises:
             RpcStatus: FAILED_PRECONDITION for an unknown signature, INVALID_ARGUMENT for a wrong input set,
@@ -203,7 +210,9 @@ class LoadedVersion:
         """
         signature = self.signature(request.model_spec.signature_name)
         arrays = input_values(signature, request.inputs)
+        check_alive()
         outputs = signature.run(arrays, check_output_filter(signature, request.output_filter))
+        check_alive()
         response = predict_pb2.PredictResponse()
         spec = response.model_spec
         spec.name = request.model_spec.name

@@ -17,20 +17,114 @@ Encoding follows ``Tensor::AsProtoField`` (typed fields, TF Serving's default an
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
 
+from serving.protocol import length_delimited
 from serving.server.errors import RpcStatus, invalid_argument
 
 TensorProto = tensor_pb2.TensorProto
 _DT = types_pb2.DataType
 
-MAX_DECODED_BYTES = 1 << 31
-"""Largest tensor a request may decode to. A shape with one broadcast value costs the client a few bytes but the
-server the whole array, so an absurd shape must be refused before it is allocated, not die allocating it."""
+MAX_MESSAGE_BYTES = 2**31 - 1
+"""TF Serving's message limit: ``builder.SetMaxMessageSize(INT32_MAX)`` (``model_servers/server.cc`` 397)."""
+
+DEFAULT_MAX_BROADCAST_BYTES = 16 << 20
+"""Default for `RequestLimits.max_broadcast_bytes` (TF Serving has no such limit; see there)."""
+
+_OBJECT_BYTES = 8
+"""What one element of a decoded string tensor costs beyond its bytes: a reference in a numpy object array."""
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may cost the server, checked from declared shapes before anything is allocated.
+
+    Attributes:
+        max_request_bytes: Largest decoded size of a request's inputs together (elements x dtype size, summed over
+            inputs), and the largest gRPC message and REST body accepted. Default: TF Serving's message limit,
+            INT32_MAX (``model_servers/server.cc`` 397), so a request TF Serving can receive is accepted here.
+        max_broadcast_bytes: Largest number of bytes a request's typed fields (``float_val``, ...) may expand to
+            beyond the values they carry. TensorFlow fills a shape from fewer values by repeating the last one
+            (``Tensor::FromProto``, ``FromProtoField`` in ``framework/tensor.cc``) and TF Serving has no limit on
+            it, so 53 bytes declaring [2^24, 4] make it allocate the whole array. The local server refuses that
+            expansion above this many bytes (16 MiB by default: zero-filled warmup images still fit); 0 removes
+            the limit, as in TF Serving.
+    """
+
+    max_request_bytes: int = MAX_MESSAGE_BYTES
+    max_broadcast_bytes: int = DEFAULT_MAX_BROADCAST_BYTES
+
+    def check_decoded_bytes(self, decoded_bytes: int, where: str) -> None:
+        """Refuse a request whose inputs decode to more than ``max_request_bytes`` (REST, after parsing)."""
+        if decoded_bytes > self.max_request_bytes:
+            raise invalid_argument(
+                f"{where}: the inputs decode to {decoded_bytes} bytes, more than this server accepts per request "
+                f"({self.max_request_bytes}, --max-request-bytes); send smaller batches"
+            )
+
+
+def check_request_cost(inputs: Mapping[str, TensorProto], limits: RequestLimits) -> None:
+    """Refuse a request whose inputs would cost more than ``limits`` to decode, before any of them is decoded.
+
+    Reads only shapes, dtypes and value counts (each O(1) on a parsed message), so a refusal costs microseconds
+    whatever the request declares.
+
+    Raises:
+        RpcStatus: INVALID_ARGUMENT ``tensor parsing error: <input>: ...``, what TF Serving answers for a tensor it
+            cannot build (``Tensor::FromProto`` failing), naming the limit's flag.
+    """
+    total = 0
+    broadcast = 0
+    for name, proto in inputs.items():
+        decoded, carried = _decoded_and_carried_bytes(proto, name)
+        total += decoded
+        broadcast += max(decoded - carried, 0)
+        if total > limits.max_request_bytes:
+            raise _parsing_error(
+                name,
+                f"shape {_declared_shape(proto)} brings the request's inputs to {total} bytes decoded, more than "
+                f"this server accepts per request ({limits.max_request_bytes}, --max-request-bytes); "
+                "send smaller batches",
+            )
+        if limits.max_broadcast_bytes and broadcast > limits.max_broadcast_bytes:
+            raise _parsing_error(
+                name,
+                f"{_num_values(proto)} value(s) would expand to shape {_declared_shape(proto)} ({decoded} bytes); "
+                f"this server fills at most {limits.max_broadcast_bytes} bytes per request from repeated values "
+                "(--max-broadcast-bytes, 0 = no limit); send the values, or a smaller shape",
+            )
+
+
+def _decoded_and_carried_bytes(proto: TensorProto, name: str) -> tuple[int, int]:
+    """Bytes the tensor decodes to, and bytes of values the message itself carries."""
+    codec = _CODECS.get(proto.dtype)
+    if codec is None:
+        return 0, 0  # refused later, by decode, with TF Serving's message
+    num_elements = math.prod(max(dim.size, 0) for dim in proto.tensor_shape.dim)
+    if proto.dtype == DT_STRING:
+        return num_elements * _OBJECT_BYTES, _num_values(proto) * _OBJECT_BYTES
+    itemsize = codec[0].itemsize
+    if proto.tensor_content:
+        return num_elements * itemsize, len(proto.tensor_content)
+    values = _num_values(proto)
+    if proto.dtype in _COMPLEX:
+        values //= 2
+    return num_elements * itemsize, values * itemsize
+
+
+def _num_values(proto: TensorProto) -> int:
+    codec = _CODECS.get(proto.dtype)
+    return len(getattr(proto, codec[1])) if codec else 0
+
+
+def _declared_shape(proto: TensorProto) -> list[int]:
+    return [dim.size for dim in proto.tensor_shape.dim]
 
 # DataType -> (numpy dtype, typed field of TensorProto that holds the values).
 _CODECS: dict[int, tuple[np.dtype, str]] = {
@@ -55,6 +149,13 @@ DT_STRING = _DT.Value("DT_STRING")
 _DATATYPE_OF_NUMPY = {dtype: datatype for datatype, (dtype, _) in _CODECS.items() if datatype != DT_STRING}
 _HALF_BITS = {_DT.Value("DT_HALF"), _DT.Value("DT_BFLOAT16")}
 _COMPLEX = {_DT.Value("DT_COMPLEX64"), _DT.Value("DT_COMPLEX128")}
+# Typed fields of fixed width: DataType -> (TensorProto field number, little-endian dtype of one wire value).
+_PACKED_FIXED_WIDTH = {
+    _DT.Value("DT_FLOAT"): (5, np.dtype("<f4")),
+    _DT.Value("DT_DOUBLE"): (6, np.dtype("<f8")),
+    _DT.Value("DT_COMPLEX64"): (9, np.dtype("<f4")),
+    _DT.Value("DT_COMPLEX128"): (12, np.dtype("<f8")),
+}
 
 
 def datatype_name(datatype: int) -> str:
@@ -111,10 +212,6 @@ def decode(proto: TensorProto, name: str, shape: tuple[int, ...]) -> np.ndarray:
         raise _parsing_error(name, f"dtype {_dtype_label(proto.dtype)} is not supported")
     dtype, field = codec
     num_elements = math.prod(shape)
-    if num_elements * max(dtype.itemsize, 1) > MAX_DECODED_BYTES:
-        raise _parsing_error(
-            name, f"shape {list(shape)} needs more than {MAX_DECODED_BYTES >> 20} MiB; send smaller batches"
-        )
     if proto.tensor_content:
         return _from_content(proto.tensor_content, dtype, proto.dtype, name, shape, num_elements)
     return _from_values(getattr(proto, field), dtype, proto.dtype, shape, num_elements)
@@ -178,9 +275,12 @@ def encode_into(target: TensorProto, array: np.ndarray, *, as_tensor_content: bo
         target.tensor_content = np.ascontiguousarray(flat).tobytes()
     elif datatype in _HALF_BITS:
         target.half_val.extend(flat.view(np.uint16).tolist())
-    elif datatype in _COMPLEX:
-        real_dtype = np.float32 if datatype == _DT.Value("DT_COMPLEX64") else np.float64
-        getattr(target, _CODECS[datatype][1]).extend(flat.view(real_dtype).tolist())
+    elif datatype in _PACKED_FIXED_WIDTH:
+        # Floats travel as packed little-endian bytes: merging them as serialized bytes costs one copy of the
+        # array, where ``extend(flat.tolist())`` built a Python float per value (about 8x the array, transiently).
+        number, wire_dtype = _PACKED_FIXED_WIDTH[datatype]
+        raw = np.ascontiguousarray(flat, dtype=flat.dtype.newbyteorder("<")).view(wire_dtype).tobytes()
+        target.MergeFromString(length_delimited(number, len(raw)) + raw)
     else:
         getattr(target, _CODECS[datatype][1]).extend(flat.tolist())
 
