@@ -139,8 +139,7 @@ def test_other_methods_are_a_501_in_json(rest_server, method):
 
 def test_cors_preflight_needs_an_origin_as_in_tf_serving(rest_server):
     path = f"/v1/models/{MODEL_NAME}"
-    assert json_error(rest_server.rest_port, request_bytes("OPTIONS", path, {})) == (
-        400, "Origin header is missing in CORS preflight")
+    assert exchange(rest_server.rest_port, request_bytes("OPTIONS", path, {}))[::2] == (400, b"")
     status, _, body = exchange(rest_server.rest_port, request_bytes("OPTIONS", path, {"Origin": "https://a.example"}))
     assert (status, body) == (200, b"")
 

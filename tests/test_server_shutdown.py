@@ -58,7 +58,7 @@ def _probe(port: int, statuses: list[str], done: threading.Event) -> None:
     stub = health_pb2_grpc.HealthStub(channel)
     while not done.is_set():
         try:
-            response = stub.Check(health_pb2.HealthCheckRequest(service="tensorflow.serving.PredictionService"),
+            response = stub.Check(health_pb2.HealthCheckRequest(service="PredictionService"),
                                   timeout=5)
             status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
         except grpc.RpcError as error:
@@ -110,7 +110,7 @@ def _check_run(outcomes: list[Outcome], health: list[str], signalled: float) -> 
 def test_sigterm_answers_every_admitted_call_and_refuses_new_ones(seed_library, tmp_path):
     base_path = tmp_path / "models"
     publish_version(seed_library, base_path, 1)
-    with serve_process(base_path, f"--grace-period={GRACE_SECONDS}") as server:
+    with serve_process(base_path, f"--grace-period={GRACE_SECONDS}", "--enable_grpc_healthcheck_service") as server:
         stopped: list[str] = []
         outcomes, health, signalled, exited = _stop_under_load(
             server.port, lambda: stopped.append(server.terminate(timeout=GRACE_SECONDS + 30)[0])
@@ -125,7 +125,8 @@ def test_repeated_stops_under_load_cancel_nothing(seed_library, tmp_path):
     publish_version(seed_library, base_path, 1)
     in_flight_answered_ok = 0
     for _ in range(NUM_RUNS):
-        server = start_server(model_base_path=base_path, port=0, file_system_poll_wait_seconds=0)
+        server = start_server(model_base_path=base_path, port=0, file_system_poll_wait_seconds=0,
+                              enable_grpc_healthcheck_service=True)
         outcomes, health, signalled, stopped = _stop_under_load(server.port, lambda: server.stop(GRACE_SECONDS))
         assert stopped - signalled < GRACE_SECONDS
         in_flight_answered_ok += _check_run(outcomes, health, signalled)
