@@ -8,6 +8,10 @@ import time
 import grpc
 import numpy as np
 import pytest
+from serving_process import serve_process
+from tensorflow.core.framework import types_pb2
+
+from serving.server import servable as servable_module, start_server, tensors as tensors_module
 from serving_fixtures import (
     INPUT_NAME,
     connect,
@@ -18,15 +22,9 @@ from serving_fixtures import (
     rpc_error,
     sample_inputs,
 )
-from serving_process import serve_process
-from tensorflow.core.framework import tensor_pb2, types_pb2
-
-from serving.server import servable as servable_module
-from serving.server import tensors as tensors_module
-from serving.server import start_server
-from serving.server.tensors import RequestLimits, check_request_cost
 
 pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library
+pytestmark = pytest.mark.slow  # serves exports
 
 StatusCode = grpc.StatusCode
 HUGE_ROWS = 2**24  # [2^24, 4] float32 is 256 MiB decoded, from one float_val
@@ -50,7 +48,6 @@ def base_path(seed_library, tmp_path):
     return path
 
 
-@pytest.mark.slow
 def test_tiny_request_declaring_a_huge_shape_is_refused_before_allocating(base_path):
     request = _broadcast_request(HUGE_ROWS)
     assert request.ByteSize() < 64  # the attack: a few dozen bytes on the wire
@@ -109,35 +106,6 @@ def test_request_size_limit_bounds_messages_and_decoded_inputs(base_path):
         expands = rpc_error(stubs.prediction.Predict, _broadcast_request(8192))
         assert expands.code() == StatusCode.INVALID_ARGUMENT and "--max-request-bytes" in expands.details()
         stubs.channel.close()
-
-
-@pytest.mark.parametrize(
-    ("tensor", "decoded", "broadcast"),
-    [
-        (dict(dtype=types_pb2.DT_FLOAT, shape=[1000, 4], float_val=[1.0]), 16000, 15996),
-        (dict(dtype=types_pb2.DT_FLOAT, shape=[1000, 4]), 16000, 16000),  # no value at all: zeros
-        (dict(dtype=types_pb2.DT_DOUBLE, shape=[10], tensor_content=b"\0" * 80), 80, 0),
-        (dict(dtype=types_pb2.DT_COMPLEX64, shape=[10], scomplex_val=[1.0, 2.0]), 80, 72),
-        (dict(dtype=types_pb2.DT_STRING, shape=[100], string_val=[b"x"]), 800, 792),
-        (dict(dtype=types_pb2.DT_INT8, shape=[100], int_val=list(range(100))), 100, 0),
-    ],
-)
-def test_cost_is_read_from_shapes_and_value_counts(tensor, decoded, broadcast):
-    proto = tensor_pb2.TensorProto(dtype=tensor.pop("dtype"))
-    for size in tensor.pop("shape"):
-        proto.tensor_shape.dim.add().size = size
-    for field, values in tensor.items():
-        if field == "tensor_content":
-            proto.tensor_content = values
-        else:
-            getattr(proto, field).extend(values)
-    inputs = {"x": proto}
-    check_request_cost(inputs, RequestLimits(max_request_bytes=decoded, max_broadcast_bytes=max(broadcast, 1)))
-    with pytest.raises(Exception, match="--max-request-bytes"):
-        check_request_cost(inputs, RequestLimits(max_request_bytes=decoded - 1, max_broadcast_bytes=0))
-    if broadcast:
-        with pytest.raises(Exception, match="--max-broadcast-bytes"):
-            check_request_cost(inputs, RequestLimits(max_request_bytes=decoded, max_broadcast_bytes=broadcast - 1))
 
 
 def test_work_stops_once_the_deadline_passed(base_path, monkeypatch):

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_fixtures import connect, predict_request, publish_version, sample_inputs
 from serving_process import serve_process
 
-from serving.server import servable as servable_module
-from serving.server import start_server
+from serving.server import servable as servable_module, start_server
+from serving_fixtures import connect, predict_request, publish_version, sample_inputs
 
 pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library
+pytestmark = pytest.mark.slow  # serves exports
 
 StatusCode = grpc.StatusCode
 NUM_CLIENTS = 8
@@ -106,7 +106,6 @@ def _check_run(outcomes: list[Outcome], health: list[str], signalled: float) -> 
     return sum(outcome.code == StatusCode.OK for outcome in in_flight)
 
 
-@pytest.mark.slow
 def test_sigterm_answers_every_admitted_call_and_refuses_new_ones(seed_library, tmp_path):
     base_path = tmp_path / "models"
     publish_version(seed_library, base_path, 1)
@@ -127,7 +126,9 @@ def test_repeated_stops_under_load_cancel_nothing(seed_library, tmp_path):
     for _ in range(NUM_RUNS):
         server = start_server(model_base_path=base_path, port=0, file_system_poll_wait_seconds=0,
                               enable_grpc_healthcheck_service=True)
-        outcomes, health, signalled, stopped = _stop_under_load(server.port, lambda: server.stop(GRACE_SECONDS))
+        outcomes, health, signalled, stopped = _stop_under_load(
+            server.port, lambda server=server: server.stop(GRACE_SECONDS)
+        )
         assert stopped - signalled < GRACE_SECONDS
         in_flight_answered_ok += _check_run(outcomes, health, signalled)
     # Calls the server already held were drained to their answers, not cut off.

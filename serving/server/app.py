@@ -175,7 +175,7 @@ def _refuse_while_draining(request: Any, context: grpc.ServicerContext) -> None:
     )
 
 
-_UNAVAILABLE_HANDLER = grpc.unary_unary_rpc_method_handler(_refuse_while_draining)
+_UNAVAILABLE_HANDLER: grpc.RpcMethodHandler = grpc.unary_unary_rpc_method_handler(_refuse_while_draining)
 _HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
 
 

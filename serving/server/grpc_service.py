@@ -34,7 +34,7 @@ from serving.server.servable import (
     check_classification_signature,
     check_regression_signature,
 )
-from serving.server.tensors import RequestLimits, check_request_cost
+from serving.server.tensors import DEFAULT_LIMITS, RequestLimits, check_request_cost
 
 logger = logging.getLogger("serving.server")
 
@@ -116,7 +116,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     make TF Serving's checks, then answer UNIMPLEMENTED (this server does not run tf.Example signatures)."""
 
     def __init__(
-        self, manager: ModelManager, *, as_tensor_content: bool = False, limits: RequestLimits = RequestLimits()
+        self, manager: ModelManager, *, as_tensor_content: bool = False, limits: RequestLimits = DEFAULT_LIMITS
     ) -> None:
         self._manager = manager
         self._as_tensor_content = as_tensor_content
@@ -248,7 +248,7 @@ def make_health_servicer() -> health.HealthServicer:
 
 
 def add_services(server: grpc.Server, manager: ModelManager, health_servicer: health.HealthServicer | None, *,
-                 as_tensor_content: bool = False, limits: RequestLimits = RequestLimits()) -> None:
+                 as_tensor_content: bool = False, limits: RequestLimits = DEFAULT_LIMITS) -> None:
     """Register the prediction and model services, and the health service when one is given.
 
     TF Serving registers health only with ``--enable_grpc_healthcheck_service`` (server.cc:415-416); without it a

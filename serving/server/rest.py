@@ -962,7 +962,7 @@ class RestServer:
     """
 
     def __init__(
-        self, manager: ModelManager, host: str, port: int, *, limits: tensors.RequestLimits = tensors.RequestLimits()
+        self, manager: ModelManager, host: str, port: int, *, limits: tensors.RequestLimits = tensors.DEFAULT_LIMITS
     ) -> None:
         self._http = _RestHttpServer((host, port), RestApi(manager), limits)
         self.port: int = self._http.server_address[1]

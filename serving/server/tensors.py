@@ -69,6 +69,10 @@ class RequestLimits:
             )
 
 
+DEFAULT_LIMITS = RequestLimits()
+"""The limits a server has unless told otherwise."""
+
+
 def check_request_cost(inputs: Mapping[str, TensorProto], limits: RequestLimits) -> None:
     """Refuse a request whose inputs would cost more than ``limits`` to decode, before any of them is decoded.
 
@@ -150,7 +154,7 @@ _DATATYPE_OF_NUMPY = {dtype: datatype for datatype, (dtype, _) in _CODECS.items(
 _HALF_BITS = {_DT.Value("DT_HALF"), _DT.Value("DT_BFLOAT16")}
 _COMPLEX = {_DT.Value("DT_COMPLEX64"), _DT.Value("DT_COMPLEX128")}
 # Typed fields of fixed width: DataType -> (TensorProto field number, little-endian dtype of one wire value).
-_PACKED_FIXED_WIDTH = {
+_PACKED_FIXED_WIDTH: dict[int, tuple[int, np.dtype]] = {
     _DT.Value("DT_FLOAT"): (5, np.dtype("<f4")),
     _DT.Value("DT_DOUBLE"): (6, np.dtype("<f8")),
     _DT.Value("DT_COMPLEX64"): (9, np.dtype("<f4")),
