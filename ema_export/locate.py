@@ -191,14 +191,25 @@ def read_step(files: CheckpointFiles, role: str) -> CheckpointFiles:
 
 
 def _resolve_for_pairing(path: str | os.PathLike, role: str, flag: str, step: int | None = None) -> CheckpointFiles:
-    """Like `resolve_checkpoint`, but a directory whose state file names deleted files still offers its checkpoints
-    for pairing by number (the newest one stands in until the pair is chosen)."""
+    """Like `resolve_checkpoint`, but with `--step` a directory whose state file names deleted files still offers its
+    checkpoints for pairing by number (the step, not the state file, then says which pair is wanted).
+
+    Without `--step` such a state file is refused: the newest checkpoint still on disk is not the one training last
+    recorded, and exporting it silently would publish older weights than the user expects.
+    """
     try:
         return resolve_checkpoint(path, role, flag, step)
-    except CheckpointNotFoundError:
+    except CheckpointNotFoundError as error:
         numbered = _numbered(Path(path)) if Path(path).is_dir() else {}
         if not numbered:
             raise
+        if step is None and (Path(path) / _STATE_FILENAME).is_file():
+            on_disk = ", ".join(os.path.basename(numbered[number]) for number in sorted(numbered))
+            raise CheckpointNotFoundError(
+                f"{error.message}. On disk: {on_disk}",
+                hint=f"Restore the missing files, or choose what is on disk with --step N (e.g. --step "
+                f"{max(numbered)}) or a prefix such as {numbered[max(numbered)]}",
+            ) from None
         prefix = numbered[max(numbered)]
         return CheckpointFiles(prefix, _files_of(prefix), f"newest in {path} (its state file names missing files)")
 

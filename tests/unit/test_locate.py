@@ -151,8 +151,19 @@ def test_require_ema_names_the_default_location_and_the_flag(tmp_path):
         locate(tmp_path, require_ema=True)
 
 
-def test_a_state_file_naming_deleted_files_still_pairs_by_number(tmp_path):
-    _write_pairs(tmp_path, training_numbers=[4, 5], ema_numbers=[4])
-    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "ckpt-9"\n')  # ckpt-9 was deleted since
-    sources = locate(tmp_path)
+def test_a_stale_state_file_is_refused_naming_what_is_missing_and_what_is_on_disk(tmp_path):
+    _write_pairs(tmp_path, training_numbers=[1, 4, 5], ema_numbers=[1, 4])
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "ckpt-7"\n')  # ckpt-7's files are gone
+    with pytest.raises(CheckpointNotFoundError) as raised:
+        locate(tmp_path)
+    assert "'ckpt-7'" in raised.value.message and "On disk: ckpt-1, ckpt-4, ckpt-5" in raised.value.message
+    assert "--step" in raised.value.hint
+
+
+def test_a_stale_state_file_still_pairs_by_number_when_the_step_is_given(tmp_path):
+    _write_pairs(tmp_path, training_numbers=[1, 4, 5], ema_numbers=[1, 4])
+    (tmp_path / "checkpoint").write_text('model_checkpoint_path: "ckpt-7"\n')
+    sources = locate(tmp_path, step=4)
     assert (sources.training.step, sources.ema.step) == (4, 4)
+    explicit = locate(tmp_path / "ckpt-1", ema_checkpoint=tmp_path / "ema" / "ckpt-1")
+    assert (explicit.training.step, explicit.ema.step) == (1, 1)
