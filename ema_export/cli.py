@@ -17,6 +17,7 @@ from typing import Any
 import click
 
 from ema_export.console import hide_native_logs, wants_verbose
+from ema_export.layout_registry import LAYOUT_NAMES
 from ema_export.names import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
 
 EXIT_INTERRUPTED = 130
@@ -144,8 +145,7 @@ def _fail(message: str, code: int, as_json: bool, kind: str) -> None:
               help="Which arm serving_default serves.")
 @click.option("--layout", metavar="NAME",
               help="Checkpoint layout to read shadows with (default: detected; the summary says which and why). "
-                   "Names: ema-checkpoint, tracked-shadows, keras-use-ema, tf-keras-use-ema, keras-file-use-ema, "
-                   "optimizer-slot, tf1-names.")
+                   f"Names: {', '.join(LAYOUT_NAMES)}.")
 @click.option("--bn-stats", type=click.Choice(["live", "ema"]), default="live", show_default=True,
               help="Non-trainable statistics (BatchNorm moving mean/variance) in serve_ema: the live values, or "
                    "their averages where the checkpoint has them.")

@@ -1,8 +1,7 @@
 """Checkpoint layouts: one strategy per way training code stores EMA shadows, and auto-detection among them.
 
-Adding a layout means adding a module with a `Layout` subclass and naming it in `_LAYOUT_CLASSES`; no other stage
-changes. The order is the order auto-detection tries them in: the explicit layouts (a separate EMA checkpoint) before
-the ones inferred from names inside the training checkpoint.
+Adding a layout means adding a module with a `Layout` subclass and naming it in `ema_export.layout_registry`; no
+other stage changes. Auto-detection tries them in the registry's order.
 """
 
 from __future__ import annotations
@@ -10,33 +9,23 @@ from __future__ import annotations
 import importlib
 
 from ema_export.errors import LayoutError
+from ema_export.layout_registry import LAYOUT_CLASSES
 from ema_export.layouts.base import Layout, LayoutSettings, Shadow, ShadowMatch
 from ema_export.locate import CheckpointSources
 from ema_export.restore import RestoredModel
 
-_LAYOUT_CLASSES = (
-    "ema_export.layouts.ema_checkpoint:EmaCheckpointLayout",
-    "ema_export.layouts.tracked:TrackedShadowsLayout",
-    "ema_export.layouts.keras_optimizer:KerasOptimizerEmaLayout",
-    "ema_export.layouts.keras_optimizer:TfKerasOptimizerEmaLayout",
-    "ema_export.layouts.keras_file:KerasFileEmaLayout",
-    "ema_export.layouts.optimizer_slot:OptimizerSlotLayout",
-    "ema_export.layouts.tf1_names:Tf1NamesLayout",
-)
-
 
 def _load_layouts() -> dict[str, type[Layout]]:
+    """Import every registered layout. A layout that fails to import fails loudly: skipping it would silently change
+    what auto-detection tries."""
     layouts: dict[str, type[Layout]] = {}
-    for spec in _LAYOUT_CLASSES:
+    for name, spec in LAYOUT_CLASSES:
         module_name, _, class_name = spec.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name != module_name:
-                raise
-            continue  # a layout still being written
-        layout = getattr(module, class_name)
-        layouts[layout.name] = layout
+        layout = getattr(importlib.import_module(module_name), class_name)
+        if layout.name != name:
+            raise ImportError(f"{spec} calls itself {layout.name!r} but is registered as {name!r} in "
+                              "ema_export.layout_registry")
+        layouts[name] = layout
     return layouts
 
 
