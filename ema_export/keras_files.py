@@ -30,6 +30,7 @@ from ema_export.checkpoint_graph import variable_identity
 from ema_export.errors import RestoreError
 from ema_export.fresh_model import FreshModel
 from ema_export.locate import CheckpointFiles
+from ema_export.private_apis import keras_saving_lib, tf_keras_saving_lib
 from ema_export.restore import RestoredModel, RestoredVariable, model_variables, name_list, raise_for_shapes
 
 WEIGHTS_MEMBER = "model.weights.h5"
@@ -128,9 +129,9 @@ def optimizer_config(path: str) -> dict[str, Any] | None:
 
 
 def _recording_store() -> Any:
-    from keras.src.saving import saving_lib
+    store_class: Any = keras_saving_lib().H5IOStore
 
-    class RecordingStore(saving_lib.H5IOStore):
+    class RecordingStore(store_class):
         """Keras's own weights store, made to note where each variable would be written instead of writing it."""
 
         def __init__(self) -> None:
@@ -155,7 +156,7 @@ def weight_paths(model: Any) -> dict[int, str]:
     those of any file saved from this architecture. Layers that save a transformed value (LoRA kernels merged on
     save) have no path; Keras's loader still restores them. The optimizer is skipped: it is not part of the model.
     """
-    from keras.src.saving import saving_lib
+    saving_lib = keras_saving_lib()
 
     store = _recording_store()
     skipped = {id(model.optimizer)} if getattr(model, "optimizer", None) is not None else set()
@@ -189,7 +190,7 @@ def _tf_keras_weight_paths(model: Any) -> dict[int, str]:
     variable is first filled with its own number, the walk records which number lands at which path, and the values
     are put back. The restore loads every value from the file right after, and checks it.
     """
-    from tf_keras.src.saving import saving_lib
+    saving_lib = tf_keras_saving_lib()
 
     variables = model_variables(model)
     originals = [variable.numpy() for variable in variables]
@@ -225,7 +226,7 @@ def _tf_keras_weight_paths(model: Any) -> dict[int, str]:
 
 def _load_tf_keras(model: Any, path: str) -> None:
     """tf-keras's own loader (`saving_lib.load_weights_only`), never into the fresh model's optimizer."""
-    from tf_keras.src.saving import saving_lib
+    saving_lib = tf_keras_saving_lib()
 
     skipped = {id(model.optimizer)} if getattr(model, "optimizer", None) is not None else set()
     archive = zipfile.ZipFile(path) if path.endswith(".keras") else None
@@ -262,7 +263,7 @@ def _trackable_paths(model: Any) -> dict[int, str]:
 
 def _load(model: Any, path: str) -> None:
     """Load the model's weights with Keras's loader, never the fresh model's optimizer (it is not exported)."""
-    from keras.src.saving import saving_lib
+    saving_lib = keras_saving_lib()
 
     optimizer = getattr(model, "optimizer", None)
     with warnings.catch_warnings():

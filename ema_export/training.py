@@ -29,6 +29,7 @@ import tensorflow as tf
 
 from ema_export.errors import EmaExportError
 from ema_export.names import EMA_CHECKPOINT_SUBDIR
+from ema_export.private_apis import optimizer_averages
 
 CHECKPOINT_NAME = "ckpt"
 
@@ -171,8 +172,7 @@ class EmaCheckpoint(_keras_callback_base()):  # type: ignore[misc]
                     hint="Compile with an optimizer(use_ema=True), or give EmaCheckpoint(decay=0.999) to keep one")
             if not optimizer.built:
                 optimizer.build(self.model.trainable_variables)
-            shadows = [optimizer._model_variables_moving_average[optimizer._get_variable_index(v)]
-                       for v in self.model.trainable_variables]
+            shadows = optimizer_averages(optimizer, list(self.model.trainable_variables))
             self.checkpointer = EmaCheckpointer(self.directory, self.model, shadows=shadows,
                                                 max_to_keep=self.max_to_keep, optimizer=optimizer)
         else:

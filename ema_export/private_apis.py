@@ -1,0 +1,67 @@
+"""Every private Keras and tf-keras interface ema-export relies on, in one place, checked by one test.
+
+No public API does these jobs:
+- Which file path Keras's saving walk gives each variable (`layers/dense/vars/0`). Reading the averages of a `.keras`
+  or `.weights.h5` file needs it, and only `saving_lib._save_state` (what `save_weights` runs) knows it.
+- Loading a file's values into a model while skipping its optimizer: `saving_lib.load_weights_only` (Keras 3) and
+  `saving_lib._load_state` (tf-keras) take the objects to skip; `Model.load_weights` does not.
+- The averages a Keras 3 optimizer built with `use_ema=True` keeps for a variable:
+  `optimizer._model_variables_moving_average[optimizer._get_variable_index(variable)]`.
+
+Each accessor checks the names it needs and, when a Keras release has moved them, raises one `PrivateApiError` that
+names the missing attribute and the versions this was tested with, instead of an `AttributeError` deep in a stage.
+`tests/unit/test_private_apis.py` calls every accessor, so an upgrade that breaks one fails that test first.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+from ema_export.errors import EmaExportError
+
+TESTED_WITH = "keras 3.8-3.15 and tf-keras 2.16-2.21"
+"""The releases whose private interfaces these accessors were written against (pyproject.toml bounds them)."""
+
+_KERAS_SAVING_LIB = ("keras.src.saving.saving_lib", ("H5IOStore", "_save_state", "load_weights_only"))
+_TF_KERAS_SAVING_LIB = ("tf_keras.src.saving.saving_lib", ("H5IOStore", "_save_state", "_load_state"))
+_OPTIMIZER_AVERAGES = ("_model_variables_moving_average", "_get_variable_index")
+
+
+class PrivateApiError(EmaExportError):
+    """A private Keras or tf-keras interface ema-export relies on is missing from the installed release."""
+
+
+def _module_with(name: str, attributes: tuple[str, ...]) -> ModuleType:
+    try:
+        module = importlib.import_module(name)
+    except ImportError as error:
+        raise PrivateApiError(f"{name} cannot be imported ({error}); ema-export reads Keras files through it",
+                              hint=f"Install a release tested with ema-export ({TESTED_WITH})") from error
+    missing = [attribute for attribute in attributes if not hasattr(module, attribute)]
+    if missing:
+        raise PrivateApiError(f"{name} has no {', '.join(missing)}; ema-export reads Keras files through it",
+                              hint=f"Install a release tested with ema-export ({TESTED_WITH})")
+    return module
+
+
+def keras_saving_lib() -> Any:
+    """Keras 3's `saving_lib`, with the walk, the weights store and the loader ema-export uses."""
+    return _module_with(*_KERAS_SAVING_LIB)
+
+
+def tf_keras_saving_lib() -> Any:
+    """tf-keras's `saving_lib`, with the walk, the weights store and the loader ema-export uses."""
+    return _module_with(*_TF_KERAS_SAVING_LIB)
+
+
+def optimizer_averages(optimizer: Any, variables: list[Any]) -> list[Any]:
+    """The moving averages a Keras 3 `use_ema=True` optimizer keeps for `variables` (built optimizer), in order."""
+    missing = [attribute for attribute in _OPTIMIZER_AVERAGES if not hasattr(optimizer, attribute)]
+    if missing:
+        raise PrivateApiError(f"{type(optimizer).__name__} has no {', '.join(missing)}; ema-export reads the "
+                              "optimizer's averages through them",
+                              hint=f"Install a Keras release tested with ema-export ({TESTED_WITH})")
+    averages = optimizer._model_variables_moving_average
+    return [averages[optimizer._get_variable_index(variable)] for variable in variables]

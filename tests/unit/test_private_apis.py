@@ -1,0 +1,37 @@
+"""The private Keras and tf-keras interfaces ema-export relies on exist in the installed releases.
+
+When a Keras upgrade moves one of them, this test fails first and names it; the accessors then raise one
+`PrivateApiError` in place of an AttributeError deep inside an export.
+"""
+
+import keras
+import pytest
+
+from ema_export.private_apis import (
+    PrivateApiError,
+    _module_with,
+    keras_saving_lib,
+    optimizer_averages,
+    tf_keras_saving_lib,
+)
+
+
+def test_keras_and_tf_keras_saving_internals_are_present():
+    assert callable(keras_saving_lib()._save_state) and callable(keras_saving_lib().load_weights_only)
+    assert callable(tf_keras_saving_lib()._save_state) and callable(tf_keras_saving_lib()._load_state)
+
+
+def test_a_keras_optimizer_s_averages_are_found_for_each_variable():
+    variables = [keras.Variable([1.0, 2.0]), keras.Variable([[3.0]])]
+    optimizer = keras.optimizers.SGD(use_ema=True)
+    optimizer.build(variables)
+    averages = optimizer_averages(optimizer, variables)
+    assert [tuple(average.shape) for average in averages] == [(2,), (1, 1)]
+
+
+def test_a_moved_interface_is_one_error_naming_it():
+    with pytest.raises(PrivateApiError, match="no _save_state_moved") as raised:
+        _module_with("keras.src.saving.saving_lib", ("_save_state_moved",))
+    assert "keras 3" in raised.value.hint
+    with pytest.raises(PrivateApiError, match="_model_variables_moving_average"):
+        optimizer_averages(object(), [])
