@@ -20,8 +20,9 @@ from typing import Any
 
 import tensorflow as tf
 
-from ema_export.assemble import DEFAULT_ARMS, assemble
-from ema_export.errors import OutputDirError
+from ema_export.assemble import assemble
+from ema_export.contracts import DEFAULT_ARMS
+from ema_export.errors import OptionsError
 from ema_export.fold import BN_STATS_POLICIES, FoldReport, fold
 from ema_export.fresh_model import ModelFactory, build_fresh_model, probe_inputs
 from ema_export.layouts import LayoutSettings, choose_layout
@@ -150,11 +151,11 @@ class _Prepared:
 def _resolve_options(options: ExportOptions | None, overrides: dict[str, Any]) -> ExportOptions:
     options = dataclasses.replace(options or ExportOptions(), **overrides)
     if options.default_signature not in DEFAULT_ARMS:
-        raise OutputDirError(f"default signature must be one of {', '.join(DEFAULT_ARMS)}, got "
-                             f"{options.default_signature!r}", hint="Use --default-signature ema or live")
+        raise OptionsError(f"default signature must be one of {', '.join(DEFAULT_ARMS)}, got "
+                           f"{options.default_signature!r}", hint="Use --default-signature ema or live")
     if options.bn_stats not in BN_STATS_POLICIES:
-        raise OutputDirError(f"bn_stats must be one of {', '.join(BN_STATS_POLICIES)}, got {options.bn_stats!r}",
-                             hint="Use --bn-stats live or ema")
+        raise OptionsError(f"bn_stats must be one of {', '.join(BN_STATS_POLICIES)}, got {options.bn_stats!r}",
+                           hint="Use --bn-stats live or ema")
     skew_warning(options.serving_version, tf.__version__)  # a malformed --serving-version fails before any work
     return options
 

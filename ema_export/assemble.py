@@ -16,12 +16,9 @@ from typing import Any
 import tensorflow as tf
 
 from ema_export.checkpoint_graph import children_of, variable_identity
+from ema_export.contracts import DEFAULT_ARMS, SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE, output_name
 from ema_export.fold import FoldReport
-from ema_export.names import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
 from ema_export.restore import RestoredModel
-
-DEFAULT_ARMS = {"ema": SIGNATURE_EMA, "live": SIGNATURE_LIVE}
-"""`--default-signature` choices and the signature `serving_default` aliases for each."""
 
 
 @dataclass
@@ -41,8 +38,8 @@ def output_dict(outputs: Any) -> dict[str, tf.Tensor]:
     if isinstance(outputs, dict):
         return {str(key): value for key, value in outputs.items()}
     if isinstance(outputs, (list, tuple)):
-        return {f"output_{index}": value for index, value in enumerate(outputs)}
-    return {"output_0": outputs}
+        return {output_name(index): value for index, value in enumerate(outputs)}
+    return {output_name(0): outputs}
 
 
 def _serving_function(call: Callable[..., Any], specs: Sequence[tf.TensorSpec]) -> Any:

@@ -17,8 +17,8 @@ from typing import Any
 import click
 
 from ema_export.console import hide_native_logs, wants_verbose
+from ema_export.contracts import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
 from ema_export.layout_registry import LAYOUT_NAMES
-from ema_export.names import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
 
 EXIT_INTERRUPTED = 130
 _DRIFTS_SHOWN = 5

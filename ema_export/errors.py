@@ -1,36 +1,20 @@
 """The exporter's exceptions: small `ValueError` subclasses callers can catch broadly or narrowly.
 
+Their base, `HintedError`, is shared with the serving package and lives in `ema_export.contracts`.
+
 Every message follows one shape: what happened, what was expected, how to fix it (naming the flag that fixes it),
 and what was received. The CLI prints `str(error)` as one line; `hint` is shown after it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from ema_export.contracts import HintedError
 
-
-class HintedError(ValueError):
-    """An error that says what happened, how to fix it, and every offender; shared by the whole project.
-
-    Args:
-        message: What happened and what was expected.
-        hint: How to fix it, usually naming a flag.
-        problems: Every individual offender, when one error reports many (validation runs fully, then raises once).
-    """
-
-    def __init__(self, message: str, hint: str = "", problems: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
-        self.problems = list(problems)
-
-    def __str__(self) -> str:
-        text = self.message
-        if self.problems:
-            text += " " + "; ".join(self.problems)
-        if self.hint:
-            text = text.rstrip(".") + f". {self.hint}"
-        return text
+__all__ = [
+    "CheckpointNotFoundError", "CheckpointReadError", "EmaExportError", "FoldError", "HintedError", "LayoutError",
+    "ModelLoadError", "OptionsError", "OutputDirError", "OutputWriteError", "RestoreError", "ServingVersionError",
+    "VerificationError", "VersionExistsError", "VersionServedError",
+]
 
 
 class EmaExportError(HintedError):
@@ -61,6 +45,10 @@ class FoldError(EmaExportError):
 
 class VersionExistsError(EmaExportError):
     """The requested version directory already exists and `--overwrite` was not given."""
+
+
+class OptionsError(EmaExportError):
+    """An export option has a value outside its choices (`bn_stats`, `default_signature`): a caller's mistake."""
 
 
 class OutputDirError(EmaExportError):

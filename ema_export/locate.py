@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ema_export.contracts import EMA_CHECKPOINT_SUBDIR
 from ema_export.errors import CheckpointNotFoundError
-from ema_export.names import EMA_CHECKPOINT_SUBDIR
 
 _STATE_FILENAME = "checkpoint"
 KERAS_FILE_SUFFIXES = (".weights.h5", ".keras")

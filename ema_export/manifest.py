@@ -15,10 +15,17 @@ from typing import Any
 
 import tensorflow as tf
 
-from ema_export.assemble import DEFAULT_ARMS, Assembly
+from ema_export.assemble import Assembly
+from ema_export.contracts import (
+    ASSETS_EXTRA_DIR,
+    DEFAULT_ARMS,
+    MANIFEST_FILENAME,
+    SIGNATURE_DEFAULT,
+    SIGNATURE_EMA,
+    SIGNATURE_LIVE,
+)
 from ema_export.fold import FoldReport
 from ema_export.locate import CheckpointSources
-from ema_export.names import ASSETS_EXTRA_DIR, MANIFEST_FILENAME, SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
 from ema_export.restore import RestoredModel
 from ema_export.verify import VerificationReport
 

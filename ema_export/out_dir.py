@@ -22,8 +22,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from ema_export.contracts import TEMP_VERSION_PREFIX
 from ema_export.errors import EmaExportError, OutputDirError, OutputWriteError
-from ema_export.names import TEMP_VERSION_PREFIX
 
 _PROBE_BYTES = 4096  # one page: enough for a full disk to refuse it
 

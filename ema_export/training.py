@@ -27,8 +27,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from ema_export.contracts import EMA_CHECKPOINT_SUBDIR
 from ema_export.errors import EmaExportError
-from ema_export.names import EMA_CHECKPOINT_SUBDIR
 from ema_export.private_apis import optimizer_averages
 
 CHECKPOINT_NAME = "ckpt"

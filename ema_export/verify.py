@@ -18,9 +18,9 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import rewriter_config_pb2
 
-from ema_export.assemble import DEFAULT_ARMS, Assembly
+from ema_export.assemble import Assembly
+from ema_export.contracts import DEFAULT_ARMS, SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
 from ema_export.errors import VerificationError
-from ema_export.names import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
 
 SIGNATURES = (SIGNATURE_LIVE, SIGNATURE_EMA, SIGNATURE_DEFAULT)
 

@@ -16,23 +16,25 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ema_export.contracts import TEMP_VERSION_PREFIX, version_paths
 from ema_export.errors import OutputDirError, VersionExistsError, VersionServedError
-from ema_export.names import TEMP_VERSION_PREFIX
 from ema_export.out_dir import check_out_dir, write_errors
 
 
 def numeric_versions(base_path: str | os.PathLike) -> list[int]:
-    """The versions TF Serving would see in `base_path`, ascending."""
-    base = Path(base_path)
-    if not base.is_dir():
+    """The versions TF Serving would see in `base_path`, ascending (`ema_export.contracts.version_paths`)."""
+    if not Path(base_path).is_dir():
         return []
-    return sorted(int(child.name) for child in base.iterdir() if child.name.isdigit() and child.is_dir())
+    return sorted(version_paths(base_path))
 
 
 def next_version(base_path: str | os.PathLike) -> int:
-    """The number a default-numbered export takes: one more than the highest present, 1 in an empty base path."""
+    """The number a default-numbered export takes: one more than the highest present, 1 in an empty base path.
+
+    Never below 1: a child named `-3` is a version to TF Serving, but `--version` numbers are positive.
+    """
     existing = numeric_versions(base_path)
-    return (existing[-1] + 1) if existing else 1
+    return max(existing[-1] + 1, 1) if existing else 1
 
 
 def plan_version(base_path: str | os.PathLike, version: int | None, overwrite: bool, force: bool = False) -> int:
@@ -99,7 +101,9 @@ def remove_abandoned_staging(base_path: Path) -> list[Path]:
     removed = []
     for child in base_path.glob(TEMP_VERSION_PREFIX + "*"):
         pid_text = child.name[len(TEMP_VERSION_PREFIX):].split("-", 1)[0]
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _process_alive(int(pid_text)):
+        if not (pid_text.isascii() and pid_text.isdigit()):  # str.isdigit() alone takes '²', which int() refuses
+            continue
+        if int(pid_text) != os.getpid() and not _process_alive(int(pid_text)):
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child)
     return removed
@@ -175,15 +179,17 @@ def publish(staging: Path, base_path: str | os.PathLike, version: int | None, ov
 def _rename_to_new(staging: Path, target: Path) -> bool:
     """Rename `staging` to `target` unless `target` exists; False when it did (or appeared meanwhile).
 
-    Linux's rename() replaces only an *empty* target directory and refuses a non-empty one (ENOTEMPTY/EEXIST); a
-    published version is never empty, so two exports racing for one number cannot replace each other's work.
+    Linux's rename() replaces only an *empty* target directory and refuses a non-empty one (ENOTEMPTY/EEXIST) or a
+    file (ENOTDIR); a published version is never empty, so two exports racing for one number cannot replace each
+    other's work. Only an existing target makes this False: any other failure (a read-only or full OUT_DIR, a
+    vanished staging directory) is raised, for `write_errors` to name it.
     """
     if os.path.lexists(target):
         return False
     try:
         os.rename(staging, target)
     except OSError as error:
-        if error.errno in (errno.EEXIST, errno.ENOTEMPTY):
+        if error.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR) and os.path.lexists(target):
             return False
         raise
     return True

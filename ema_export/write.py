@@ -9,9 +9,9 @@ from typing import Any
 
 import tensorflow as tf
 
-from ema_export.assemble import DEFAULT_ARMS, Assembly
-from ema_export.names import (ARM_SIGNATURES, ASSETS_EXTRA_DIR, DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT,
-                              WARMUP_FILENAME)
+from ema_export.assemble import Assembly
+from ema_export.contracts import (ARM_SIGNATURES, ASSETS_EXTRA_DIR, DEFAULT_ARMS, DEFAULT_MODEL_NAME,
+                                  SIGNATURE_DEFAULT, WARMUP_FILENAME)
 
 
 def write_savedmodel(assembly: Assembly, directory: Path) -> None:

@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ema_export.names import ARM_SIGNATURES
+from ema_export.contracts import ARM_SIGNATURES
 from serving.client import PendingPrediction, Prediction, ServingClient
 from serving.data import ArraySource, Batch, DataOptions, DataSource, Dataset, IterableSource, load_dataset, open_data
 from serving.protocol import (

@@ -41,7 +41,7 @@ from typing import Protocol
 
 from google.protobuf import text_format
 
-from ema_export.errors import HintedError
+from ema_export.contracts import HintedError
 from serving.client import ModelMetadata, VersionStatus
 from serving.config import ModelConfig, ModelServerConfig, load_model_server_config, validate_model_server_config
 from serving.protocol import ServingError

@@ -18,8 +18,7 @@ from typing import Any
 
 import click
 
-from ema_export.errors import HintedError
-from ema_export.names import DEFAULT_GRPC_PORT, DEFAULT_MODEL_NAME
+from ema_export.contracts import DEFAULT_GRPC_PORT, DEFAULT_MODEL_NAME, HintedError
 from serving.canary import (
     CANARY_LABEL,
     DEFAULT_WAIT_TIMEOUT_S,

@@ -29,12 +29,13 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from ema_export.names import SIGNATURE_DEFAULT
+from ema_export.contracts import SIGNATURE_DEFAULT
 from serving.protocol import (
     MODEL_SERVICE,
     PREDICTION_SERVICE,
     SIGNATURE_DEF_METADATA_FIELD,
     WIRE_LENGTH_DELIMITED,
+    ClientConfigError,
     GetModelMetadataRequest,
     GetModelStatusRequest,
     InvalidRequestError,
@@ -84,6 +85,9 @@ class RetryPolicy:
     retries a call the server has started answering.
 
     ``max_attempts`` counts the first try: 1 disables retries; gRPC caps it at 5.
+
+    Raises:
+        ClientConfigError: ``max_attempts`` outside 1..5 or a backoff that is not positive.
     """
 
     max_attempts: int = 5
@@ -93,7 +97,7 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_attempts <= 5 or self.initial_backoff_s <= 0 or self.max_backoff_s <= 0:
-            raise InvalidRequestError(
+            raise ClientConfigError(
                 "Invalid retry policy. Expected 1 <= max_attempts <= 5 (gRPC's cap) and positive backoffs; fix the "
                 f"RetryPolicy. Received: {self}."
             )

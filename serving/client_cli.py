@@ -26,7 +26,7 @@ from typing import Any
 import click
 import numpy as np
 
-from ema_export.names import DEFAULT_GRPC_PORT, DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
+from ema_export.contracts import DEFAULT_GRPC_PORT, DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
 from serving.ab import (
     CompareOptions,
     CompareReport,

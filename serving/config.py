@@ -22,8 +22,7 @@ from collections.abc import Iterable
 from google.protobuf import text_format
 from tensorflow_serving.config.model_server_config_pb2 import ModelConfig, ModelServerConfig
 
-from ema_export.errors import HintedError
-from ema_export.names import DEFAULT_MODEL_NAME
+from ema_export.contracts import DEFAULT_MODEL_NAME, HintedError
 
 TENSORFLOW_PLATFORM = "tensorflow"
 """The only ``model_platform`` this server (and a stock TF Serving build) loads."""

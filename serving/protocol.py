@@ -88,6 +88,11 @@ class InvalidRequestError(ServingError, ValueError):
     code = "INVALID_ARGUMENT"
 
 
+class ClientConfigError(ServingError, ValueError):
+    """A client setting is invalid (a ``RetryPolicy`` outside gRPC's limits): a caller's mistake, found before any
+    call, so no gRPC status code stands behind it."""
+
+
 class CodecError(ServingError, ValueError):
     """An array could not be encoded into, or decoded from, a ``TensorProto``."""
 

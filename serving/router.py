@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ema_export.names import SIGNATURE_EMA
+from ema_export.contracts import SIGNATURE_EMA
 from serving.client import PendingPrediction, Prediction, ServingClient
 from serving.protocol import InvalidRequestError, ServingError
 

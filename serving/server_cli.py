@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from ema_export.console import quiet_native_stderr
-from ema_export.names import DEFAULT_GRPC_PORT, DEFAULT_MODEL_NAME, DEFAULT_REST_PORT
+from ema_export.contracts import DEFAULT_GRPC_PORT, DEFAULT_MODEL_NAME, DEFAULT_REST_PORT
 
 _LOGGER_NAME = "serving.server"
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from serving.server.app import LocalServer, ServerOptions, start_server
-    from serving.server.errors import ModelLoadError, ModelPathError, ServerError, ServerStartError
+    from serving.server.errors import ModelLoadError, ModelPathError, ServableLoadError, ServerError, ServerStartError
 
 _LAZY = {
     "start_server": "serving.server.app",
@@ -36,7 +36,8 @@ _LAZY = {
     "ServerOptions": "serving.server.app",
     "ServerError": "serving.server.errors",
     "ModelPathError": "serving.server.errors",
-    "ModelLoadError": "serving.server.errors",
+    "ServableLoadError": "serving.server.errors",
+    "ModelLoadError": "serving.server.errors",  # the former name of ServableLoadError
     "ServerStartError": "serving.server.errors",
 }
 
@@ -46,6 +47,7 @@ __all__ = [
     "ModelPathError",
     "ServerError",
     "ServerOptions",
+    "ServableLoadError",
     "ServerStartError",
     "start_server",
 ]

@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from ema_export.names import DEFAULT_MODEL_NAME
+from ema_export.contracts import DEFAULT_MODEL_NAME
 from serving.config import (
     ModelServerConfig,
     describe_policy,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import grpc
 
-from ema_export.errors import HintedError
+from ema_export.contracts import HintedError
 
 
 class ServerError(HintedError):
@@ -25,8 +25,16 @@ class ModelPathError(ServerError):
     """A model's base path is missing, is not a directory, or holds no numeric version directory."""
 
 
-class ModelLoadError(ServerError):
-    """A configured model has no version that loaded (every version failed to load or to warm up)."""
+class ServableLoadError(ServerError):
+    """A configured model has no version that loaded (every version failed to load or to warm up).
+
+    Not the exporter's `ema_export.errors.ModelLoadError` (a fresh model that cannot be built): the two share no base
+    below `HintedError`, so catching one never catches the other.
+    """
+
+
+ModelLoadError = ServableLoadError
+"""The former name of `ServableLoadError`, kept so that ``except serving.server.ModelLoadError`` keeps working."""
 
 
 class ServerStartError(ServerError):

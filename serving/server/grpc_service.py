@@ -23,7 +23,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from ema_export.names import SIGNATURE_DEFAULT
+from ema_export.contracts import SIGNATURE_DEFAULT
 from serving.config import ModelConfigError, validate_model_server_config
 from serving.server.errors import RpcStatus, invalid_argument, truncate_status_message
 from serving.server.manager import ModelManager, VersionState

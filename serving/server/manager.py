@@ -37,6 +37,7 @@ from pathlib import Path
 import grpc
 from tensorflow_serving.apis import get_model_status_pb2, model_pb2
 
+from ema_export.contracts import version_paths
 from serving.config import ModelConfig, ModelServerConfig, aspired_versions
 from serving.server.errors import RpcStatus, failed_precondition, invalid_argument, not_found
 from serving.server.servable import LoadedVersion, VersionLoadError, load_version
@@ -99,17 +100,13 @@ class ModelsUnavailable(RpcStatus):
 
 
 def list_versions(base_path: str | os.PathLike[str]) -> dict[int, Path]:
-    """The version directories under a base path: children whose names are integers (``1``, ``002``).
+    """The versions TF Serving would load from a base path, by number: `ema_export.contracts.version_paths`, the one
+    version-directory rule the exporter uses too (``1``, ``007``; a file named ``8`` counts and then fails to load).
 
     Raises:
         OSError: the base path is missing or unreadable.
     """
-    versions: dict[int, Path] = {}
-    with os.scandir(base_path) as entries:
-        for entry in sorted(entries, key=lambda entry: entry.name):
-            if entry.name.isascii() and entry.name.isdigit() and entry.is_dir():
-                versions.setdefault(int(entry.name), Path(entry.path))
-    return versions
+    return version_paths(base_path)
 
 
 class ModelManager:

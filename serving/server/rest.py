@@ -46,7 +46,7 @@ import numpy as np
 from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2
 
-from ema_export.names import SIGNATURE_DEFAULT
+from ema_export.contracts import SIGNATURE_DEFAULT
 from serving.server import tensors
 from serving.server.errors import RpcStatus, invalid_argument
 from serving.server.grpc_service import SIGNATURE_DEF_FIELD, get_model_metadata, get_model_status

@@ -37,7 +37,7 @@ from google.protobuf.message import DecodeError
 from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-from ema_export.names import ASSETS_EXTRA_DIR, SIGNATURE_DEFAULT, WARMUP_FILENAME
+from ema_export.contracts import ASSETS_EXTRA_DIR, SIGNATURE_DEFAULT, WARMUP_FILENAME
 from serving.server import tensors
 from serving.server.errors import RpcStatus, failed_precondition, invalid_argument
 
