@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from ema_export.console import hide_native_logs, wants_verbose
-from ema_export.contracts import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
+from ema_export.contracts import DEFAULT_ARMS, SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
 from ema_export.layout_registry import LAYOUT_NAMES
 
 EXIT_INTERRUPTED = 130
@@ -141,7 +141,7 @@ def _fail(message: str, code: int, as_json: bool, kind: str) -> None:
 @click.option("--serving-version", metavar="X.Y",
               help="TF Serving release that will serve the export (e.g. 2.20): warn when the TensorFlow writing it "
                    "is newer. Recorded in the manifest.")
-@click.option("--default-signature", type=click.Choice(["ema", "live"]), default="ema", show_default=True,
+@click.option("--default-signature", type=click.Choice(list(DEFAULT_ARMS)), default="ema", show_default=True,
               help="Which arm serving_default serves.")
 @click.option("--layout", metavar="NAME",
               help="Checkpoint layout to read shadows with (default: detected; the summary says which and why). "

@@ -93,8 +93,8 @@ def test_all_and_specific_policies(on_disk, wanted):
     assert aspired_versions(specific, on_disk) == on_disk & wanted
 
 
-def test_only_integer_named_directories_are_versions(tmp_path):
+def test_only_integer_named_children_are_versions(tmp_path):
     for name in ("1", "002", "10", "temp-123", "1.5", "-3", "v2"):
         (tmp_path / name).mkdir()
-    (tmp_path / "7").write_text("a file")
-    assert sorted(list_versions(tmp_path)) == [1, 2, 10]
+    (tmp_path / "7").write_text("a file")  # TF Serving lists it as a version (then fails to load it)
+    assert sorted(list_versions(tmp_path)) == [-3, 1, 2, 7, 10]

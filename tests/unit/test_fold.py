@@ -168,3 +168,11 @@ def test_relative_l2_is_the_relative_euclidean_distance(dtype):
 def test_relative_l2_of_half_precision_values_accumulates_in_float64():
     live = np.full(1000, 300.0, np.float16)
     assert relative_l2(live, live + np.float16(3.0)) == pytest.approx(0.01, rel=1e-3)
+
+
+def test_relative_l2_of_half_precision_values_sums_every_slice():
+    live = np.full((3, 1_500_000), 300.0, np.float16)  # 4.5 M elements: more than one slice of fold._SLICE (4 M)
+    average = live.copy()
+    average[2, -1] = np.float16(400.0)  # one drifted element, in the last slice
+    expected = 100.0 / math.sqrt(live.size * 300.0**2)
+    assert relative_l2(live, average) == pytest.approx(expected, rel=1e-9)

@@ -23,24 +23,20 @@ def _served_versions(base: Path) -> list[int]:
     return sorted(list_versions(base))
 
 
-# TF Serving reads a child as a version when its whole name parses as an int64 (ASCII digits): the exporter, which
-# plans the next number, and the local server, which loads versions, must agree.
+# TF Serving reads a child as a version when its whole name parses as an int64 (absl::SimpleAtoi: ASCII digits, an
+# optional sign, ASCII whitespace around), directory or not: the exporter, which plans the next number, and the local
+# server, which loads versions, must agree.
 RULES = [pytest.param(numeric_versions, id="exporter"), pytest.param(_served_versions, id="server")]
 
 
 @pytest.mark.parametrize("rule", RULES)
-def test_only_directories_named_by_digits_are_versions(tmp_path, rule):
+def test_only_children_named_by_an_int64_are_versions(tmp_path, rule):
     _make(tmp_path, "1", "007", "12", "temp-3", "3.5", "-4", "v5", f"{TEMP_VERSION_PREFIX}99-abc")
-    (tmp_path / "6").write_text("a file, not a version")
-    assert rule(tmp_path) == [1, 7, 12]
+    (tmp_path / "6").write_text("a file: TF Serving lists it as a version too, then fails to load it")
+    assert rule(tmp_path) == [-4, 1, 6, 7, 12]
 
 
-@pytest.mark.parametrize("rule", [
-    pytest.param(numeric_versions, id="exporter", marks=pytest.mark.xfail(
-        strict=True, raises=(AssertionError, ValueError),
-        reason="issue 10: versions.py accepts non-ASCII digits (and int() fails on '²'); one rule to land")),
-    pytest.param(_served_versions, id="server"),
-])
+@pytest.mark.parametrize("rule", RULES)
 def test_non_ascii_digits_are_not_versions(tmp_path, rule):
     _make(tmp_path, "2", "\u0663", "\u00b2")  # ARABIC-INDIC DIGIT THREE, SUPERSCRIPT TWO
     assert rule(tmp_path) == [2]
