@@ -3,7 +3,7 @@
 ``ema_export.export(...)`` restores a training checkpoint and its EMA shadows, folds the shadows into a fresh copy of
 the model and writes one SavedModel with ``serve_live`` and ``serve_ema`` signatures.
 
-The public names are imported lazily so that ``ema_export.names`` (used by the TensorFlow-free client) does not load
+The public names are imported lazily so that ``ema_export.contracts`` (used by the TensorFlow-free client) does not load
 TensorFlow.
 """
 

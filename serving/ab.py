@@ -18,7 +18,7 @@ away the comparison stops with an error, and an answer from any other version is
 All statistics are computed over the rows both arms answered (``num_paired``); per-arm ``n`` and ``errors`` say how
 many that was, and ``failed_rows`` names the rows an arm did not answer. Differences are always
 ``candidate - baseline``; by default the baseline is ``serve_live`` and the candidate ``serve_ema``
-(``ema_export.names.ARM_SIGNATURES``), so a positive ``accuracy_diff`` means EMA is better.
+(``ema_export.contracts.ARM_SIGNATURES``), so a positive ``accuracy_diff`` means EMA is better.
 
 Example:
     >>> with ServingClient("localhost:8500") as client:  # doctest: +SKIP

@@ -118,8 +118,13 @@ def test_only_numeric_version_directories_are_served(seed_library, tmp_path):
     base_path = tmp_path / "models"
     publish_version(seed_library, base_path, 1)
     shutil.copytree(seed_library.versions / "2", base_path / "temp-export-12345")  # a complete but unpublished copy
-    (base_path / "3").write_text("a file, not a directory")
     (base_path / "README").write_text("notes")
+    (base_path / "3").write_text("a file, not a directory")
+    # TF Serving lists every child whose name parses as an int64, files too: the latest version is this file, which
+    # fails to load, so the model never becomes available (file_system_storage_path_source.cc 87-89, 118-134).
+    with pytest.raises(ModelLoadError, match="version 3"):
+        start_server(model_base_path=base_path, port=0, max_num_load_retries=0)
+    (base_path / "3").unlink()
     with start_server(model_base_path=base_path, port=0, file_system_poll_wait_seconds=0) as server:
         assert server.model_versions() == {MODEL_NAME: [1]}
 
