@@ -27,6 +27,7 @@ import click
 import numpy as np
 
 from ema_export.contracts import DEFAULT_GRPC_PORT, DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
+from serving import report as page
 from serving.ab import (
     CompareOptions,
     CompareReport,
@@ -225,6 +226,13 @@ def _prediction_table(result: Prediction) -> str:
               help="Share of rows allowed to go unanswered by an arm before the exit status is non-zero (5).")
 @click.option("--progress/--no-progress", "show_progress", default=None,
               help="Progress on stderr (default: when stderr is a terminal).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the comparison as one self-contained HTML page (plots, intervals, verdict).")
+@click.option("--manifest", "manifest_path", type=click.Path(exists=True), default=None,
+              help="With --report: the export's ema_export.json, its version directory or the model base path; "
+                   "adds live-vs-EMA drift per variable.")  # fmt: skip
+@click.option("--training-log", "training_log_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="With --report: a training log JSON ({records: [{step, live, ema}]}); adds learning curves.")
 def compare(
     options: dict[str, Any],
     data_paths: tuple[str, ...],
@@ -241,12 +249,17 @@ def compare(
     predictions_path: str | None,
     max_failure_rate: float,
     show_progress: bool | None,
+    report_path: str | None,
+    manifest_path: str | None,
+    training_log_path: str | None,
 ) -> None:
     """Send the same inputs to two signatures (serve_live vs serve_ema) concurrently and compare them, streaming.
 
     The model version serving at the start (or --version) is named in every request. Exits 5 when more rows failed
     than --max-failure-rate allows (the report is still printed).
     """
+    if report_path is None and (manifest_path or training_log_path):
+        raise click.UsageError("--manifest and --training-log add panels to the HTML page; pass --report PATH.html.")
     compare_options = CompareOptions(
         arms=(baseline, candidate),
         batch_size=batch_size,
@@ -265,6 +278,7 @@ def compare(
         if spec.version is not None:  # pin the version this first metadata call saw: the inputs were checked against it
             compare_options = dataclasses.replace(compare_options, version=spec.version, version_label=None)
         source = open_data(data_paths, spec.signature(candidate), data_options)
+        training_log = page.load_training_log(training_log_path) if training_log_path else None
         writer = PredictionWriter(predictions_path) if predictions_path else None
         bar = _ProgressBar() if (show_progress if show_progress is not None else sys.stderr.isatty()) else None
         try:
@@ -273,6 +287,8 @@ def compare(
         finally:
             if bar is not None:
                 bar.finish()
+        if report_path is not None:
+            _write_page(report, report_path, manifest_path, training_log, training_log_path)
     _finish_report(report, options["as_json"], max_failure_rate)
 
 
@@ -333,6 +349,18 @@ def merge(reports: tuple[str, ...], as_json: bool, max_failure_rate: float) -> N
         code = next((code for kind, code in _EXIT_CODES if isinstance(error, kind)), 1)
         raise _CommandError(" ".join(str(error).split()), code) from error
     _finish_report(report, as_json, max_failure_rate)
+
+
+def _write_page(report: CompareReport, path: str, manifest_path: str | None, training_log: dict[str, Any] | None,
+                training_log_path: str | None) -> None:
+    """Render ``--report`` (inside ``_client``, so a bad --manifest is a one-line error too); say where on stderr."""
+    manifest = manifest_file = None
+    if manifest_path is not None:
+        manifest, manifest_file = page.find_manifest(manifest_path, report.model_version)
+    sources = {name: str(where) for name, where in (("manifest", manifest_file), ("training log", training_log_path))
+               if where is not None}
+    inputs = page.ReportInputs(report.to_dict(), manifest, training_log, sources)
+    click.echo(f"wrote the report to {page.write_report(path, inputs)}", err=True)
 
 
 def _compare_table(report: CompareReport) -> str:
