@@ -165,7 +165,8 @@ def _shown(arguments: list[str]) -> str:
 def run(arguments: list[str], **kwargs) -> subprocess.CompletedProcess:
     """Run one command, showing it first; stop the demo with its error output when it fails."""
     print(_shown(arguments), flush=True)
-    completed = subprocess.run(arguments, **kwargs)
+    # Python's sys.stderr, not descriptor 2: hide_native_logs pointed the descriptor (which children inherit) away.
+    completed = subprocess.run(arguments, stderr=sys.stderr, **kwargs)
     if completed.returncode != 0:
         raise SystemExit(f"Error: {Path(arguments[0]).name} exited with {completed.returncode}; see above.")
     return completed
@@ -195,7 +196,7 @@ def serving(models_dir: Path, port: int, log_path: Path) -> Iterator[subprocess.
     print(_shown(arguments) + f" > {_shown([str(log_path)])[2:]} 2>&1 &", flush=True)
     with open(log_path, "w") as log:
         # Its own session: a Ctrl-C in the terminal reaches only the demo, which then stops the server in order.
-        server = subprocess.Popen(arguments, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(arguments, stdout=log, stderr=log, start_new_session=True)
     try:
         yield server
     finally:
@@ -258,7 +259,7 @@ def main(out_root: Path, settings: Settings) -> None:
         wait_until_available(server, target, server_log)
         report = out_root / "report.html"
         run([*command("ema-serving"), "compare", "--target", target, "--model", MODEL_NAME, "--data", str(heldout),
-             "--labels", "labels", "--report", str(report), "--manifest", str(models_dir),
+             "--labels", "labels", "--batch-size", "16", "--report", str(report), "--manifest", str(models_dir),
              "--training-log", str(log_path)])
     print(f"open {report} in a browser; the whole demo took {time.monotonic() - started:.0f} s")
 
