@@ -25,8 +25,9 @@ $(STAMP): $(BIN)/python pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Trains on noisy-label digits, exports, serves in a separate process, A/B-compares, writes demo-out/report.html.
 demo: $(STAMP)
-	$(BIN)/python examples/seed_quickstart.py
+	$(BIN)/python examples/digits_noisy_labels.py
 
 # Lint and type checks first (seconds), then every test, slow ones included.
 test: lint

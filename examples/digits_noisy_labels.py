@@ -133,7 +133,7 @@ def train(ckpt_dir: Path, settings: Settings) -> dict:
         "evaluated_on": f"{len(test_y)} clean held-out digits",
         "arms": {"live": "serve_live", "ema": "serve_ema"},
         "settings": asdict(settings),
-        "num_train": int(len(train_y)),
+        "num_train": len(train_y),
         "num_flipped": int(flipped.sum()),
         "records": records,
     }

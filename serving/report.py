@@ -25,6 +25,7 @@ import base64
 import datetime
 import html
 import io
+import itertools
 import json
 import math
 import os
@@ -44,10 +45,12 @@ CANDIDATE_COLOR = "#e07b39"
 SIGNIFICANCE_LEVEL = 0.05
 MAX_MATRIX_CLASSES = 20
 """Classes shown in the disagreement matrix; more would be unreadable. The most-disagreed-on are kept."""
+MAX_HISTOGRAM_BARS = 40
+"""Bars per latency histogram."""
 MAX_DRIFT_BARS = 30
 """Variables drawn in the drift chart (largest drifts first); the table below it lists every one."""
 
-_RC = {"svg.hashsalt": "ema-serving-report", "svg.fonttype": "none", "font.size": 9.0, "axes.spines.top": False,
+_RC: Any = {"svg.hashsalt": "ema-serving-report", "svg.fonttype": "none", "font.size": 9.0, "axes.spines.top": False,
        "axes.spines.right": False}  # fmt: skip
 """Fixed hash salt: the same inputs give byte-identical pages. Text stays text (small, selectable)."""
 
@@ -230,9 +233,9 @@ def _format(value: Any, spec: str) -> str:
 def _lookup(document: Mapping[str, Any] | None, *path: str | int) -> Any:
     current: Any = document
     for key in path:
-        if isinstance(current, Mapping) and key in current:
-            current = current[key]
-        elif isinstance(current, list) and isinstance(key, int) and -len(current) <= key < len(current):
+        in_mapping = isinstance(current, Mapping) and key in current
+        in_list = isinstance(current, list) and isinstance(key, int) and -len(current) <= key < len(current)
+        if in_mapping or in_list:
             current = current[key]
         else:
             return None
@@ -309,8 +312,8 @@ def _verdict(document: Mapping[str, Any]) -> str:
         interval = document.get(f"{metric}_diff")
         if interval is not None:
             return _error_verdict(metric, baseline, candidate, interval)
-    return (f"No labels were given, so neither arm can be called better; the arms are compared by how often they "
-            f"agree. Pass <code>--labels</code> for accuracy or error.")
+    return ("No labels were given, so neither arm can be called better; the arms are compared by how often they "
+            "agree. Pass <code>--labels</code> for accuracy or error.")
 
 
 def _accuracy_verdict(document: Mapping[str, Any], baseline: str, candidate: str, difference: Mapping[str, Any],
@@ -592,7 +595,18 @@ def _histogram(histogram: Mapping[str, Any] | None) -> tuple[list[float], list[i
         return None
     if math.isinf(edges[-1]):
         edges[-1] = edges[-2] * 2 if len(edges) > 2 and edges[-2] > 0 else edges[-2] + 1.0
-    return edges, counts
+    return _coarser(edges, counts)
+
+
+def _coarser(edges: list[float], counts: list[int]) -> tuple[list[float], list[int]]:
+    """At most ``MAX_HISTOGRAM_BARS`` bars: neighbouring buckets are added up (fine buckets, such as 1%-wide ones,
+    would draw as a comb). Consecutive log-spaced buckets merge into log-spaced bars."""
+    group = math.ceil(len(counts) / MAX_HISTOGRAM_BARS)
+    if group <= 1:
+        return edges, counts
+    starts = range(0, len(counts), group)
+    return ([edges[start] for start in starts] + [edges[-1]],
+            [sum(counts[start : start + group]) for start in starts])
 
 
 def _draw_histograms(figure: Any, document: Mapping[str, Any], arms: list[str],
@@ -600,8 +614,10 @@ def _draw_histograms(figure: Any, document: Mapping[str, Any], arms: list[str],
     axes = figure.subplots(len(arms), 1, sharex=True, squeeze=False)[:, 0]
     for axis, name in zip(axes, arms):
         edges, counts = histograms[name]
-        widths = [right - left for left, right in zip(edges, edges[1:])]
+        widths = [right - left for left, right in itertools.pairwise(edges)]
         axis.bar(edges[:-1], counts, width=widths, align="edge", color=colors.get(name, "#777777"), alpha=0.8)
+        if edges[0] > 0 and edges[-1] / edges[0] > 20:
+            axis.set_xscale("log")  # exponential buckets, the usual latency layout, read best on a log axis
         _mark_percentiles(axis, document, name)
         axis.set_ylabel(f"{name}\nrequests")
         axis.legend(loc="upper right", frameon=False, fontsize=8)
@@ -644,9 +660,9 @@ def _drift_section(manifest: Mapping[str, Any] | None) -> str:
                     _format(folded[index].get("relative_l2"), ".4g"))) for index in order]
     kept = list(_lookup(manifest, "variables", "kept_live") or [])
     kept_rows = [(_text(item.get("name")), _text(item.get("reason"))) for item in kept]
-    parts = [f"<p>Relative L2 distance of each average from its live value, ||ema - live|| / ||live||, as the export "
-             f"recorded it (version {_text(manifest.get('version'))}, step "
-             f"{_text(_lookup(manifest, 'sources', 'training_step'))}).</p>"]
+    parts = [(f"<p>Relative L2 distance of each average from its live value, ||ema - live|| / ||live||, as the "
+              f"export recorded it (version {_text(manifest.get('version'))}, step "
+              f"{_text(_lookup(manifest, 'sources', 'training_step'))}).</p>")]
     if folded:
         shown = order[:MAX_DRIFT_BARS]
         parts.append(_plot(8.5, 0.8 + 0.22 * len(shown), "relative L2 drift of each averaged variable",

@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from scipy import stats
+from test_client_support import classification_inputs
 
 from ema_export.names import ASSETS_EXTRA_DIR, MANIFEST_FILENAME
 from serving import report
 from serving.cli import main
 from serving.protocol import DataError
 from serving.report import CANDIDATE_COLOR, ReportInputs, find_manifest, load_training_log, render_report
-from test_client_support import classification_inputs
 
 pytest_plugins = ("test_client_support",)
 
@@ -368,3 +368,10 @@ def test_report_options_need_report_and_bad_inputs_are_one_line_errors(tmp_path:
     missing = CliRunner().invoke(main, [*common, "--report", str(page), "--manifest", str(tmp_path)])
     assert missing.exit_code == 2 and "No export manifest" in missing.output
     assert not page.exists() and not any(path.suffix == ".tmp" for path in tmp_path.iterdir())
+
+
+def test_fine_latency_buckets_are_drawn_as_at_most_forty_bars() -> None:
+    edges = [0.001 * 1.01**index for index in range(101)]
+    coarse_edges, counts = report._histogram({"bounds_ms": edges, "counts": list(range(100))})
+    assert len(counts) <= report.MAX_HISTOGRAM_BARS and sum(counts) == sum(range(100))
+    assert coarse_edges[0] == edges[0] and coarse_edges[-1] == edges[-1] and len(coarse_edges) == len(counts) + 1
