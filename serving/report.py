@@ -416,7 +416,8 @@ def _accuracy_panel(document: Mapping[str, Any], arms: list[str]) -> str:
     def draw(figure: Any) -> None:
         left, right = figure.subplots(1, 2, width_ratios=(3, 2))
         for position, arm in enumerate(measured):
-            left.errorbar([arm.accuracy], [position], xerr=[[arm.accuracy - arm.low], [arm.high - arm.accuracy]],
+            below, above = max(arm.accuracy - arm.low, 0.0), max(arm.high - arm.accuracy, 0.0)
+            left.errorbar([arm.accuracy], [position], xerr=[[below], [above]],
                           fmt="o", color=colors.get(arm.name, "#555555"), capsize=4, markersize=7)
         left.set_yticks(range(len(measured)), [arm.name for arm in measured])
         left.set_ylim(-0.7, len(measured) - 0.3)
@@ -431,8 +432,8 @@ def _interval_axis(axis: Any, interval: Mapping[str, Any], label: str) -> None:
     """One paired difference with its interval, against the zero line."""
     estimate, (low, high) = interval["estimate"], interval["ci95"]
     axis.axvline(0.0, color="#999999", linewidth=1, linestyle="--")
-    axis.errorbar([estimate], [0], xerr=[[estimate - low], [high - estimate]], fmt="D", color=CANDIDATE_COLOR,
-                  capsize=4, markersize=6)
+    axis.errorbar([estimate], [0], xerr=[[max(estimate - low, 0.0)], [max(high - estimate, 0.0)]], fmt="D",
+                  color=CANDIDATE_COLOR, capsize=4, markersize=6)
     span = max(abs(low), abs(high), 1e-9) * 1.3
     axis.set_xlim(-span, span)
     axis.set_yticks([])
