@@ -168,7 +168,7 @@ def run(arguments: list[str], **kwargs) -> subprocess.CompletedProcess:
     """Run one command, showing it first; stop the demo with its error output when it fails."""
     print(_shown(arguments), flush=True)
     # Python's sys.stderr, not descriptor 2: hide_native_logs pointed the descriptor (which children inherit) away.
-    completed = subprocess.run(arguments, stderr=sys.stderr, **kwargs)
+    completed = subprocess.run(arguments, stderr=sys.stderr, check=False, **kwargs)
     if completed.returncode != 0:
         raise SystemExit(f"Error: {Path(arguments[0]).name} exited with {completed.returncode}; see above.")
     return completed
@@ -227,7 +227,7 @@ def wait_until_available(server: subprocess.Popen, target: str, log_path: Path, 
         if server.poll() is not None:
             raise SystemExit(f"Error: the server exited with {server.returncode} before the model was available; "
                              f"its output:\n{log_path.read_text()[-3000:]}")
-        completed = subprocess.run(arguments, capture_output=True, text=True)
+        completed = subprocess.run(arguments, capture_output=True, text=True, check=False)
         if completed.returncode == 0:
             states = [version["state"] for version in json.loads(completed.stdout)["versions"]]
             if "AVAILABLE" in states:
