@@ -152,16 +152,17 @@ def command(name: str) -> list[str]:
     return [found]
 
 
+def _short(argument: str) -> str:
+    """Console scripts by name, paths relative to the current folder: as the reader would type them."""
+    if argument.startswith(str(Path(sys.executable).parent)):
+        return Path(argument).name
+    if os.path.isabs(argument) and Path(argument).is_relative_to(Path.cwd()):
+        return str(Path(argument).relative_to(Path.cwd()))
+    return argument
+
+
 def _shown(arguments: list[str]) -> str:
-    """A command line as the reader would type it (console scripts by name, paths relative to here)."""
-    def short(argument: str) -> str:
-        if argument.startswith(str(Path(sys.executable).parent)):
-            return Path(argument).name
-        try:
-            return str(Path(argument).relative_to(Path.cwd())) if os.path.isabs(argument) else argument
-        except ValueError:
-            return argument
-    return "$ " + " ".join(short(argument) for argument in arguments)
+    return "$ " + " ".join(_short(argument) for argument in arguments)
 
 
 def run(arguments: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -194,8 +195,8 @@ def free_port() -> int:
 def serving(models_dir: Path, port: int, log_path: Path) -> Iterator[subprocess.Popen]:
     """`ema-serving serve` in a separate process, stopped on the way out whatever happens (error, Ctrl-C, SIGTERM)."""
     arguments = [*command("ema-serving"), "serve", "--model-name", MODEL_NAME, "--model-base-path",
-                 str(models_dir.resolve()), "--port", str(port)]
-    print(_shown(arguments) + f" > {_shown([str(log_path)])[2:]} 2>&1 &", flush=True)
+                 str(models_dir.resolve()), "--host", "127.0.0.1", "--port", str(port)]  # a demo stays local
+    print(_shown(arguments) + f" > {_short(str(log_path))} 2>&1 &", flush=True)
     with open(log_path, "w") as log:
         # Its own session: a Ctrl-C in the terminal reaches only the demo, which then stops the server in order.
         server = subprocess.Popen(arguments, stdout=log, stderr=log, start_new_session=True)
