@@ -280,6 +280,13 @@ def _plot(width: float, height: float, alternative: str, draw: Callable[[Any], N
         return _embed(figure, alternative)
 
 
+def _arm_names(document: Mapping[str, Any]) -> list[str]:
+    """Baseline first, then the candidate, whatever order the document's keys came in (sorted JSON reorders them)."""
+    names = list(document.get("arms") or {})
+    leading = [name for name in (document.get("baseline"), document.get("candidate")) if name in names]
+    return leading + [name for name in names if name not in leading]
+
+
 def _arm_colors(document: Mapping[str, Any]) -> dict[str, str]:
     return {document.get("baseline", ""): BASELINE_COLOR, document.get("candidate", ""): CANDIDATE_COLOR}
 
@@ -395,7 +402,7 @@ def _arm_accuracy(document: Mapping[str, Any], name: str) -> _ArmAccuracy | None
 
 
 def _metrics_section(document: Mapping[str, Any]) -> str:
-    arms = list(document.get("arms") or {})
+    arms = _arm_names(document)
     if document.get("accuracy_diff") is not None:
         return _accuracy_panel(document, arms)
     if document.get("mae_diff") is not None:
@@ -557,7 +564,7 @@ _PERCENTILES = (("p50", ":"), ("p90", "--"), ("p99", "-."))
 
 
 def _latency_section(document: Mapping[str, Any]) -> str:
-    arms = [name for name in (document.get("arms") or {}) if _lookup(document, "arms", name, "latency_ms")]
+    arms = [name for name in _arm_names(document) if _lookup(document, "arms", name, "latency_ms")]
     if not arms:
         return _section("latency", "Latency per request", _not_available(
             "Latency", "No request was answered, so no latency was measured."))
@@ -619,10 +626,20 @@ def _draw_histograms(figure: Any, document: Mapping[str, Any], arms: list[str],
         axis.bar(edges[:-1], counts, width=widths, align="edge", color=colors.get(name, "#777777"), alpha=0.8)
         if edges[0] > 0 and edges[-1] / edges[0] > 20:
             axis.set_xscale("log")  # exponential buckets, the usual latency layout, read best on a log axis
+            _plain_log_ticks(axis.xaxis)
         _mark_percentiles(axis, document, name)
         axis.set_ylabel(f"{name}\nrequests")
         axis.legend(loc="upper right", frameon=False, fontsize=8)
     axes[-1].set_xlabel("latency per request (ms)")
+
+
+def _plain_log_ticks(axis: Any) -> None:
+    """Label a log axis 1, 2, 5, 10, 20... in plain numbers: latencies in ms read badly as powers of ten."""
+    from matplotlib import ticker
+
+    axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _mark_percentiles(axis: Any, document: Mapping[str, Any], name: str) -> None:

@@ -330,6 +330,10 @@ def test_the_page_chromium_renders_shows_the_json_of_the_same_run(tmp_path: Path
     for arm in ("serve_live", "serve_ema"):
         assert {("compare", ("arms", arm, key)) for key in ("accuracy", "n")} <= checked
         assert {("compare", ("arms", arm, "latency_ms", key)) for key in ("p50", "p90", "p99")} <= checked
+        assert ("compare", ("arms", arm, "accuracy_interval", "low")) in checked  # compare's own, not derived
+    # compare's document has every panel's data: the disagreement matrix and the latency histograms are drawn.
+    assert parser.not_available == [] and len(parser.images) == 5
+    assert any(path[:2] == ("disagreements", "counts") for _, path in checked)
     assert {("compare", ("mcnemar_p",)), ("compare", ("accuracy_diff", "estimate")), ("compare", ("agreement",)),
             ("manifest", ("variables", "folded", 0, "relative_l2")),
             ("training_log", ("records", 19, "live"))} <= checked  # fmt: skip
