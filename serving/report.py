@@ -107,12 +107,14 @@ def _record_problems(records: Any) -> list[str]:
         return ["'records' must be a non-empty list"]
     problems = []
     for index, record in enumerate(records):
-        fields_ok = isinstance(record, dict) and isinstance(record.get("step"), int) and all(
-            isinstance(record.get(key), (int, float)) and not isinstance(record.get(key), bool) for key in ("live", "ema")
-        )
-        if not fields_ok:
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int)
+                and all(_is_number(record.get(key)) for key in ("live", "ema"))):
             problems.append(f"record {index} is {record!r}, not {{step: int, live: number, ema: number}}")
     return problems[:5]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def find_manifest(path: str | os.PathLike, model_version: int | None) -> tuple[dict[str, Any], Path]:

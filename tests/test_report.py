@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from scipy import stats
-from test_client_support import classification_inputs
 
 from ema_export.names import ASSETS_EXTRA_DIR, MANIFEST_FILENAME
 from serving import report
 from serving.cli import main
 from serving.protocol import DataError
 from serving.report import CANDIDATE_COLOR, ReportInputs, find_manifest, load_training_log, render_report
+from test_client_support import classification_inputs
 
 pytest_plugins = ("test_client_support",)
 
@@ -358,6 +358,7 @@ def test_the_screenshot_shows_the_plots(tmp_path: Path, cli_run: dict[str, Any])
     assert np.count_nonzero(np.all(np.abs(pixels.astype(int) - candidate) <= 3, axis=1)) > 500
 
 
+@pytest.mark.slow
 def test_report_options_need_report_and_bad_inputs_are_one_line_errors(tmp_path: Path, classifier) -> None:
     data = tmp_path / "validation.npz"
     np.savez(data, inputs=classification_inputs(20, seed=6), labels=np.zeros(20, dtype=np.int64))
