@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from ema_export.manifest import read_manifest
 
-pytestmark = pytest.mark.slow  # runs the quickstart end to end: train, export, serve, compare
+pytestmark = pytest.mark.slow  # each runs an example end to end: train, export, serve, compare
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,7 +45,6 @@ def test_seed_quickstart_trains_exports_serves_and_compares(tmp_path):
 DIGITS_DEMO = ROOT / "examples" / "digits_noisy_labels.py"
 
 
-@pytest.mark.slow
 def test_digits_demo_trains_exports_serves_compares_and_writes_the_report(tmp_path):
     completed = subprocess.run([sys.executable, str(DIGITS_DEMO), str(tmp_path)], capture_output=True, text=True,
                                timeout=600)
@@ -78,7 +77,6 @@ def test_digits_demo_trains_exports_serves_compares_and_writes_the_report(tmp_pa
         assert probe.connect_ex(("127.0.0.1", port)) != 0
 
 
-@pytest.mark.slow
 def test_digits_demo_stops_the_server_on_ctrl_c(tmp_path):
     demo = subprocess.Popen([sys.executable, str(DIGITS_DEMO), str(tmp_path), "--steps", "100"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
