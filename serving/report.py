@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ema_export.names import ASSETS_EXTRA_DIR, MANIFEST_FILENAME
+from ema_export.contracts import ASSETS_EXTRA_DIR, MANIFEST_FILENAME
 from serving.ab import Z_95
 from serving.protocol import DataError
 

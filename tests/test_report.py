@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 from scipy import stats
 
-from ema_export.names import ASSETS_EXTRA_DIR, MANIFEST_FILENAME
+from ema_export.contracts import ASSETS_EXTRA_DIR, MANIFEST_FILENAME
 from serving import report
 from serving.cli import main
 from serving.protocol import DataError
