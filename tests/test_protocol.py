@@ -23,6 +23,8 @@ CLIENT_MODULES = (
     "serving.tfrecord",
     "serving.data",
     "serving.stats",
+    "serving.report",
+    "serving.canary",
 )
 
 
