@@ -47,7 +47,7 @@ import sys, tempfile
 sys.path.insert(0, {tests!r})
 import ema_export
 from serving.server import start_server
-from tiny_models import LinearModule, write_seed_checkpoints
+from support.models import LinearModule, write_seed_checkpoints
 root = tempfile.mkdtemp(prefix="client-bench-")
 write_seed_checkpoints(root + "/ckpt")
 ema_export.export(root + "/ckpt", root + "/out", model=LinearModule)

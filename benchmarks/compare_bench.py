@@ -34,7 +34,7 @@ import sys, tempfile
 sys.path.insert(0, {tests!r})
 import ema_export
 from serving.server import start_server
-from tiny_models import LinearModule, write_seed_checkpoints
+from support.models import LinearModule, write_seed_checkpoints
 root = tempfile.mkdtemp(prefix="compare-bench-")
 write_seed_checkpoints(root + "/ckpt")
 ema_export.export(root + "/ckpt", root + "/out", model=LinearModule)

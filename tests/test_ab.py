@@ -20,12 +20,11 @@ from serving.ab import (
     paired_accuracy_difference,
 )
 from serving.data import DataOptions, Shard, open_data
-from serving.stats import ExactSum, LatencyHistogram, paired_mean_interval, wilson_interval
 from serving.protocol import DataError, ModelNotFoundError, ServingError, SignatureNotFoundError
-from test_client_support import classification_inputs
+from serving.stats import ExactSum, LatencyHistogram, paired_mean_interval, wilson_interval
+from support.fake_server import classification_inputs
 
 pytestmark = pytest.mark.slow  # compares the arms of exports served on loopback; tests/unit covers the statistics alone
-pytest_plugins = ("test_client_support",)
 
 NUM_EXAMPLES = 300
 

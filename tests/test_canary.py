@@ -17,16 +17,6 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from google.protobuf import text_format
-from serving_fixtures import (
-    MODEL_NAME,
-    SeedLibrary,
-    connect,
-    expected_output,
-    publish_version,
-    rpc_error,
-    sample_inputs,
-    write_config,
-)
 from tensorflow_serving.apis import model_management_pb2
 
 from serving import ServingClient
@@ -43,9 +33,18 @@ from serving.canary import (
 from serving.cli import main
 from serving.config import parse_model_server_config
 from serving.server import start_server
+from support.served import (
+    MODEL_NAME,
+    SeedLibrary,
+    connect,
+    expected_output,
+    publish_version,
+    rpc_error,
+    sample_inputs,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
-pytest_plugins = ["serving_fixtures"]
 
 CONFIG_POLL_S = 0.1
 ONE_STEP_EDIT_LABELS = {"stable": 1, "canary": 2}

@@ -20,10 +20,9 @@ from serving.protocol import (
     ServingError,
     SignatureNotFoundError,
 )
-from test_client_support import FakeBehaviour, classification_inputs, serve_fake
+from support.fake_server import FakeBehaviour, classification_inputs, serve_fake
 
 pytestmark = pytest.mark.slow  # most tests query exports served on loopback (exported once per session)
-pytest_plugins = ("test_client_support",)
 
 FAST_RETRY = RetryPolicy(max_attempts=5, initial_backoff_s=0.01, max_backoff_s=0.05)
 
@@ -194,11 +193,9 @@ def test_retry_policy_is_a_valid_grpc_service_config() -> None:
     assert config["retryPolicy"]["maxAttempts"] == 5
 
 
-
 def test_predict_messages_framed_by_hand_are_the_official_bytes() -> None:
     # The client writes PredictRequest and reads PredictResponse as bytes; they must mean what the messages mean.
-    from serving import client as client_module
-    from serving import codec
+    from serving import client as client_module, codec
     from serving.protocol import PredictRequest, PredictResponse, model_pb2
 
     inputs = {"inputs": np.arange(8, dtype=np.float32).reshape(2, 4), "ids": np.array([3, -4]), "text": [b"a", b"bc"]}

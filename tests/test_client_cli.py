@@ -13,10 +13,9 @@ from scipy import stats
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
 from serving import client_cli
 from serving.cli import main
-from test_client_support import classification_inputs
+from support.fake_server import classification_inputs
 
 pytestmark = pytest.mark.slow  # queries exports served on loopback (exported once per session)
-pytest_plugins = ("test_client_support",)
 
 COMMANDS = ("predict", "compare", "merge", "metadata", "status")
 

@@ -19,10 +19,9 @@ from serving.ab import CompareOptions, MixedVersionsError, PredictionWriter, com
 from serving.cli import main
 from serving.protocol import ModelNotFoundError, prediction_service_pb2_grpc
 from serving.server import start_server
-from test_client_support import FakeBehaviour, FakePredictionService, classification_inputs
+from support.fake_server import FakeBehaviour, FakePredictionService, classification_inputs
 
 pytestmark = pytest.mark.slow  # compares the arms of exports served on loopback (exported once per session)
-pytest_plugins = ("test_client_support",)
 
 NUM_EXAMPLES = 150
 STATISTICS = ("num_examples", "num_paired", "agreement", "flip_rate", "discordant", "mcnemar_p", "accuracy_diff",

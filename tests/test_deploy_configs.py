@@ -20,7 +20,6 @@ import pytest
 import yaml
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
 from google.protobuf.message import Message
-from tiny_models import EMA_B, EMA_W, LinearModule, linear_numpy, write_seed_checkpoints
 
 import ema_export
 from ema_export.names import DEFAULT_GRPC_PORT, DEFAULT_REST_PORT, SIGNATURE_EMA
@@ -28,6 +27,7 @@ from serving import ServingClient
 from serving.ab import CompareOptions
 from serving.config import ModelServerConfig, parse_model_server_config, validate_model_server_config
 from serving.server import start_server
+from support.models import EMA_B, EMA_W, LinearModule, linear_numpy, write_seed_checkpoints
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPOSITORY / "serving" / "configs"

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import json
 
+import keras
 import numpy as np
 import pytest
-import keras
 import tensorflow as tf
 
 import ema_export
-import tiny_models as tm
 from ema_export.errors import FoldError, RestoreError, VersionExistsError, VersionServedError
 from ema_export.manifest import read_manifest
-from ema_export.names import (ASSETS_EXTRA_DIR, MANIFEST_FILENAME, SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE,
-                              WARMUP_FILENAME)
+from ema_export.names import (
+    ASSETS_EXTRA_DIR,
+    MANIFEST_FILENAME,
+    SIGNATURE_DEFAULT,
+    SIGNATURE_EMA,
+    SIGNATURE_LIVE,
+    WARMUP_FILENAME,
+)
+from support import models as tm
 
 pytestmark = pytest.mark.slow  # every test runs a full export
 X = np.array([[1.0, -2.0, 0.5, 3.0], [0.0, 1.0, -1.0, 2.0], [4.0, 0.25, -0.5, -1.0]], np.float32)

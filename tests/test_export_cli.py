@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import tiny_models as tm
 from ema_export.cli import cli
 from ema_export.names import TEMP_VERSION_PREFIX
+from support import models as tm
 
 pytestmark = pytest.mark.slow  # exports through the CLI, some in a child process
-MODEL = "tiny_models:LinearModule"
+MODEL = "support.models:LinearModule"
 
 
 @pytest.fixture
@@ -68,12 +68,12 @@ def test_json_output_is_the_manifest_with_version_dir(ckpt, tmp_path):
         (["{tmp}/ckpt", "{tmp}/models", "--model", "no_colon"], ["package.module:factory"]),
         (["{tmp}/ckpt", "{tmp}/models", "--model", "no_such_module:build"], ["Cannot import module"]),
         (["{tmp}/ckpt", "{tmp}/models"], ["No model given", "--model"]),
-        (["{tmp}/ckpt", "{tmp}/models", "--model", "tiny_models:build_sequential"], ["have no value"]),
+        (["{tmp}/ckpt", "{tmp}/models", "--model", "support.models:build_sequential"], ["have no value"]),
         (["{tmp}/ckpt", "{tmp}/models", "--model", MODEL, "--ema-checkpoint", "{tmp}/ckpt"],
          ["resolves to the training checkpoint itself"]),
-        (["{tmp}/ckpt", "{tmp}/models", "--model", "tiny_models:build_subclassed", "--input-signature", "x:float32"],
+        (["{tmp}/ckpt", "{tmp}/models", "--model", "support.models:build_subclassed", "--input-signature", "x:float32"],
          ["NAME:DTYPE:[D0,D1,...]"]),
-        (["{tmp}/ckpt", "{tmp}/models", "--model", "tiny_models:build_subclassed"], ["--input-signature"]),
+        (["{tmp}/ckpt", "{tmp}/models", "--model", "support.models:build_subclassed"], ["--input-signature"]),
     ],
     ids=["no-checkpoint", "bad-model-spec", "unimportable-model", "no-model", "wrong-model", "wrong-ema",
          "bad-input-signature", "no-input-signature"],

@@ -7,9 +7,9 @@ import pytest
 import tensorflow as tf
 
 import ema_export
-import tiny_models as tm
 from ema_export.errors import FoldError
 from ema_export.names import SIGNATURE_EMA
+from support import models as tm
 
 pytestmark = pytest.mark.slow  # every test runs a full export (or one up to its failure)
 X = np.array([[1.0, 2.0, 3.0, 4.0], [-1.0, 0.5, 0.0, 2.0]], np.float32)

@@ -19,11 +19,11 @@ import pytest
 from click.testing import CliRunner
 
 import ema_export
-import tiny_models as tm
 from ema_export.cli import cli
 from ema_export.errors import CheckpointReadError, OutputDirError, OutputWriteError
+from support import models as tm
 
-MODEL = "tiny_models:LinearModule"
+MODEL = "support.models:LinearModule"
 
 
 @pytest.fixture

@@ -9,13 +9,13 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 import ema_export
-import tiny_models as tm
 from ema_export import fold as fold_module
 from ema_export.api import STAGES
 from ema_export.cli import cli
 from ema_export.errors import FoldError
 from ema_export.fold import count_non_finite, relative_l2
 from ema_export.manifest import read_manifest
+from support import models as tm
 
 BFLOAT16 = tf.bfloat16.as_numpy_dtype
 
@@ -57,7 +57,7 @@ def test_dry_run_still_checks_every_value(tmp_path):
 
 def test_verbose_cli_prints_stage_durations(seed_ckpt, tmp_path):
     result = CliRunner().invoke(cli, [str(seed_ckpt), str(tmp_path / "models"), "--model",
-                                      "tiny_models:LinearModule", "--verbose"])
+                                      "support.models:LinearModule", "--verbose"])
 
     assert result.exit_code == 0, result.output
     line = next(line for line in result.output.splitlines() if line.startswith("Stage durations"))

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 import ema_export
-import keras_producers as kp
-import tiny_models as tm
 from ema_export.errors import LayoutError, RestoreError
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
+from support import models as tm
+from support.producers import keras_ema as kp
 
 pytestmark = pytest.mark.slow  # every test trains a model and exports it
 AVERAGES = [f"optimizer/vars/{i}" for i in range(2, 8)]

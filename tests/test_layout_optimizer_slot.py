@@ -1,8 +1,8 @@
 """The `optimizer-slot` layout: `average` slots of moving-average optimizer wrappers, on checkpoints they wrote.
 
-The producers (`slot_producers`) train a few real steps with Model Garden's own `ExponentialMovingAverage` and a
-TF Addons-style wrapper and checkpoint through TensorFlow; expected outputs are computed in numpy from the values read
-back from those files.
+The producers (`support.producers.optimizer_slot`) train a few real steps with Model Garden's own
+`ExponentialMovingAverage` and a TF Addons-style wrapper and checkpoint through TensorFlow; expected outputs are
+computed in numpy from the values read back from those files.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import pytest
 import tensorflow as tf
 
 import ema_export
-import slot_producers as sp
-import tiny_models as tm
 from ema_export.errors import FoldError, LayoutError
 from ema_export.fresh_model import build_fresh_model
 from ema_export.layouts.optimizer_slot import OptimizerSlotLayout
 from ema_export.locate import locate
 from ema_export.names import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
 from ema_export.restore import restore
+from support import models as tm
+from support.producers import optimizer_slot as sp
 
 pytestmark = pytest.mark.slow  # every test runs a full export
 X = np.array([[1.0, -2.0, 0.5, 3.0], [0.0, 1.0, -1.0, 2.0], [4.0, 0.25, -0.5, -1.0]], np.float32)

@@ -12,10 +12,10 @@ import tensorflow as tf
 import tf_keras
 
 import ema_export
-import keras_producers as kp
-import tiny_models as tm
 from ema_export.errors import FoldError, LayoutError
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
+from support import models as tm
+from support.producers import keras_ema as kp
 
 pytestmark = pytest.mark.slow  # every test trains a model and exports it
 X = kp.X

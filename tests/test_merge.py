@@ -13,10 +13,9 @@ from click.testing import CliRunner
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
 from serving.ab import MergeError, MixedVersionsError, merge_reports
 from serving.cli import main
-from test_client_support import classification_inputs
+from support.fake_server import classification_inputs
 
 pytestmark = pytest.mark.slow  # compares the arms of exports served on loopback (exported once per session)
-pytest_plugins = ("test_client_support",)
 
 NUM_EXAMPLES = 211  # not a multiple of the shard count or the batch size
 # What legitimately differs between one process and N: timings, how many requests were made, which shards ran.

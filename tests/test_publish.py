@@ -15,14 +15,14 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 import ema_export
-import tiny_models as tm
 from ema_export.cli import cli
 from ema_export.errors import ServingVersionError, VersionExistsError
 from ema_export.manifest import read_manifest, write_manifest
 from ema_export.serving_version import parse_release, skew_warning
 from ema_export.versions import publish, staging_directory
+from support import models as tm
 
-MODEL = "tiny_models:LinearModule"
+MODEL = "support.models:LinearModule"
 WRITER = ".".join(tf.__version__.split(".")[:2])
 
 

@@ -10,7 +10,10 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from serving_fixtures import (
+
+from serving.cli import main
+from serving.server_cli import serve
+from support.served import (
     MODEL_NAME,
     connect,
     expected_output,
@@ -20,11 +23,7 @@ from serving_fixtures import (
     sample_inputs,
 )
 
-from serving.cli import main
-from serving.server_cli import serve
-
 pytestmark = pytest.mark.slow  # starts the server process
-pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library, labelled_server
 
 FLAGS = ["--model-name", "--model_name", "--model-base-path", "--model_base_path", "--port", "--rest-api-port",
          "--rest_api_port", "--model-config-file", "--model_config_file", "--file-system-poll-wait-seconds",

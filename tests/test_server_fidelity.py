@@ -12,18 +12,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from fidelity import follows
-from graph_models import DEFAULT_SCALE, GRAPH_MODEL, write_graph_model
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_fixtures import (
-    INPUT_NAME,
-    MODEL_NAME,
-    connect,
-    output_of,
-    predict_request,
-    rpc_error,
-    sample_inputs,
-)
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_status_pb2,
@@ -37,9 +26,11 @@ from serving.server import start_server
 from serving.server.errors import MAX_STATUS_MESSAGE_CHARS, TRUNCATION_MARK
 from serving.server.manager import ModelManager
 from serving.server.servable import CLASSIFY_METHOD, PREDICT_METHOD
+from support.fidelity import follows
+from support.graph_model import DEFAULT_SCALE, GRAPH_MODEL, write_graph_model
+from support.served import INPUT_NAME, MODEL_NAME, connect, output_of, predict_request, rpc_error, sample_inputs
 
 pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
-pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library, labelled_server
 
 StatusCode = grpc.StatusCode
 
@@ -244,9 +235,8 @@ def test_multi_inference_task_checks(stubs, graph_stubs):
 @follows("A version the policy wants is START until its load begins; loads go newest first",
          "model_servers/get_model_status_impl.cc:32-51")
 def test_versions_pass_through_start(seed_library, tmp_path):
-    from serving_fixtures import publish_version, write_config
-
     from serving.config import load_model_server_config
+    from support.served import publish_version, write_config
 
     base_path = tmp_path / "models"
     for version in (1, 2):

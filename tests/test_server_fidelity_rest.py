@@ -1,7 +1,7 @@
 """The REST API answers as TF Serving's HTTP server does: paths, OPTIONS, JSON number conversion, and messages.
 
 Requests go over real HTTP on loopback to the seed model (`labelled_server`) and to the TF1 graph model of
-`graph_models`, whose int8 and defaulted inputs show rapidjson's conversions.
+`support.graph_model`, whose int8 and defaulted inputs show rapidjson's conversions.
 """
 
 from __future__ import annotations
@@ -11,16 +11,15 @@ import json
 
 import numpy as np
 import pytest
-from fidelity import follows
-from graph_models import GRAPH_MODEL, write_graph_model
-from serving_fixtures import MODEL_NAME
 
 from ema_export.names import SIGNATURE_EMA
 from serving.server import start_server
 from serving.server.rest import json_debug_string
+from support.fidelity import follows
+from support.graph_model import GRAPH_MODEL, write_graph_model
+from support.served import MODEL_NAME
 
 pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
-pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library, labelled_server
 
 
 def request(port: int, method: str, path: str, body: object = None, raw: bytes | None = None,

@@ -11,7 +11,14 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from serving_fixtures import (
+from tensorflow_serving.apis import get_model_status_pb2, model_management_pb2, prediction_log_pb2
+
+import ema_export
+from ema_export.names import ASSETS_EXTRA_DIR, SIGNATURE_LIVE, WARMUP_FILENAME
+from serving.config import ModelConfigError
+from serving.server import ModelLoadError, ModelPathError, ServerStartError, servable as servable_module, start_server
+from support.models import LinearModule
+from support.served import (
     MODEL_NAME,
     SeedLibrary,
     connect,
@@ -23,17 +30,8 @@ from serving_fixtures import (
     sample_inputs,
     write_config,
 )
-from tensorflow_serving.apis import get_model_status_pb2, model_management_pb2, prediction_log_pb2
-from tiny_models import LinearModule
-
-import ema_export
-from ema_export.names import ASSETS_EXTRA_DIR, SIGNATURE_LIVE, WARMUP_FILENAME
-from serving.config import ModelConfigError
-from serving.server import ModelLoadError, ModelPathError, ServerStartError, start_server
-from serving.server import servable as servable_module
 
 pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
-pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library, labelled_server
 
 StatusCode = grpc.StatusCode
 State = get_model_status_pb2.ModelVersionStatus.State

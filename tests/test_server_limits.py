@@ -8,11 +8,10 @@ import time
 import grpc
 import numpy as np
 import pytest
-from serving_process import serve_process
 from tensorflow.core.framework import types_pb2
 
 from serving.server import servable as servable_module, start_server, tensors as tensors_module
-from serving_fixtures import (
+from support.served import (
     INPUT_NAME,
     connect,
     expected_output,
@@ -22,8 +21,8 @@ from serving_fixtures import (
     rpc_error,
     sample_inputs,
 )
+from support.serving_process import serve_process
 
-pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library
 pytestmark = pytest.mark.slow  # serves exports
 
 StatusCode = grpc.StatusCode

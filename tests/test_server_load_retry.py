@@ -13,15 +13,14 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from fidelity import follows
-from serving_fixtures import MODEL_NAME, connect, predict_request, publish_version, sample_inputs, write_config
 from tensorflow_serving.apis import get_model_status_pb2
 
 from serving.cli import main as ema_serving
 from serving.server import start_server
+from support.fidelity import follows
+from support.served import MODEL_NAME, connect, predict_request, publish_version, sample_inputs, write_config
 
 pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
-pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library
 
 State = get_model_status_pb2.ModelVersionStatus.State
 RETRY_MICROS = 300_000

@@ -13,19 +13,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from fidelity import follows
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_fixtures import (
-    INPUT_NAME,
-    MODEL_NAME,
-    OUTPUT_NAME,
-    connect,
-    expected_output,
-    output_of,
-    predict_request,
-    rpc_error,
-    sample_inputs,
-)
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
@@ -37,9 +25,20 @@ from tensorflow_serving.apis import (
 )
 
 from ema_export.names import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
+from support.fidelity import follows
+from support.served import (
+    INPUT_NAME,
+    MODEL_NAME,
+    OUTPUT_NAME,
+    connect,
+    expected_output,
+    output_of,
+    predict_request,
+    rpc_error,
+    sample_inputs,
+)
 
 pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
-pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library, labelled_server
 
 StatusCode = grpc.StatusCode
 
@@ -131,7 +130,6 @@ def test_concurrent_predicts_all_answer_correctly(stubs):
 
 
 # ----------------------------------------------------------------------------------------------- error codes
-
 
 
 def _set_content(request, dtype, shape, content):

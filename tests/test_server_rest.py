@@ -9,17 +9,11 @@ import urllib.request
 
 import numpy as np
 import pytest
-from serving_fixtures import (
-    MODEL_NAME,
-    OUTPUT_NAME,
-    expected_output,
-    sample_inputs,
-)
 
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
+from support.served import MODEL_NAME, OUTPUT_NAME, expected_output, sample_inputs
 
 pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
-pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library, labelled_server
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 
 from serving.server import start_server
-from serving_fixtures import MODEL_NAME, expected_output, publish_version, sample_inputs
+from support.served import MODEL_NAME, expected_output, publish_version, sample_inputs
 
-pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library
 pytestmark = pytest.mark.slow  # serves exports
 
 PREDICT_PATH = f"/v1/models/{MODEL_NAME}:predict"

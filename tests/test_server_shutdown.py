@@ -10,12 +10,11 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_process import serve_process
 
 from serving.server import servable as servable_module, start_server
-from serving_fixtures import connect, predict_request, publish_version, sample_inputs
+from support.served import connect, predict_request, publish_version, sample_inputs
+from support.serving_process import serve_process
 
-pytest_plugins = ["serving_fixtures"]  # shared fixtures: seed_library
 pytestmark = pytest.mark.slow  # serves exports
 
 StatusCode = grpc.StatusCode

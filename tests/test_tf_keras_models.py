@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 
 import ema_export
-import tiny_models as tm
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
+from support import models as tm
 
 pytestmark = pytest.mark.slow  # every test trains a model and exports it
 tf_keras = pytest.importorskip("tf_keras")

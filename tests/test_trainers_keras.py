@@ -7,11 +7,10 @@ compares them with what the export serves.
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
-import keras
 
 import ema_export
 
@@ -91,10 +90,10 @@ import json  # noqa: E402
 
 from click.testing import CliRunner  # noqa: E402
 
-import keras_producers as kp  # noqa: E402
-import tiny_models as tm  # noqa: E402
 from ema_export.cli import cli  # noqa: E402
 from ema_export.errors import LayoutError  # noqa: E402
+from support import models as tm  # noqa: E402
+from support.producers import keras_ema as kp  # noqa: E402
 
 
 def mlp_from_file(path, trainable: list[np.ndarray]) -> np.ndarray:
@@ -173,7 +172,7 @@ from pathlib import Path  # noqa: E402
 
 WIDE_MODULE = '''
 import keras
-import tiny_models as tm
+from support import models as tm
 
 def wide():
     inputs = keras.Input((tm.NUM_FEATURES,), name="features")

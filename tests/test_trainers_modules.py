@@ -8,9 +8,9 @@ import pytest
 import tensorflow as tf
 
 import ema_export
-import tiny_models as tm
 from ema_export.errors import FoldError
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
+from support import models as tm
 
 X = np.array([[0.5, -1.0, 2.0, 1.5], [1.0, 1.0, -2.0, 0.0]], np.float32)
 

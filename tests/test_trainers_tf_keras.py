@@ -16,8 +16,8 @@ import pytest
 import tensorflow as tf
 
 import ema_export
-import tiny_models as tm
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
+from support import models as tm
 
 tf_keras = pytest.importorskip("tf_keras")
 

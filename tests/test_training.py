@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,11 +16,11 @@ import tensorflow as tf
 from click.testing import CliRunner
 
 import ema_export
-import tiny_models as tm
 from ema_export.cli import cli
 from ema_export.errors import CheckpointNotFoundError
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
 from ema_export.training import EmaCheckpoint, EmaCheckpointer, TrainingSetupError
+from support import models as tm
 
 pytestmark = pytest.mark.slow  # every test trains and exports, some in a child process
 X = np.array([[0.5, -1.0, 2.0, 1.5], [1.0, 1.0, -2.0, 0.0]], np.float32)
@@ -132,13 +131,13 @@ def test_an_explicit_pair_from_different_steps_is_refused_unless_allowed(tmp_pat
     train_module(tmp_path / "ckpt", saves=(10, 20))
     live, ema = tmp_path / "ckpt" / "ckpt-20", tmp_path / "ckpt" / "ema" / "ckpt-10"
     runner = CliRunner()
-    refused = runner.invoke(cli, [str(live), str(tmp_path / "models"), "--model", "tiny_models:LinearModule",
+    refused = runner.invoke(cli, [str(live), str(tmp_path / "models"), "--model", "support.models:LinearModule",
                                   "--ema-checkpoint", str(ema)])
     assert refused.exit_code == 1 and "Traceback" not in refused.output
     assert "at step 20 (variable step) but the EMA checkpoint is at step 10" in refused.stderr
     assert "--allow-step-mismatch" in refused.stderr
 
-    allowed = runner.invoke(cli, [str(live), str(tmp_path / "models"), "--model", "tiny_models:LinearModule",
+    allowed = runner.invoke(cli, [str(live), str(tmp_path / "models"), "--model", "support.models:LinearModule",
                                   "--ema-checkpoint", str(ema), "--allow-step-mismatch", "--json"])
     assert allowed.exit_code == 0, allowed.output
     manifest = json.loads(allowed.stdout)

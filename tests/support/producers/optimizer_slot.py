@@ -25,7 +25,7 @@ import pytest
 import tensorflow as tf
 import tf_keras
 
-import tiny_models as tm
+from support import models as tm
 
 AVERAGE_SLOT = "average"
 TFA_INNER_NAME = "awg_optimizer"

@@ -1,14 +1,12 @@
 """Shared pieces of the local-server tests: SavedModels written by ema-export, request builders, expected values.
 
-Every model the server tests serve comes from `ema_export.export` on real checkpoints of `tiny_models.LinearModule`:
+Every model the server tests serve comes from `ema_export.export` on real checkpoints of `support.models.LinearModule`:
 version 1 holds the known live/EMA weights, version 2 the same weights doubled, so a response's values tell which
 version and which arm answered. The exports are done once per session (`seed_library`); tests copy finished
 version directories into their own base path with `publish_version`, which renames a complete copy into place as
 the exporter does.
 
-Test modules load the fixtures with ``pytest_plugins = ["serving_fixtures"]``, so session fixtures run once, and
-import the helpers by name. Because they import it before pytest loads it as a plugin, pytest could not rewrite its
-asserts anyway and would warn about it: PYTEST_DONT_REWRITE says that is intended.
+Registered once as a plugin in ``tests/conftest.py``; test modules import the helpers by name.
 """
 
 from __future__ import annotations
@@ -27,11 +25,11 @@ from tensorflow_serving.apis import (
     predict_pb2,
     prediction_service_pb2_grpc,
 )
-from tiny_models import EMA_B, EMA_W, LIVE_B, LIVE_W, LinearModule, linear_numpy, write_seed_checkpoints
 
 import ema_export
 from ema_export.names import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
 from serving.server import start_server
+from support.models import EMA_B, EMA_W, LIVE_B, LIVE_W, LinearModule, linear_numpy, write_seed_checkpoints
 
 MODEL_NAME = "model"
 INPUT_NAME = "inputs"

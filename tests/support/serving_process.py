@@ -1,7 +1,7 @@
 """A real `ema-serving serve` in a child process, for tests that measure it (RSS) or signal it (SIGTERM).
 
 Why a process: memory growth and signal handling are properties of the server process, which an in-process server
-shares with pytest. PYTEST_DONT_REWRITE: imported by test modules as a plain helper.
+shares with pytest.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Shared fixtures for the client tests (no tests here): real exports served on loopback, and a fake server.
 
-Loaded by the client test modules with ``pytest_plugins = ("test_client_support",)`` so that the session-scoped
-fixtures are created once per test run, not once per module: the exports and servers are the slow part.
+Registered once as a plugin in ``tests/conftest.py``, so that the session-scoped fixtures are created once per test
+run, not once per module: the exports and servers are the slow part.
 
 * ``classifier``: the seed LinearModule (4 features -> 3 class scores) exported by ema-export with the known LIVE/EMA
-  weights of ``tiny_models``, served as model ``DEFAULT_MODEL_NAME``.
+  weights of ``support.models``, served as model ``DEFAULT_MODEL_NAME``.
 * ``regressor``: the same model shape with one output column (a regression head), served as ``"regressor"``.
 * ``fake_server``: a PredictionService we script per test (failures, delays) to test retries, deadlines, errors.
 """
@@ -29,7 +29,16 @@ from ema_export.names import DEFAULT_MODEL_NAME
 from serving import codec
 from serving.protocol import PredictResponse, prediction_service_pb2_grpc
 from serving.server import start_server
-from tiny_models import EMA_B, EMA_W, LIVE_B, LIVE_W, NUM_FEATURES, LinearModule, linear_numpy, write_seed_checkpoints
+from support.models import (
+    EMA_B,
+    EMA_W,
+    LIVE_B,
+    LIVE_W,
+    NUM_FEATURES,
+    LinearModule,
+    linear_numpy,
+    write_seed_checkpoints,
+)
 
 REGRESSION_LIVE = (np.array([[0.5], [-1.0], [0.25], [2.0]], np.float32), np.array([0.1], np.float32))
 REGRESSION_EMA = (np.array([[0.45], [-0.9], [0.3], [1.8]], np.float32), np.array([0.0], np.float32))
