@@ -22,7 +22,7 @@ from serving.ab import (
 from serving.data import DataOptions, Shard, open_data
 from serving.protocol import DataError, ModelNotFoundError, ServingError, SignatureNotFoundError
 from serving.stats import ExactSum, LatencyHistogram, paired_mean_interval, wilson_interval
-from support.fake_server import classification_inputs
+from support.rpc import classification_inputs
 
 pytestmark = pytest.mark.slow  # compares the arms of exports served on loopback; tests/unit covers the statistics alone
 

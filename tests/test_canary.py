@@ -33,16 +33,8 @@ from serving.canary import (
 from serving.cli import main
 from serving.config import parse_model_server_config
 from serving.server import start_server
-from support.served import (
-    MODEL_NAME,
-    SeedLibrary,
-    connect,
-    expected_output,
-    publish_version,
-    rpc_error,
-    sample_inputs,
-    write_config,
-)
+from support.rpc import MODEL_NAME, connect, rpc_error, sample_inputs
+from support.served import SeedLibrary, expected_output, publish_version, write_config
 
 pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
 

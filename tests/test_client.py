@@ -20,7 +20,8 @@ from serving.protocol import (
     ServingError,
     SignatureNotFoundError,
 )
-from support.fake_server import FakeBehaviour, classification_inputs, serve_fake
+from support.fake_server import FakeBehaviour, serve_fake
+from support.rpc import classification_inputs
 
 pytestmark = pytest.mark.slow  # most tests query exports served on loopback (exported once per session)
 

@@ -13,7 +13,7 @@ from scipy import stats
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
 from serving import client_cli
 from serving.cli import main
-from support.fake_server import classification_inputs
+from support.rpc import classification_inputs
 
 pytestmark = pytest.mark.slow  # queries exports served on loopback (exported once per session)
 

@@ -19,7 +19,8 @@ from serving.ab import CompareOptions, MixedVersionsError, PredictionWriter, com
 from serving.cli import main
 from serving.protocol import ModelNotFoundError, prediction_service_pb2_grpc
 from serving.server import start_server
-from support.fake_server import FakeBehaviour, FakePredictionService, classification_inputs
+from support.fake_server import FakeBehaviour, FakePredictionService
+from support.rpc import classification_inputs
 
 pytestmark = pytest.mark.slow  # compares the arms of exports served on loopback (exported once per session)
 

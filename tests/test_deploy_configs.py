@@ -21,13 +21,13 @@ import yaml
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
 from google.protobuf.message import Message
 
-import ema_export
 from ema_export.names import DEFAULT_GRPC_PORT, DEFAULT_REST_PORT, SIGNATURE_EMA
 from serving import ServingClient
 from serving.ab import CompareOptions
 from serving.config import ModelServerConfig, parse_model_server_config, validate_model_server_config
 from serving.server import start_server
-from support.models import EMA_B, EMA_W, LinearModule, linear_numpy, write_seed_checkpoints
+from support.models import EMA_B, EMA_W, linear_numpy
+from support.served import SeedLibrary
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPOSITORY / "serving" / "configs"
@@ -379,12 +379,10 @@ def test_kubectl_kustomize_builds_the_same_objects():
 
 
 # ------------------------------------------------------------------------------------------------ the local server
-@pytest.fixture(scope="module")
-def seed_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Version 1 of the seed model, exported by ema-export (well under a second)."""
-    root = tmp_path_factory.mktemp("deploy_export")
-    write_seed_checkpoints(root / "ckpt")
-    return ema_export.export(root / "ckpt", root / "out", model=LinearModule).version_dir
+@pytest.fixture
+def seed_export(seed_library: SeedLibrary) -> Path:
+    """Version 1 of the seed model, from the session's exports (`support.served.seed_library`)."""
+    return seed_library.versions / "1"
 
 
 def _relocated(file_name: str, seed_export: Path, models_root: Path) -> tuple[ModelServerConfig, Path]:

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
 from serving.ab import MergeError, MixedVersionsError, merge_reports
 from serving.cli import main
-from support.fake_server import classification_inputs
+from support.rpc import classification_inputs
 
 pytestmark = pytest.mark.slow  # compares the arms of exports served on loopback (exported once per session)
 

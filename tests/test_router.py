@@ -13,7 +13,7 @@ from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
 from serving import ServingClient
 from serving.protocol import InvalidRequestError, ModelNotFoundError
 from serving.router import LATENCY_BUCKETS_S, Router, RouterConfig
-from support.fake_server import classification_inputs
+from support.rpc import classification_inputs
 
 SPLIT = {SIGNATURE_EMA: 0.9, SIGNATURE_LIVE: 0.1}
 

@@ -13,15 +13,8 @@ from click.testing import CliRunner
 
 from serving.cli import main
 from serving.server_cli import serve
-from support.served import (
-    MODEL_NAME,
-    connect,
-    expected_output,
-    output_of,
-    predict_request,
-    publish_version,
-    sample_inputs,
-)
+from support.rpc import MODEL_NAME, connect, output_of, predict_request, sample_inputs
+from support.served import expected_output, publish_version
 
 pytestmark = pytest.mark.slow  # starts the server process
 

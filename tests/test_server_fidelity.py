@@ -27,8 +27,8 @@ from serving.server.errors import MAX_STATUS_MESSAGE_CHARS, TRUNCATION_MARK
 from serving.server.manager import ModelManager
 from serving.server.servable import CLASSIFY_METHOD, PREDICT_METHOD
 from support.fidelity import follows
-from support.graph_model import DEFAULT_SCALE, GRAPH_MODEL, write_graph_model
-from support.served import INPUT_NAME, MODEL_NAME, connect, output_of, predict_request, rpc_error, sample_inputs
+from support.graph_model import DEFAULT_SCALE, GRAPH_MODEL
+from support.rpc import INPUT_NAME, MODEL_NAME, connect, output_of, predict_request, rpc_error, sample_inputs
 
 pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
 
@@ -36,19 +36,10 @@ StatusCode = grpc.StatusCode
 
 
 @pytest.fixture(scope="module")
-def graph_base_path(tmp_path_factory):
-    base_path = tmp_path_factory.mktemp("graph") / "models"
-    write_graph_model(base_path / "1")
-    return base_path
-
-
-@pytest.fixture(scope="module")
-def graph_stubs(graph_base_path):
-    with start_server(model_name=GRAPH_MODEL, model_base_path=graph_base_path, port=0, rest_api_port=0,
-                      file_system_poll_wait_seconds=0) as server:
-        stubs = connect(server.port)
-        yield stubs
-        stubs.channel.close()
+def graph_stubs(graph_server):
+    stubs = connect(graph_server.port)
+    yield stubs
+    stubs.channel.close()
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 
 from ema_export.names import SIGNATURE_EMA
-from serving.server import start_server
 from serving.server.rest import json_debug_string
 from support.fidelity import follows
-from support.graph_model import GRAPH_MODEL, write_graph_model
-from support.served import MODEL_NAME
+from support.graph_model import GRAPH_MODEL
+from support.rpc import MODEL_NAME
 
 pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
 
@@ -41,12 +40,8 @@ def seed_rest(labelled_server):
 
 
 @pytest.fixture(scope="module")
-def graph_rest(tmp_path_factory):
-    base_path = tmp_path_factory.mktemp("graph_rest") / "models"
-    write_graph_model(base_path / "1")
-    with start_server(model_name=GRAPH_MODEL, model_base_path=base_path, port=0, rest_api_port=0,
-                      file_system_poll_wait_seconds=0) as server:
-        yield lambda *args, **kwargs: request(server.rest_port, *args, **kwargs)
+def graph_rest(graph_server):
+    return lambda *args, **kwargs: request(graph_server.rest_port, *args, **kwargs)
 
 
 def error_of(answer: tuple[int, str | None, bytes]) -> tuple[int, str]:

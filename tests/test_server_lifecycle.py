@@ -18,18 +18,8 @@ from ema_export.names import ASSETS_EXTRA_DIR, SIGNATURE_LIVE, WARMUP_FILENAME
 from serving.config import ModelConfigError
 from serving.server import ModelLoadError, ModelPathError, ServerStartError, servable as servable_module, start_server
 from support.models import LinearModule
-from support.served import (
-    MODEL_NAME,
-    SeedLibrary,
-    connect,
-    expected_output,
-    output_of,
-    predict_request,
-    publish_version,
-    rpc_error,
-    sample_inputs,
-    write_config,
-)
+from support.rpc import MODEL_NAME, connect, output_of, predict_request, rpc_error, sample_inputs
+from support.served import SeedLibrary, expected_output, publish_version, write_config
 
 pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
 

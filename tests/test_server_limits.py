@@ -11,16 +11,8 @@ import pytest
 from tensorflow.core.framework import types_pb2
 
 from serving.server import servable as servable_module, start_server, tensors as tensors_module
-from support.served import (
-    INPUT_NAME,
-    connect,
-    expected_output,
-    output_of,
-    predict_request,
-    publish_version,
-    rpc_error,
-    sample_inputs,
-)
+from support.rpc import INPUT_NAME, connect, output_of, predict_request, rpc_error, sample_inputs
+from support.served import expected_output, publish_version
 from support.serving_process import serve_process
 
 pytestmark = pytest.mark.slow  # serves exports

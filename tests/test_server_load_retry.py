@@ -18,7 +18,8 @@ from tensorflow_serving.apis import get_model_status_pb2
 from serving.cli import main as ema_serving
 from serving.server import start_server
 from support.fidelity import follows
-from support.served import MODEL_NAME, connect, predict_request, publish_version, sample_inputs, write_config
+from support.rpc import MODEL_NAME, connect, predict_request, sample_inputs
+from support.served import publish_version, write_config
 
 pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
 

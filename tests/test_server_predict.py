@@ -26,17 +26,17 @@ from tensorflow_serving.apis import (
 
 from ema_export.names import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
 from support.fidelity import follows
-from support.served import (
+from support.rpc import (
     INPUT_NAME,
     MODEL_NAME,
     OUTPUT_NAME,
     connect,
-    expected_output,
     output_of,
     predict_request,
     rpc_error,
     sample_inputs,
 )
+from support.served import expected_output
 
 pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
-from support.served import MODEL_NAME, OUTPUT_NAME, expected_output, sample_inputs
+from support.rpc import MODEL_NAME, OUTPUT_NAME, sample_inputs
+from support.served import expected_output
 
 pytestmark = pytest.mark.slow  # serves exports of the seed model (exported once per session)
 

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from serving.server import start_server
-from support.served import MODEL_NAME, expected_output, publish_version, sample_inputs
+from support.rpc import MODEL_NAME, sample_inputs
+from support.served import expected_output, publish_version
 
 pytestmark = pytest.mark.slow  # serves exports
 

@@ -12,7 +12,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.server import servable as servable_module, start_server
-from support.served import connect, predict_request, publish_version, sample_inputs
+from support.rpc import connect, predict_request, sample_inputs
+from support.served import publish_version
 from support.serving_process import serve_process
 
 pytestmark = pytest.mark.slow  # serves exports

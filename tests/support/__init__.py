@@ -7,8 +7,9 @@ are registered once, as plugins, in ``tests/conftest.py``; test modules import h
 * `models`: tiny models with known weights and real checkpoints of them (the seed `LinearModule`, a Keras MLP).
 * `graph_model`: a TF1 SavedModel written by TensorFlow's own builder, for what ema-export never writes.
 * `producers`: real EMA checkpoints from training code (Keras ``use_ema``, optimizer-slot wrappers).
-* `served`: the seed model exported once per session, request builders, stubs and expected values.
-* `fake_server`: the client tests' servers and a PredictionService scripted per test (failures, delays).
+* `served`: the seed model exported once per session (versions 1 and 2), the servers that serve it, expected values.
+* `rpc`: inputs and PredictRequests for the seed model, the official stubs on a loopback channel.
+* `fake_server`: a PredictionService scripted per test (failures, delays) and a self-signed certificate.
 * `serving_process`: ``ema-serving serve`` in a child process, for RSS and signals.
 * `fidelity`: the registry behind README's fidelity table (``python tests/support/fidelity.py`` rewrites it).
 """

@@ -1,12 +1,8 @@
-"""Shared fixtures for the client tests (no tests here): real exports served on loopback, and a fake server.
+"""A PredictionService scripted per test (failures, delays, a count of calls), and a self-signed certificate: what
+the client tests need a real export cannot give them (retries, deadlines, errors, TLS).
 
-Registered once as a plugin in ``tests/conftest.py``, so that the session-scoped fixtures are created once per test
-run, not once per module: the exports and servers are the slow part.
-
-* ``classifier``: the seed LinearModule (4 features -> 3 class scores) exported by ema-export with the known LIVE/EMA
-  weights of ``support.models``, served as model ``DEFAULT_MODEL_NAME``.
-* ``regressor``: the same model shape with one output column (a regression head), served as ``"regressor"``.
-* ``fake_server``: a PredictionService we script per test (failures, delays) to test retries, deadlines, errors.
+The fake answers Predict with the seed linear model computed in numpy, so its outputs equal the `classifier`'s.
+Registered once as a plugin in ``tests/conftest.py`` (fixtures `fake_server`, `self_signed_certificate`).
 """
 
 from __future__ import annotations
@@ -14,107 +10,19 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-import tensorflow as tf
 
-import ema_export
-from ema_export.names import DEFAULT_MODEL_NAME
 from serving import codec
 from serving.protocol import PredictResponse, prediction_service_pb2_grpc
-from serving.server import start_server
-from support.models import (
-    EMA_B,
-    EMA_W,
-    LIVE_B,
-    LIVE_W,
-    NUM_FEATURES,
-    LinearModule,
-    linear_numpy,
-    write_seed_checkpoints,
-)
-
-REGRESSION_LIVE = (np.array([[0.5], [-1.0], [0.25], [2.0]], np.float32), np.array([0.1], np.float32))
-REGRESSION_EMA = (np.array([[0.45], [-0.9], [0.3], [1.8]], np.float32), np.array([0.0], np.float32))
-REGRESSOR_NAME = "regressor"
+from support.models import EMA_B, EMA_W, LIVE_B, LIVE_W, linear_numpy
 
 
-class RegressionModule(tf.Module):
-    """LinearModule's pattern with a single output column: a regression head."""
-
-    def __init__(self) -> None:
-        super().__init__(name="regression")
-        self.weights = tf.Variable(tf.zeros([NUM_FEATURES, 1]), name="weights")
-        self.biases = tf.Variable(tf.zeros([1]), name="biases")
-
-    @tf.function(input_signature=[tf.TensorSpec([None, NUM_FEATURES], tf.float32, name="inputs")])
-    def __call__(self, inputs: tf.Tensor) -> tf.Tensor:
-        return tf.matmul(inputs, self.weights) + self.biases
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    """A model exported by ema-export and served on loopback, with the weights each arm computes with."""
-
-    target: str
-    name: str
-    base_path: Path
-    live: tuple[np.ndarray, np.ndarray]
-    ema: tuple[np.ndarray, np.ndarray]
-
-    def expected(self, inputs: np.ndarray, arm: str) -> np.ndarray:
-        """What the arm must answer, computed with numpy."""
-        weights = self.live if arm == "serve_live" else self.ema
-        return linear_numpy(inputs, *weights)
-
-
-def _export_and_serve(
-    root: Path, name: str, factory: Callable[[], tf.Module], live: tuple, ema: tuple
-) -> tuple[ServedModel, object]:
-    write_seed_checkpoints(root / "ckpt", live=live, ema=ema)
-    ema_export.export(root / "ckpt", root / "out", model=factory)
-    server = start_server(model_name=name, model_base_path=str(root / "out"), port=0)
-    server.wait_until_available(timeout=30)
-    return ServedModel(f"127.0.0.1:{server.port}", name, root / "out", live, ema), server
-
-
-@pytest.fixture(scope="session")
-def classifier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
-    served, server = _export_and_serve(
-        tmp_path_factory.mktemp("classifier"), DEFAULT_MODEL_NAME, LinearModule, (LIVE_W, LIVE_B), (EMA_W, EMA_B)
-    )
-    with server:  # type: ignore[attr-defined]
-        yield served
-
-
-@pytest.fixture(scope="session")
-def regressor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
-    served, server = _export_and_serve(
-        tmp_path_factory.mktemp("regressor"), REGRESSOR_NAME, RegressionModule, REGRESSION_LIVE, REGRESSION_EMA
-    )
-    with server:  # type: ignore[attr-defined]
-        yield served
-
-
-def classification_inputs(num_examples: int, seed: int = 0) -> np.ndarray:
-    """Random rows whose top-1 class is clear-cut under both arms (no near-ties float rounding could flip)."""
-    generator = np.random.default_rng(seed)
-    rows: list[np.ndarray] = []
-    while len(rows) < num_examples:
-        candidate = generator.normal(size=(num_examples, NUM_FEATURES)).astype(np.float32)
-        margins = [np.sort(linear_numpy(candidate, *w), axis=1) for w in ((LIVE_W, LIVE_B), (EMA_W, EMA_B))]
-        clear = np.all([m[:, -1] - m[:, -2] > 1e-3 for m in margins], axis=0)
-        rows.extend(candidate[clear])
-    return np.stack(rows[:num_examples])
-
-
-# -------------------------------------------------------------------------------------------------------- fake server
 @dataclass
 class FakeBehaviour:
     """What the fake server does: per-signature failures, delays, and a count of calls seen."""

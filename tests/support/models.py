@@ -35,6 +35,24 @@ class LinearModule(tf.Module):
         return tf.matmul(inputs, self.weights) + self.biases
 
 
+REGRESSION_LIVE = (np.array([[0.5], [-1.0], [0.25], [2.0]], np.float32), np.array([0.1], np.float32))
+REGRESSION_EMA = (np.array([[0.45], [-0.9], [0.3], [1.8]], np.float32), np.array([0.0], np.float32))
+"""Known live and EMA (weights, biases) of `RegressionModule`."""
+
+
+class RegressionModule(tf.Module):
+    """LinearModule's pattern with a single output column: a regression head."""
+
+    def __init__(self) -> None:
+        super().__init__(name="regression")
+        self.weights = tf.Variable(tf.zeros([NUM_FEATURES, 1]), name="weights")
+        self.biases = tf.Variable(tf.zeros([1]), name="biases")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, NUM_FEATURES], tf.float32, name="inputs")])
+    def __call__(self, inputs: tf.Tensor) -> tf.Tensor:
+        return tf.matmul(inputs, self.weights) + self.biases
+
+
 def linear_numpy(inputs: np.ndarray, weights: np.ndarray, biases: np.ndarray) -> np.ndarray:
     """The linear model computed independently of TensorFlow."""
     return inputs.astype(np.float32) @ weights + biases

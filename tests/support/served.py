@@ -1,10 +1,15 @@
-"""Shared pieces of the local-server tests: SavedModels written by ema-export, request builders, expected values.
+"""The seed model exported once per session by ema-export, and the loopback servers that serve it.
 
-Every model the server tests serve comes from `ema_export.export` on real checkpoints of `support.models.LinearModule`:
+Every export the serving tests use comes from `ema_export.export` on real checkpoints of `models.LinearModule`:
 version 1 holds the known live/EMA weights, version 2 the same weights doubled, so a response's values tell which
-version and which arm answered. The exports are done once per session (`seed_library`); tests copy finished
-version directories into their own base path with `publish_version`, which renames a complete copy into place as
-the exporter does.
+version and which arm answered. Both are exported once per session (`seed_library`); tests copy finished version
+directories into their own base path with `publish_version`, which renames a complete copy into place as the
+exporter does. The only other export is `regressor`, a model of another shape.
+
+Servers that tests only read are shared by the session: `labelled_server` (the server tests: versions 1 and 2 under
+labels, REST and health on), `graph_server` (the TF1 graph model of `support.graph_model`) and `classifier` (the
+client tests: version 1 alone under TF Serving's default policy).
+A test that changes a base path or a server's config starts its own from `seed_library`.
 
 Registered once as a plugin in ``tests/conftest.py``; test modules import the helpers by name.
 """
@@ -13,27 +18,33 @@ from __future__ import annotations
 
 import itertools
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
-import tensorflow as tf
-from tensorflow_serving.apis import (
-    model_service_pb2_grpc,
-    predict_pb2,
-    prediction_service_pb2_grpc,
-)
 
 import ema_export
-from ema_export.names import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
+from ema_export.names import DEFAULT_MODEL_NAME, SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
 from serving.server import start_server
-from support.models import EMA_B, EMA_W, LIVE_B, LIVE_W, LinearModule, linear_numpy, write_seed_checkpoints
+from support.graph_model import GRAPH_MODEL, write_graph_model
+from support.models import (
+    EMA_B,
+    EMA_W,
+    LIVE_B,
+    LIVE_W,
+    REGRESSION_EMA,
+    REGRESSION_LIVE,
+    LinearModule,
+    RegressionModule,
+    linear_numpy,
+    write_seed_checkpoints,
+)
+from support.rpc import MODEL_NAME
 
-MODEL_NAME = "model"
-INPUT_NAME = "inputs"
-OUTPUT_NAME = "output_0"
+REGRESSOR_NAME = "regressor"
 VERSION_SCALE = {1: 1.0, 2: 2.0}
 """Version N's weights are the known weights times VERSION_SCALE[N]; biases are unchanged."""
 
@@ -60,10 +71,10 @@ def seed_library(tmp_path_factory: pytest.TempPathFactory) -> SeedLibrary:
     return SeedLibrary(root / "versions", checkpoints)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def labelled_server(seed_library: SeedLibrary, tmp_path_factory: pytest.TempPathFactory):
-    """A server for the module: versions 1 and 2 (policy ``all``), labels stable -> 1 and canary -> 2, REST and the
-    health service on."""
+    """One server for every test that only reads it: versions 1 and 2 (policy ``all``), labels stable -> 1 and
+    canary -> 2, REST and the health service on."""
     base_path = tmp_path_factory.mktemp("labelled") / "models"
     for version in (1, 2):
         publish_version(seed_library, base_path, version)
@@ -78,6 +89,27 @@ def labelled_server(seed_library: SeedLibrary, tmp_path_factory: pytest.TempPath
         file_system_poll_wait_seconds=0,
         allow_version_labels_for_unavailable_models=True,
         enable_grpc_healthcheck_service=True,
+    ) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def graph_base_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The TF1 graph model of `support.graph_model` as version 1 of a base path, written once per session."""
+    base_path = tmp_path_factory.mktemp("graph") / "models"
+    write_graph_model(base_path / "1")
+    return base_path
+
+
+@pytest.fixture(scope="session")
+def graph_server(graph_base_path: Path):
+    """One server of the graph model for every test that only reads it: gRPC and REST, no health service."""
+    with start_server(
+        model_name=GRAPH_MODEL,
+        model_base_path=graph_base_path,
+        port=0,
+        rest_api_port=0,
+        file_system_poll_wait_seconds=0,
     ) as server:
         yield server
 
@@ -101,63 +133,6 @@ def expected_output(inputs: np.ndarray, version: int = 1, signature: str = SIGNA
     return linear_numpy(inputs, EMA_W * scale, EMA_B)
 
 
-def predict_request(
-    inputs: np.ndarray | None = None,
-    *,
-    model: str = MODEL_NAME,
-    signature: str = "",
-    version: int | None = None,
-    label: str | None = None,
-) -> predict_pb2.PredictRequest:
-    """A PredictRequest for the seed model, built the way TF Serving's own examples build them."""
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = model
-    request.model_spec.signature_name = signature
-    if version is not None:
-        request.model_spec.version.value = version
-    if label is not None:
-        request.model_spec.version_label = label
-    if inputs is not None:
-        request.inputs[INPUT_NAME].CopyFrom(tf.make_tensor_proto(inputs))
-    return request
-
-
-def sample_inputs(batch: int = 2, seed: int = 0) -> np.ndarray:
-    """A float32 batch for the seed model."""
-    return np.random.default_rng(seed).normal(size=(batch, 4)).astype(np.float32)
-
-
-def output_of(response: predict_pb2.PredictResponse) -> np.ndarray:
-    """The seed model's output from a PredictResponse."""
-    return tf.make_ndarray(response.outputs[OUTPUT_NAME])
-
-
-@dataclass(frozen=True)
-class Stubs:
-    """The official generated stubs on one loopback channel."""
-
-    channel: grpc.Channel
-    prediction: prediction_service_pb2_grpc.PredictionServiceStub
-    model: model_service_pb2_grpc.ModelServiceStub
-
-
-def connect(port: int) -> Stubs:
-    """Stubs for a server on 127.0.0.1."""
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    return Stubs(
-        channel,
-        prediction_service_pb2_grpc.PredictionServiceStub(channel),
-        model_service_pb2_grpc.ModelServiceStub(channel),
-    )
-
-
-def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
-    """Run an RPC that must fail and return its error."""
-    with pytest.raises(grpc.RpcError) as raised:
-        call(*args, timeout=30, **kwargs)
-    return raised.value
-
-
 def write_config(path: Path, models: list[dict]) -> Path:
     """Write a ModelServerConfig text file; each dict has name, base_path and optional policy/labels text."""
     entries = []
@@ -170,3 +145,47 @@ def write_config(path: Path, models: list[dict]) -> Path:
         entries.append("  config {\n    " + "\n    ".join(lines) + "\n  }")
     path.write_text("model_config_list {\n" + "\n".join(entries) + "\n}\n")
     return path
+
+
+# ------------------------------------------------------------------------------------------- the client tests' servers
+@dataclass(frozen=True)
+class ServedModel:
+    """A model exported by ema-export and served on loopback, with the weights each arm computes with."""
+
+    target: str
+    name: str
+    base_path: Path
+    live: tuple[np.ndarray, np.ndarray]
+    ema: tuple[np.ndarray, np.ndarray]
+
+    def expected(self, inputs: np.ndarray, arm: str) -> np.ndarray:
+        """What the arm must answer, computed with numpy."""
+        weights = self.live if arm == SIGNATURE_LIVE else self.ema
+        return linear_numpy(inputs, *weights)
+
+
+@contextmanager
+def _serving(base_path: Path, name: str, live: tuple, ema: tuple) -> Iterator[ServedModel]:
+    """Serve ``base_path`` as ``name`` under TF Serving's default policy (the latest version) until the block ends."""
+    with start_server(model_name=name, model_base_path=str(base_path), port=0) as server:
+        server.wait_until_available(timeout=30)
+        yield ServedModel(f"127.0.0.1:{server.port}", name, base_path, live, ema)
+
+
+@pytest.fixture(scope="session")
+def classifier(seed_library: SeedLibrary, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
+    """The seed model's version 1 (4 features -> 3 class scores), served alone as ``DEFAULT_MODEL_NAME``."""
+    base_path = tmp_path_factory.mktemp("classifier") / "models"
+    publish_version(seed_library, base_path, 1)
+    with _serving(base_path, DEFAULT_MODEL_NAME, (LIVE_W, LIVE_B), (EMA_W, EMA_B)) as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
+def regressor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
+    """`RegressionModule` (one output column) exported by ema-export with its known weights, served as ``regressor``."""
+    root = tmp_path_factory.mktemp("regressor")
+    write_seed_checkpoints(root / "ckpt", live=REGRESSION_LIVE, ema=REGRESSION_EMA)
+    ema_export.export(root / "ckpt", root / "out", model=RegressionModule)
+    with _serving(root / "out", REGRESSOR_NAME, REGRESSION_LIVE, REGRESSION_EMA) as served:
+        yield served
