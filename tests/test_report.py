@@ -27,9 +27,7 @@ from serving import report
 from serving.cli import main
 from serving.protocol import DataError
 from serving.report import CANDIDATE_COLOR, ReportInputs, find_manifest, load_training_log, render_report
-from test_client_support import classification_inputs
-
-pytest_plugins = ("test_client_support",)
+from support.rpc import classification_inputs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
