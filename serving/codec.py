@@ -23,12 +23,20 @@ A ``TensorProto`` carries its values in one of two forms and a decoder must read
 
 Strings are always ``string_val``; they decode to a numpy ``object`` array of ``bytes`` (as ``tf.make_ndarray`` does).
 bfloat16 needs ``ml_dtypes`` (installed with TensorFlow), imported only when a bfloat16 tensor is met.
+
+One decoder serves both ends, with a ``Policy`` saying what to do with values the shape does not need (see there):
+``STRICT`` for the client, which would rather fail than guess at a corrupt answer, and ``FROM_PROTO`` for the local
+server, which must accept exactly what TF Serving accepts. Both fill a short value list the same way.
 """
 
 from __future__ import annotations
 
+import enum
 import functools
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -51,32 +59,98 @@ from serving.protocol import (
 
 Form = Literal["content", "values"]
 
+
+class Policy(enum.Enum):
+    """How ``decode`` treats a tensor that carries more than its shape needs.
+
+    Both policies fill a short value list as TensorFlow does (the last value repeats; no value means zeros), since
+    ``tf.make_tensor_proto`` writes one value for a constant and TF Serving's clients rely on it.
+
+    * ``STRICT`` (the client's): more typed values than elements, a dangling complex part, or ``tensor_content`` of
+      the wrong length is a ``TensorDecodeError``, as with ``tf.make_ndarray``: an answer carrying more than its shape
+      is corrupt, and guessing which part is meant would hide it.
+    * ``FROM_PROTO`` (the local server's): TensorFlow's ``Tensor::FromProto``, so a request TF Serving accepts is
+      accepted here. Line numbers are ``tensorflow/core/framework/tensor.cc`` at commit 6e83c64a1c4d:
+      a shape with no elements builds an empty tensor without looking at any value (``N > 0``, 825);
+      ``tensor_content`` must hold exactly the shape's bytes (``Helper<T>::Decode``, 143-156); typed fields go through
+      ``FromProtoField`` (462-497): extra values are ignored (``copy_n(begin, n, data)``, 487-488), fewer repeat the
+      last (490-492), none means zeros (483-484); complex fields count whole (real, imaginary) pairs, so a dangling
+      part is ignored (``NumElements`` returns ``size() / 2``, 381-383 and 397-399).
+      One deliberate difference: ``tensor_content`` of a string tensor (TensorFlow's own string-list encoding, which
+      ``tf.make_tensor_proto`` never writes) is refused under both policies, as ``tf.make_ndarray`` refuses it.
+    """
+
+    STRICT = "strict"
+    FROM_PROTO = "from_proto"
+
+
+class TensorDecodeError(CodecError):
+    """A tensor the decoding policy refuses (as opposed to bytes that are not a protocol buffer at all).
+
+    Attributes:
+        reason: the cause in a few words without advice (``tensor_content holds 3 bytes but shape [2] of float needs
+            8``), for a caller that phrases its own message: the local server answers
+            ``tensor parsing error: <input>: <reason>`` as TF Serving does.
+    """
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 _DT = types_pb2.DataType
 _BFLOAT16 = "bfloat16"
 
-# DataType enum -> (numpy dtype name, repeated field used by the "values" form).
-_DATATYPES: dict[int, tuple[str, str]] = {
-    _DT.Value("DT_HALF"): ("float16", "half_val"),
-    _DT.Value("DT_BFLOAT16"): (_BFLOAT16, "half_val"),
-    _DT.Value("DT_FLOAT"): ("float32", "float_val"),
-    _DT.Value("DT_DOUBLE"): ("float64", "double_val"),
-    _DT.Value("DT_INT8"): ("int8", "int_val"),
-    _DT.Value("DT_INT16"): ("int16", "int_val"),
-    _DT.Value("DT_INT32"): ("int32", "int_val"),
-    _DT.Value("DT_INT64"): ("int64", "int64_val"),
-    _DT.Value("DT_UINT8"): ("uint8", "int_val"),
-    _DT.Value("DT_UINT16"): ("uint16", "int_val"),
-    _DT.Value("DT_UINT32"): ("uint32", "uint32_val"),
-    _DT.Value("DT_UINT64"): ("uint64", "uint64_val"),
-    _DT.Value("DT_BOOL"): ("bool", "bool_val"),
-    _DT.Value("DT_COMPLEX64"): ("complex64", "scomplex_val"),
-    _DT.Value("DT_COMPLEX128"): ("complex128", "dcomplex_val"),
-    _DT.Value("DT_STRING"): ("string", "string_val"),
-}
-_DATATYPE_BY_NAME: dict[str, int] = {name: datatype for datatype, (name, _) in _DATATYPES.items()}
+
+@dataclass(frozen=True)
+class Datatype:
+    """One TensorFlow ``DataType`` the codec carries: the one table both the client and the local server read.
+
+    Attributes:
+        enum: the ``DataType`` value (``DT_FLOAT`` is 1).
+        name: the codec's name, numpy's spelling (``"float32"``, ``"bfloat16"``, ``"string"``).
+        field: the repeated ``TensorProto`` field of the values form (``"float_val"``...).
+    """
+
+    enum: int
+    name: str
+    field: str
+
+    @property
+    def numpy(self) -> np.dtype:
+        """The numpy dtype of an element (``object`` for strings)."""
+        return numpy_dtype(self.name)
+
+
+DATATYPES: Mapping[int, Datatype] = MappingProxyType(
+    {
+        datatype.enum: datatype
+        for datatype in (
+            Datatype(_DT.Value("DT_HALF"), "float16", "half_val"),
+            Datatype(_DT.Value("DT_BFLOAT16"), _BFLOAT16, "half_val"),
+            Datatype(_DT.Value("DT_FLOAT"), "float32", "float_val"),
+            Datatype(_DT.Value("DT_DOUBLE"), "float64", "double_val"),
+            Datatype(_DT.Value("DT_INT8"), "int8", "int_val"),
+            Datatype(_DT.Value("DT_INT16"), "int16", "int_val"),
+            Datatype(_DT.Value("DT_INT32"), "int32", "int_val"),
+            Datatype(_DT.Value("DT_INT64"), "int64", "int64_val"),
+            Datatype(_DT.Value("DT_UINT8"), "uint8", "int_val"),
+            Datatype(_DT.Value("DT_UINT16"), "uint16", "int_val"),
+            Datatype(_DT.Value("DT_UINT32"), "uint32", "uint32_val"),
+            Datatype(_DT.Value("DT_UINT64"), "uint64", "uint64_val"),
+            Datatype(_DT.Value("DT_BOOL"), "bool", "bool_val"),
+            Datatype(_DT.Value("DT_COMPLEX64"), "complex64", "scomplex_val"),
+            Datatype(_DT.Value("DT_COMPLEX128"), "complex128", "dcomplex_val"),
+            Datatype(_DT.Value("DT_STRING"), "string", "string_val"),
+        )
+    }
+)
+"""Every ``DataType`` the codec reads and writes, by enum value."""
+
+_DATATYPE_BY_NAME: dict[str, int] = {datatype.name: enum for enum, datatype in DATATYPES.items()}
 DT_STRING: int = _DT.Value("DT_STRING")
 
-SUPPORTED_DTYPES: tuple[str, ...] = tuple(name for name, _ in _DATATYPES.values())
+SUPPORTED_DTYPES: tuple[str, ...] = tuple(datatype.name for datatype in DATATYPES.values())
 """Dtype names the codec reads and writes (``"string"`` is numpy ``object``/``bytes_``/``str_``)."""
 
 
@@ -104,12 +178,23 @@ def numpy_dtype(name: str) -> np.dtype:
     return little_endian
 
 
+def numpy_dtype_of(datatype: int) -> np.dtype | None:
+    """The numpy dtype of a ``DataType`` value, or None when the codec does not carry it."""
+    known = DATATYPES.get(datatype)
+    return None if known is None else known.numpy
+
+
 def dtype_name(datatype: int) -> str:
     """The codec's name for a ``DataType`` value (``"float32"``, ``"string"``...), else TF's own (``"DT_RESOURCE"``)."""
-    known = _DATATYPES.get(datatype)
+    known = DATATYPES.get(datatype)
     if known is not None:
-        return known[0]
+        return known.name
     return _DT.Name(datatype) if datatype in _DT.values() else f"DataType({datatype})"
+
+
+def datatype_string(datatype: int) -> str:
+    """TensorFlow's ``DataTypeString`` (``DT_FLOAT`` -> ``"float"``), how TF Serving's messages spell a dtype."""
+    return _DT.Name(datatype)[3:].lower() if datatype in _DT.values() else f"unknown dtype {datatype}"
 
 
 def datatype_of(dtype: Any) -> int:
@@ -228,17 +313,19 @@ def _shape_proto(shape: tuple[int, ...]) -> Any:
 
 
 def _append_values(proto: Any, flat: np.ndarray, datatype: int) -> None:
-    name, field = _DATATYPES[datatype]
-    if field == "half_val":
-        items = flat.view(np.uint16).tolist()
-    elif name.startswith("complex"):
-        items = flat.view(np.float32 if name == "complex64" else np.float64).tolist()
+    field = DATATYPES[datatype].field
+    if field in _FIXED_WIDTH:
+        # Floats and complex parts travel as packed little-endian bytes: merging them as serialized bytes copies the
+        # array once, where ``extend(flat.tolist())`` builds a Python float per value (about 8x the array, briefly).
+        raw = np.ascontiguousarray(flat, dtype=flat.dtype.newbyteorder("<")).view(_FIXED_WIDTH[field]).tobytes()
+        proto.MergeFromString(length_delimited(_FIELD_NUMBERS[field], len(raw)) + raw)
+    elif field == "half_val":
+        proto.half_val.extend(flat.view(np.uint16).tolist())
     else:
-        items = flat.tolist()
-    getattr(proto, field).extend(items)
+        getattr(proto, field).extend(flat.tolist())
 
 
-def decode(proto: Any, *, writable: bool = False) -> np.ndarray:
+def decode(proto: Any, *, writable: bool = False, policy: Policy = Policy.STRICT) -> np.ndarray:
     """Decode a ``TensorProto`` message into a numpy array, from ``tensor_content`` or from its typed ``*_val`` field.
 
     The message is serialized (one C-level copy) and read by ``decode_bytes``: reading a packed field from bytes is a
@@ -248,28 +335,36 @@ def decode(proto: Any, *, writable: bool = False) -> np.ndarray:
     Args:
         proto: a ``TensorProto`` (from a ``PredictResponse.outputs`` map, for instance).
         writable: return an array that can be modified in place (else it may be a read-only view).
+        policy: what to do with values the shape does not need (see ``Policy``); ``STRICT`` unless you are a server.
 
     Returns:
         The array; strings come back as an ``object`` array of ``bytes``.
 
     Raises:
-        CodecError: unsupported dtype, unknown dimensions, or a value count that does not fit the shape.
+        TensorDecodeError: unsupported dtype, unknown dimensions, or values the policy refuses.
 
     Example:
         >>> decode(encode(np.arange(3, dtype=np.int64))).tolist()
         [0, 1, 2]
     """
-    return decode_bytes(proto.SerializeToString(), writable=writable)
+    return decode_bytes(proto.SerializeToString(), writable=writable, policy=policy)
 
 
-def _fill(flat: np.ndarray, num_elements: int, shape: tuple[int, ...], name: str) -> np.ndarray:
-    """Apply TensorFlow's rule for short value lists: repeat the last value; no value means zeros (empty strings)."""
+def _fill(flat: np.ndarray, num_elements: int, shape: tuple[int, ...], known: Datatype, policy: Policy) -> np.ndarray:
+    """Fit the values read to the shape: TensorFlow's rule for short lists, the policy's for long ones.
+
+    Short: repeat the last value; no value means zeros (empty strings), as ``FromProtoField`` and ``tf.make_ndarray``
+    both do.
+    """
     if flat.size == num_elements:
         return flat
     if flat.size > num_elements:
-        raise CodecError(
-            f"Cannot decode {flat.size} values into a {name} tensor of shape {list(shape)}. Expected at most "
-            f"{num_elements}; the sender wrote a corrupt tensor. Received: {flat.size} values."
+        if policy is Policy.FROM_PROTO:
+            return flat[:num_elements]
+        raise TensorDecodeError(
+            f"Cannot decode {flat.size} values into a {known.name} tensor of shape {list(shape)}. Expected at most "
+            f"{num_elements}; the sender wrote a corrupt tensor. Received: {flat.size} values.",
+            reason=f"{flat.size} values for shape {list(shape)}, which has {num_elements} elements",
         )
     if flat.size == 0:
         if flat.dtype == object:
@@ -344,51 +439,70 @@ def encode_bytes(
     return pieces[0] if len(pieces) == 1 and isinstance(pieces[0], bytes) else b"".join(pieces)
 
 
-def decode_bytes(data: bytes | memoryview, *, writable: bool = False) -> np.ndarray:
+def decode_bytes(
+    data: bytes | memoryview, *, writable: bool = False, policy: Policy = Policy.STRICT
+) -> np.ndarray:
     """Decode a serialized ``TensorProto`` without building the message: arrays are views of ``data`` where possible.
 
     Why: ``tensor_content`` and the packed fixed-width fields (``float_val``, ``double_val``, complex) already are the
     array's bytes, so they become numpy views of the received buffer; the varint fields (``int_val``, ``int64_val``,
-    ``half_val``, ``bool_val``...) are decoded with vectorised numpy instead of one Python int at a time. Results and
-    errors match ``tf.make_ndarray(TensorProto.FromString(data))``.
+    ``half_val``, ``bool_val``...) are decoded with vectorised numpy instead of one Python int at a time. Under
+    ``Policy.STRICT``, results and errors match ``tf.make_ndarray(TensorProto.FromString(data))``; under
+    ``Policy.FROM_PROTO``, TensorFlow's ``Tensor::FromProto``.
 
     Args:
         data: the serialized tensor (``bytes``, or a ``memoryview`` into a larger message).
         writable: return an array that can be modified in place (else it may be a read-only view of ``data``).
+        policy: what to do with values the shape does not need (see ``Policy``).
 
     Raises:
-        CodecError: unsupported dtype, unknown dimensions, a value count that does not fit the shape, or bytes that
-            are not a protocol buffer (``WireFormatError``).
+        TensorDecodeError: unsupported dtype, unknown dimensions, or values the policy refuses.
+        WireFormatError: bytes that are not a protocol buffer.
     """
     view = memoryview(data)
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
     datatype, shape, content, chunks, strings = _parse_tensor(view)
-    known = _DATATYPES.get(datatype)
+    known = DATATYPES.get(datatype)
     if known is None:
-        raise CodecError(
+        raise TensorDecodeError(
             f"Cannot decode a tensor of dtype {dtype_name(datatype)}. Expected one of {', '.join(SUPPORTED_DTYPES)}; "
-            f"return a plain numeric or string tensor from the signature. Received: dtype={dtype_name(datatype)}."
+            f"return a plain numeric or string tensor from the signature. Received: dtype={dtype_name(datatype)}.",
+            reason=f"dtype {_DT.Name(datatype) if datatype in _DT.values() else datatype} is not supported",
         )
-    name, field = known
     num_elements = math.prod(shape)
-    dtype = numpy_dtype(name)
-    if datatype == DT_STRING:
+    if num_elements == 0 and policy is Policy.FROM_PROTO:
+        return np.empty(shape, dtype=known.numpy)  # FromProto reads no value for an empty shape
+    if content is not None and len(content):
+        flat = _from_content(content, known, shape, num_elements)
+    elif datatype == DT_STRING:
         flat = np.empty(len(strings), dtype=object)
         flat[:] = [bytes(item) for item in strings]
-    elif content is not None and len(content):
-        expected = num_elements * dtype.itemsize
-        if len(content) != expected:
-            raise CodecError(
-                f"Cannot decode tensor_content of {len(content)} bytes as {name}{list(shape)}. Expected {expected} "
-                f"bytes ({num_elements} elements x {dtype.itemsize}); the sender wrote a corrupt tensor. "
-                f"Received: {len(content)} bytes."
-            )
-        flat = np.frombuffer(content, dtype=dtype)
     else:
-        flat = _read_packed(chunks.get(_FIELD_NUMBERS[field], []), name, field, dtype)
-    array = _fill(flat, num_elements, shape, name).reshape(shape)
+        flat = _read_packed(chunks.get(_FIELD_NUMBERS[known.field], []), known, policy)
+    array = _fill(flat, num_elements, shape, known, policy).reshape(shape)
     return array.copy() if writable and not array.flags.writeable else array
+
+
+def _from_content(content: memoryview, known: Datatype, shape: tuple[int, ...], num_elements: int) -> np.ndarray:
+    """``tensor_content`` as a view: exactly the shape's bytes (``Helper<T>::Decode``), never for strings."""
+    if known.enum == DT_STRING:
+        raise TensorDecodeError(
+            f"Cannot decode a string tensor from {len(content)} bytes of tensor_content. Expected its values in "
+            "string_val, where tf.make_tensor_proto writes them; the sender wrote a tensor this codec does not read. "
+            "Received: tensor_content.",
+            reason="string tensors cannot use tensor_content; use string_val",
+        )
+    expected = num_elements * known.numpy.itemsize
+    if len(content) != expected:
+        raise TensorDecodeError(
+            f"Cannot decode tensor_content of {len(content)} bytes as {known.name}{list(shape)}. Expected {expected} "
+            f"bytes ({num_elements} elements x {known.numpy.itemsize}); the sender wrote a corrupt tensor. "
+            f"Received: {len(content)} bytes.",
+            reason=f"tensor_content holds {len(content)} bytes but shape {list(shape)} of "
+            f"{datatype_string(known.enum)} needs {expected}",
+        )
+    return np.frombuffer(content, dtype=known.numpy)
 
 
 def _parse_tensor(
@@ -413,9 +527,12 @@ def _parse_tensor(
         elif number in _VALUE_FIELDS_BY_NUMBER:
             chunks.setdefault(number, []).append(_as_packed(number, wire_type, value))
     if unknown_rank or any(size < 0 for size in dims):
-        raise CodecError(
+        raise TensorDecodeError(
             "Cannot decode a tensor whose shape is not fully known. Expected non-negative sizes for every "
-            f"dimension; a concrete tensor always has them. Received: shape={dims}, unknown_rank={unknown_rank}."
+            f"dimension; a concrete tensor always has them. Received: shape={dims}, unknown_rank={unknown_rank}.",
+            reason="tensor_shape has unknown_rank set; a request tensor needs a full shape"
+            if unknown_rank
+            else f"tensor_shape {dims} has a negative dimension",
         )
     return datatype, tuple(dims), content, chunks, strings
 
@@ -454,11 +571,12 @@ def _as_packed(number: int, wire_type: int, value: Any) -> memoryview | bytes:
     return encode_varint(value) if wire_type == WIRE_VARINT else cast(memoryview, value)
 
 
-def _read_packed(chunks: list[memoryview | bytes], name: str, field: str, dtype: np.dtype) -> np.ndarray:
+def _read_packed(chunks: list[memoryview | bytes], known: Datatype, policy: Policy) -> np.ndarray:
     if len(chunks) == 1:
         raw = memoryview(chunks[0])
     else:  # absent (no values), or split over several occurrences, which protobuf concatenates
         raw = memoryview(b"".join(chunks))
+    field, dtype = known.field, known.numpy
     if field in _FIXED_WIDTH:
         width = np.dtype(_FIXED_WIDTH[field]).itemsize
         if len(raw) % width:
@@ -467,13 +585,8 @@ def _read_packed(chunks: list[memoryview | bytes], name: str, field: str, dtype:
                 "field written by a protobuf serializer. Received: a truncated field."
             )
         parts = np.frombuffer(raw, dtype=_FIXED_WIDTH[field])
-        if name.startswith("complex"):
-            if parts.size % 2:
-                raise CodecError(
-                    f"Cannot decode {field} with an odd number of parts. Expected (real, imaginary) pairs; the "
-                    f"sender wrote a corrupt tensor. Received: {parts.size} parts."
-                )
-            return parts.view(dtype)
+        if dtype.kind == "c":
+            return _complex_pairs(parts, field, policy).view(dtype)
         return parts.astype(dtype, copy=False)
     varints = _decode_varints(raw)
     if field == "half_val":
@@ -483,6 +596,19 @@ def _read_packed(chunks: list[memoryview | bytes], name: str, field: str, dtype:
     if dtype.kind == "i":
         return varints.view(np.int64).astype(dtype)  # negative int32 values are sign-extended to 64 bits
     return varints.astype(dtype)
+
+
+def _complex_pairs(parts: np.ndarray, field: str, policy: Policy) -> np.ndarray:
+    """(real, imaginary) parts, whole pairs only: FromProto counts ``size() / 2`` elements; STRICT refuses a spare."""
+    if parts.size % 2 == 0:
+        return parts
+    if policy is Policy.FROM_PROTO:
+        return parts[:-1]
+    raise TensorDecodeError(
+        f"Cannot decode {field} with an odd number of parts. Expected (real, imaginary) pairs; the "
+        f"sender wrote a corrupt tensor. Received: {parts.size} parts.",
+        reason=f"{field} holds {parts.size} parts, not (real, imaginary) pairs",
+    )
 
 
 def _decode_varints(raw: memoryview) -> np.ndarray:

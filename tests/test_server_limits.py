@@ -103,9 +103,9 @@ def test_work_stops_once_the_deadline_passed(base_path, monkeypatch):
     runs = []
     original_decode = tensors_module.decode
 
-    def slow_decode(proto, name, shape):
+    def slow_decode(*args):
         time.sleep(0.5)  # a heavy decode, during which the client's deadline passes
-        return original_decode(proto, name, shape)
+        return original_decode(*args)
 
     with start_server(model_base_path=base_path, port=0, file_system_poll_wait_seconds=0) as server:
         monkeypatch.setattr(tensors_module, "decode", slow_decode)

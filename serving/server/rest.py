@@ -47,6 +47,7 @@ from google.protobuf import json_format
 from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, model_pb2
 
 from ema_export.contracts import SIGNATURE_DEFAULT
+from serving import codec
 from serving.server import tensors
 from serving.server.errors import RpcStatus, invalid_argument
 from serving.server.grpc_service import SIGNATURE_DEF_FIELD, get_model_metadata, get_model_status
@@ -442,9 +443,9 @@ _INT_RANGES = {
 
 def _fast_array(value: Any, datatype: int) -> np.ndarray | None:
     """A dense numeric JSON value as numpy reads it, when that is provably what TF Serving would build."""
-    dtype = tensors.numpy_dtype(datatype)
-    name = tensors.datatype_name(datatype)
-    if dtype is None or datatype == tensors.DT_STRING or name in ("half", "bfloat16", "complex64", "complex128"):
+    dtype = codec.numpy_dtype_of(datatype)
+    name = codec.datatype_string(datatype)
+    if dtype is None or datatype == codec.DT_STRING or name in ("half", "bfloat16", "complex64", "complex128"):
         return None
     try:
         array = np.asarray(value)
@@ -501,9 +502,9 @@ def _fill_tensor(value: Any, datatype: int) -> tuple[tuple[int, ...], list[Any]]
 
 def _json_leaf(item: Any, datatype: int) -> Any:
     """One JSON scalar as ``AddValueToTensor`` takes it (json_tensor.cc:287-345), or its refusal."""
-    name = tensors.datatype_name(datatype)
+    name = codec.datatype_string(datatype)
     if isinstance(item, dict):
-        if datatype != tensors.DT_STRING:
+        if datatype != codec.DT_STRING:
             raise _type_error(item, name)
         return _base64_value(item)
     is_number = isinstance(item, (int, float)) and not isinstance(item, bool)
@@ -520,7 +521,7 @@ def _json_leaf(item: Any, datatype: int) -> Any:
         if not isinstance(item, bool):
             raise _type_error(item, name)
         return item
-    if datatype == tensors.DT_STRING:
+    if datatype == codec.DT_STRING:
         if not isinstance(item, str):
             raise _type_error(item, name)
         return item.encode("utf-8")
@@ -548,11 +549,11 @@ def _type_error(item: Any, dtype_name: str) -> RpcStatus:
 
 def _to_array(flat: list[Any], datatype: int, shape: tuple[int, ...]) -> np.ndarray:
     """The collected leaves as the input's dtype; integers wrap and floats overflow to inf as C++ casts do."""
-    if datatype == tensors.DT_STRING:
+    if datatype == codec.DT_STRING:
         array = np.empty(len(flat), dtype=object)
         array[:] = flat
         return array.reshape(shape)
-    dtype = tensors.numpy_dtype(datatype)
+    dtype = codec.numpy_dtype_of(datatype)
     assert dtype is not None
     wide = np.array(flat, dtype=np.float64 if dtype.kind == "f" else np.uint64 if dtype == np.uint64 else np.int64)
     with np.errstate(over="ignore", invalid="ignore"):

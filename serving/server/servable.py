@@ -38,6 +38,7 @@ from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from ema_export.contracts import ASSETS_EXTRA_DIR, SIGNATURE_DEFAULT, WARMUP_FILENAME
+from serving import codec
 from serving.server import tensors
 from serving.server.errors import RpcStatus, failed_precondition, invalid_argument
 
@@ -219,11 +220,12 @@ class LoadedVersion:
         spec.signature_name = signature.name
         spec.version.value = self.version
         for name, array in outputs.items():
-            tensors.encode_into(response.outputs[name], array, as_tensor_content=as_tensor_content)
+            # Tensor::AsProtoTensorContent when asked, else AsProtoField (typed values), as TF Serving answers.
+            codec.encode(array, form="content" if as_tensor_content else "values", out=response.outputs[name])
         return response
 
 
-def input_values(signature: Signature, request_inputs: Mapping[str, tensors.TensorProto]) -> dict[str, np.ndarray]:
+def input_values(signature: Signature, request_inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The arrays to feed: TF Serving's input-count check, then TensorFlow's ``GetInputValues``.
 
     The count check is ``VerifyRequestInputsSize`` (predict_util.cc:51-76): more inputs than the signature has, or
@@ -251,7 +253,7 @@ def input_values(signature: Signature, request_inputs: Mapping[str, tensors.Tens
                 f"value provided. Inputs expected to be in the request {{{_join(sent)}}}, or default input alias "
                 f"set: {_join(definition.defaults)}"
             )
-        arrays[alias] = tensors.decode(proto, alias, tensors.proto_shape(proto, alias))
+        arrays[alias] = tensors.decode(proto, alias)
     used = sent & expected
     if sent and len(used) != len(sent):
         raise invalid_argument(
