@@ -284,3 +284,165 @@ def test_decoded_bytes_are_views_of_the_buffer_unless_asked() -> None:
 def test_malformed_bytes_raise_codec_errors(wire: bytes, message: str) -> None:
     with pytest.raises(CodecError, match=message):
         codec.decode_bytes(wire)
+
+
+# --------------------------------------------------------------------------------------------- the decoding policies
+# Policy.FROM_PROTO is checked against Tensor::FromProto itself: tf.io.parse_tensor builds its output with it.
+FROM_PROTO = codec.Policy.FROM_PROTO
+
+
+def from_proto_reference(wire: bytes, dtype: str) -> np.ndarray | None:
+    """What TensorFlow's ``Tensor::FromProto`` makes of the bytes, or None when it refuses them."""
+    try:
+        tensor = tf.io.parse_tensor(wire, out_type=tf.as_dtype(dtype))
+    except tf.errors.InvalidArgumentError:
+        return None
+    return np.asarray(tensor.numpy(), dtype=object) if dtype == "string" else tensor.numpy()
+
+
+def decode_both_ways(wire: bytes, policy: codec.Policy = codec.Policy.STRICT) -> np.ndarray:
+    """decode_bytes on the wire and decode on the parsed message: the same array, or the same refusal."""
+    try:
+        from_wire = codec.decode_bytes(wire, policy=policy)
+    except codec.TensorDecodeError as error:
+        with pytest.raises(codec.TensorDecodeError) as refused:
+            codec.decode(TensorProto.FromString(wire), policy=policy)
+        assert refused.value.reason == error.reason
+        raise
+    assert_same_array(codec.decode(TensorProto.FromString(wire), policy=policy), from_wire)
+    return from_wire
+
+
+def with_shape(proto: TensorProto, shape: tuple[int, ...]) -> bytes:
+    proto.tensor_shape.Clear()
+    for size in shape:
+        proto.tensor_shape.dim.add(size=size)
+    return proto.SerializeToString()
+
+
+@pytest.mark.parametrize("dtype", [*NUMERIC_DTYPES, "string"])
+@PROPERTY
+@given(data=st.data())
+def test_server_policy_is_tensorflows_from_proto_and_the_client_policy_is_make_ndarray(
+    dtype: str, data: st.DataObject
+) -> None:
+    # Any number of values for any shape: short lists broadcast, long ones are cut (server) or refused (client).
+    shape = data.draw(SHAPES)
+    num_elements = int(np.prod(shape))
+    num_values = data.draw(st.integers(0, num_elements + 3))
+    if dtype == "string":
+        values = np.empty(num_values, dtype=object)
+        values[:] = data.draw(st.lists(st.binary(max_size=12), min_size=num_values, max_size=num_values))
+        form = "values"
+    else:
+        values = data.draw(hnp.arrays(np.dtype(dtype), num_values))
+        form = data.draw(st.sampled_from(["content", "values"]))
+    wire = with_shape(codec.encode(values, form=form), shape)
+
+    expected = from_proto_reference(wire, dtype)
+    if expected is None:  # tensor_content of the wrong length
+        with pytest.raises(codec.TensorDecodeError, match="tensor_content"):
+            decode_both_ways(wire, FROM_PROTO)
+    else:
+        assert_same_array(decode_both_ways(wire, FROM_PROTO), expected)
+
+    try:
+        reference = tf.make_ndarray(TensorProto.FromString(wire))
+    except ValueError:  # more values than elements, or tensor_content that does not fit
+        with pytest.raises(codec.TensorDecodeError):
+            decode_both_ways(wire)
+    else:
+        if dtype == "string" and num_values == 0:
+            reference = np.full(shape, b"", dtype=object)  # make_ndarray fills with str ''; FromProto with bytes
+        assert_same_array(decode_both_ways(wire), reference)
+    if num_values <= num_elements and (form == "values" or num_values == num_elements):
+        assert_same_array(decode_both_ways(wire), decode_both_ways(wire, FROM_PROTO))
+
+
+@pytest.mark.parametrize(
+    ("fields", "dtype", "shape"),
+    [
+        (dict(scomplex_val=[1.0, 2.0, 3.0]), "complex64", [1]),  # a dangling imaginary-less part
+        (dict(dcomplex_val=[1.0, 2.0, 3.0]), "complex128", [2]),
+        (dict(int_val=[300, -1, 2**31 - 1]), "int8", [3]),  # int_val is int32: narrower dtypes wrap, as C++ casts
+        (dict(int_val=[300, -1]), "uint8", [2]),
+        (dict(half_val=[0x13C00, 5]), "float16", [2]),  # only the low 16 bits are a half
+        (dict(tensor_content=b"abc"), "float32", [0, 3]),  # an empty shape reads no value at all
+        (dict(float_val=[1.0, 2.0]), "float32", [0]),
+        (dict(float_val=[1.0, 2.0, 3.0]), "float32", [2]),
+    ],
+)
+def test_server_policy_edges_match_from_proto(fields: dict, dtype: str, shape: list[int]) -> None:
+    wire = with_shape(TensorProto(dtype=tf.as_dtype(dtype).as_datatype_enum, **fields), tuple(shape))
+    expected = from_proto_reference(wire, dtype)
+    assert expected is not None
+    assert_same_array(decode_both_ways(wire, FROM_PROTO), expected)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(float_val=[1.0, 2.0, 3.0]), "Expected at most 2"),
+        (dict(tensor_content=b"\x00" * 12), "Expected 8 bytes"),
+    ],
+)
+def test_client_policy_refuses_what_the_server_policy_cuts_or_skips(fields: dict, message: str) -> None:
+    proto = _proto_with(**fields)
+    with pytest.raises(codec.TensorDecodeError, match=message):
+        codec.decode(proto)
+    if "float_val" in fields:
+        assert_same_array(codec.decode(proto, policy=FROM_PROTO), np.array([1.0, 2.0], np.float32))
+    odd = with_shape(TensorProto(dtype=tf.complex64.as_datatype_enum, scomplex_val=[1.0, 2.0, 3.0]), (1,))
+    with pytest.raises(codec.TensorDecodeError, match="odd number of parts"):
+        decode_both_ways(odd)
+
+
+def test_string_tensor_content_is_refused_under_both_policies() -> None:
+    # TensorFlow's FromProto reads its string-list encoding; tf.make_ndarray refuses it, and so does this codec.
+    wire = with_shape(TensorProto(dtype=tf.string.as_datatype_enum, tensor_content=b"\x01a"), (1,))
+    for policy in codec.Policy:
+        with pytest.raises(codec.TensorDecodeError, match="string_val"):
+            decode_both_ways(wire, policy)
+
+
+def test_dtype_table_is_tensorflows() -> None:
+    for datatype, row in codec.DATATYPES.items():
+        reference = tf.as_dtype(datatype)
+        assert row.enum == datatype
+        assert row.name == reference.name  # TensorFlow's Python names are numpy's, as the codec's
+        if row.name != "string":
+            assert row.numpy == np.dtype(reference.as_numpy_dtype)
+        assert codec.numpy_dtype_of(datatype) == row.numpy
+    assert codec.numpy_dtype_of(tf.resource.as_datatype_enum) is None
+    # TF Serving's messages spell dtypes as C++'s DataTypeString does.
+    spelled = {tf.float32: "float", tf.float16: "half", tf.bfloat16: "bfloat16", tf.int64: "int64", tf.string: "string"}
+    for dtype, spelling in spelled.items():
+        assert codec.datatype_string(dtype.as_datatype_enum) == spelling
+
+
+@pytest.mark.parametrize(
+    ("fields", "dims", "reason"),
+    [
+        (dict(dtype=tf.float32.as_datatype_enum), None,
+         "tensor_shape has unknown_rank set; a request tensor needs a full shape"),
+        (dict(dtype=tf.float32.as_datatype_enum), [-1], "tensor_shape [-1] has a negative dimension"),
+        (dict(dtype=tf.resource.as_datatype_enum), [1], "dtype DT_RESOURCE is not supported"),
+        (dict(dtype=tf.float32.as_datatype_enum, tensor_content=b"abc"), [2],
+         "tensor_content holds 3 bytes but shape [2] of float needs 8"),
+        (dict(dtype=tf.string.as_datatype_enum, tensor_content=b"\x01a"), [1],
+         "string tensors cannot use tensor_content; use string_val"),
+    ],
+)  # fmt: skip
+def test_the_server_answers_a_refused_tensor_as_tf_serving_does(fields: dict, dims: list | None, reason: str) -> None:
+    from serving.server.errors import RpcStatus
+    from serving.server.tensors import decode
+
+    proto = TensorProto(**fields)
+    if dims is None:
+        proto.tensor_shape.unknown_rank = True
+    for size in dims or []:
+        proto.tensor_shape.dim.add(size=size)
+    with pytest.raises(RpcStatus) as refused:
+        decode(proto, "pixels")
+    assert refused.value.code.name == "INVALID_ARGUMENT"
+    assert refused.value.message == f"tensor parsing error: pixels: {reason}"
