@@ -8,4 +8,4 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-pytest_plugins = ["support.served", "support.fake_server"]
+pytest_plugins = ["support.served", "support.fake_server", "support.exporting"]

@@ -12,24 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from ema_export.cli import cli
 from ema_export.names import TEMP_VERSION_PREFIX
 from support import models as tm
+from support.exporting import SEED_MODEL, run_export
 
 pytestmark = pytest.mark.slow  # exports through the CLI, some in a child process
-MODEL = "support.models:LinearModule"
+MODEL = SEED_MODEL
 
 
-@pytest.fixture
-def ckpt(tmp_path):
-    tm.write_seed_checkpoints(tmp_path / "ckpt")
-    return tmp_path / "ckpt"
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
+run = run_export
 
 
 def assert_one_line_error(result, *fragments):

@@ -16,24 +16,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 import ema_export
-from ema_export.cli import cli
 from ema_export.errors import CheckpointReadError, OutputDirError, OutputWriteError
 from support import models as tm
+from support.exporting import SEED_MODEL, run_export
 
-MODEL = "support.models:LinearModule"
-
-
-@pytest.fixture
-def ckpt(tmp_path):
-    tm.write_seed_checkpoints(tmp_path / "ckpt")
-    return tmp_path / "ckpt"
+MODEL = SEED_MODEL
 
 
-def run(*args):
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
+run = run_export
 
 
 def one_line_error(result) -> str:

@@ -12,28 +12,20 @@ from pathlib import Path
 
 import pytest
 import tensorflow as tf
-from click.testing import CliRunner
 
 import ema_export
-from ema_export.cli import cli
 from ema_export.errors import ServingVersionError, VersionExistsError
 from ema_export.manifest import read_manifest, write_manifest
 from ema_export.serving_version import parse_release, skew_warning
 from ema_export.versions import publish, staging_directory
 from support import models as tm
+from support.exporting import SEED_MODEL, run_export
 
-MODEL = "support.models:LinearModule"
+MODEL = SEED_MODEL
 WRITER = ".".join(tf.__version__.split(".")[:2])
 
 
-@pytest.fixture
-def ckpt(tmp_path):
-    tm.write_seed_checkpoints(tmp_path / "ckpt")
-    return tmp_path / "ckpt"
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(arg) for arg in args])
+run = run_export
 
 
 # --- Concurrent default-numbered exports ------------------------------------------------------------------------
