@@ -9,6 +9,7 @@ arms; a `tf.Module` is instantiated twice, because it has no way to run with sub
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import re
 import sys
@@ -129,6 +130,35 @@ def _tf_keras_model_from_json(config_text: str) -> Any:
     return tf_keras.models.model_from_json(config_text)
 
 
+_INITIALIZER_KEY = re.compile(r"(^|_)initializer$")
+
+
+def _zero_initialized(node: Any) -> Any:
+    """A Keras config with every initializer (`kernel_initializer`, `moving_variance_initializer`, ...) set to zeros."""
+    if isinstance(node, list):
+        return [_zero_initialized(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    return {key: "zeros" if _INITIALIZER_KEY.search(key) and (isinstance(value, str) or (
+        isinstance(value, dict) and "class_name" in value)) else _zero_initialized(value)
+            for key, value in node.items()}
+
+
+def without_initial_values(config_text: str) -> str:
+    """The architecture with zeros for initial values: every value is restored from the checkpoint afterwards (strictly:
+    a variable left at its initial value fails the restore), so drawing random ones is wasted work.
+
+    Random initializers dominate building a large model (about 5 s of uniform draws for 768 MB of Dense kernels on
+    this project's machine against well under 1 s of zeros). Text that is not JSON is returned unchanged, for Keras
+    to report.
+    """
+    try:
+        config = json.loads(config_text)
+    except ValueError:
+        return config_text
+    return json.dumps(_zero_initialized(config))
+
+
 def _keras_config_factory(path: Path) -> ModelFactory:
     import keras
 
@@ -149,6 +179,7 @@ def _keras_config_factory(path: Path) -> ModelFactory:
     # A .keras file tf-keras saved names tf-keras's classes (`Functional` from `keras.engine`), which Keras 3 cannot
     # rebuild: tf-keras rebuilds it, into the tf-keras model its values load into.
     model_from_json = _tf_keras_model_from_json if saved_by_tf_keras(str(path)) else keras.models.model_from_json
+    config_text = without_initial_values(config_text)
 
     def build() -> Any:
         try:
