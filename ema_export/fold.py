@@ -4,14 +4,16 @@ Validation is total and raises once: every trainable variable gets a shadow (or 
 to a variable, shapes and dtypes agree, values are finite, nothing is claimed twice. Non-trainable variables
 (BatchNorm moving statistics, counters) keep their live values in both arms.
 
-Each shadow is read once, checked, and put straight into the variable the SavedModel will save; the numpy copy is
-dropped before the next shadow is read, so folding never holds more than one shadow beyond the saved variables.
+Each shadow is read once by TensorFlow's restore op, checked through a numpy view of that memory, and becomes the
+variable the SavedModel will save without a copy, so folding never holds more than one shadow beyond the saved
+variables.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -122,7 +124,7 @@ BN_STATS_POLICIES = ("live", "ema")
 KEPT_STATS_LIVE = "non-trainable: its shadow is not used (--bn-stats live); both arms share the live value"
 
 
-def _checked_value(variable: RestoredVariable, shadow: Shadow) -> tuple[np.ndarray | None, str | None]:
+def _checked_value(variable: RestoredVariable, shadow: Shadow) -> tuple[tf.Tensor | None, str | None]:
     """The shadow's value if it can stand in for the variable, else the problem with it."""
     if shadow.shape != variable.shape:
         return None, (f"shape mismatch: {variable.name} is {list(variable.shape)}, its shadow "
@@ -130,14 +132,23 @@ def _checked_value(variable: RestoredVariable, shadow: Shadow) -> tuple[np.ndarr
     if shadow.dtype != variable.dtype:
         return None, (f"dtype mismatch: {variable.name} is {variable.dtype.name}, its shadow "
                       f"{shadow.checkpoint_key} is {shadow.dtype.name}")
-    value = shadow.value()
-    bad = count_non_finite(value) if shadow.dtype.is_floating or shadow.dtype.is_complex else 0
+    value = shadow.tensor()
+    bad = count_non_finite(_view(value)) if shadow.dtype.is_floating or shadow.dtype.is_complex else 0
     if bad:
         return None, f"non-finite shadow: {shadow.checkpoint_key} (for {variable.name}) has {bad} NaN/Inf values"
     return value, None
 
 
-def averaged_variable(variable: RestoredVariable, value: np.ndarray) -> tf.Variable:
+def _view(value: Any) -> np.ndarray:
+    """A numpy view of a tensor's or variable's current value, without a copy.
+
+    `.numpy()` copies; `np.asarray` of an eager tensor shares its memory. A view must be dropped before the tensor
+    becomes a variable, or TensorFlow copies the memory the view still holds.
+    """
+    return np.asarray(tf.convert_to_tensor(value))
+
+
+def averaged_variable(variable: RestoredVariable, value: tf.Tensor) -> tf.Variable:
     """The variable that holds `variable`'s averaged value in the export (named after its path, under `ema/`)."""
     return tf.Variable(value, trainable=False, name="ema/" + variable.path.replace("/", "."))
 
@@ -181,14 +192,16 @@ def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_
         if problem:
             problems.append(problem)
             continue
-        live = np.asarray(variable.variable.numpy())  # restored and checked equal to its checkpoint entry
+        assert value is not None
+        average, live = _view(value), _view(variable.variable)  # views: no copy of either
         folded.append(FoldedVariable(variable.name, variable.path, variable.shape, variable.dtype.name,
-                                     shadow.checkpoint_key, relative_l2(live, value)))
+                                     shadow.checkpoint_key, relative_l2(live, average)))
+        all_zero = all_zero and not np.any(average)
+        del average, live  # before the variable adopts the shadow's memory
         averaged.add(index)
-        all_zero = all_zero and not np.any(value)
         if keep_values:
             values[index] = averaged_variable(variable, value)
-        del value, live  # before the next shadow is read: one shadow in numpy at a time
+        del value  # before the next shadow is read: one shadow outside the saved variables at a time
     if missing and not allow_missing:
         problems.append(f"missing shadow for {len(missing)} trainable variables: {', '.join(missing)}")
     if match.unmatched:

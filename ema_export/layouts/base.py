@@ -16,8 +16,10 @@ from typing import ClassVar
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.ops import io_ops
 
 from ema_export.locate import CheckpointSources
+from ema_export.read import ROLE_EMA, reading
 from ema_export.restore import RestoredModel, name_list
 
 EMA_SUFFIX = re.compile(r"/ExponentialMovingAverage(_\d+)?$")
@@ -34,10 +36,27 @@ class Shadow:
     shape: tuple[int, ...]
     dtype: tf.DType
     read: Callable[[], np.ndarray] = field(repr=False, compare=False)
+    prefix: str | None = None
+    """The TensorFlow checkpoint holding the value under `checkpoint_key`, when it is one (None: only `read`)."""
+    role: str = ROLE_EMA
+    """Which half of the export the checkpoint at `prefix` is, for the message when reading it fails."""
 
     def value(self) -> np.ndarray:
         """Read the value from its file (only folding does, once, so large checkpoints are not held twice)."""
         return np.asarray(self.read())
+
+    def tensor(self) -> tf.Tensor:
+        """Read the value as a TensorFlow tensor, once.
+
+        From a TensorFlow checkpoint it is read by TensorFlow's own restore op into memory TensorFlow owns, so a
+        variable created from the tensor adopts that memory instead of copying it (TensorFlow's AssignVariableOp
+        forwards an input buffer nothing else references); the checks read it through a numpy view of the same
+        memory. Other shadows (Keras files, held copies) are read into numpy and converted.
+        """
+        if self.prefix is None:
+            return tf.convert_to_tensor(self.value())
+        with reading(self.prefix, self.role):
+            return io_ops.restore_v2(self.prefix, [self.checkpoint_key], [""], [self.dtype])[0]
 
 
 @dataclass
@@ -79,6 +98,9 @@ class CheckpointShadows:
 
     def __init__(self, reader: tf.train.CheckpointReader) -> None:
         self.reader = reader
+        # `read.open_checkpoint`'s readers know their checkpoint: folding then reads through TensorFlow's restore op.
+        self.prefix: str | None = getattr(reader, "prefix", None)
+        self.role: str = getattr(reader, "role", ROLE_EMA)
         self.shapes = reader.get_variable_to_shape_map()
         self.dtypes = reader.get_variable_to_dtype_map()
 
@@ -91,6 +113,8 @@ class CheckpointShadows:
             shape=tuple(self.shapes[checkpoint_key]),
             dtype=tf.dtypes.as_dtype(self.dtypes[checkpoint_key]),
             read=functools.partial(self.reader.get_tensor, checkpoint_key),
+            prefix=self.prefix,
+            role=self.role,
         )
 
 

@@ -80,7 +80,8 @@ def swap_arms(match: ShadowMatch, restored: RestoredModel) -> ShadowMatch:
         variable.variable.assign(shadow.value())
         swapped[index] = dataclasses.replace(
             shadow, checkpoint_key=variable.checkpoint_key or variable.path,
-            recorded_name=f"{variable.name} (model value of the inverted checkpoint)", read=held.copy)
+            recorded_name=f"{variable.name} (model value of the inverted checkpoint)", read=held.copy,
+            prefix=None)
     note = (f"--inverted: the model values of {match.source} were served as the averages and its EMA values as the "
             f"raw weights ({len(swapped)} variables swapped back)")
     return dataclasses.replace(match, matched=swapped, warnings=[*match.warnings, note])
