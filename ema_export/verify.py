@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import rewriter_config_pb2
 
 from ema_export.assemble import Assembly
 from ema_export.contracts import DEFAULT_ARMS, SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
@@ -87,12 +86,10 @@ def run_like_tf_serving(directory: Path, feed: dict[str, np.ndarray]) -> dict[st
     logger = tf.get_logger()
     level = logger.level
     logger.setLevel("ERROR")  # the v1 loader announces its own deprecation on every call
-    # Grappler only rewrites the graph for speed; on a large model it costs more than the probe run it speeds up.
-    config = tf.compat.v1.ConfigProto(
-        graph_options=tf.compat.v1.GraphOptions(
-            rewrite_options=rewriter_config_pb2.RewriterConfig(disable_meta_optimizer=True)))
+    # The session keeps TensorFlow's default graph optimization (Grappler) on: TF Serving runs the optimized graph, so
+    # that is the graph whose answers are checked.
     try:
-        with tf.compat.v1.Session(graph=tf.Graph(), config=config) as session:
+        with tf.compat.v1.Session(graph=tf.Graph()) as session:
             meta_graph = tf.compat.v1.saved_model.load(session, [tf.saved_model.SERVING], str(directory))
             signatures = {name: meta_graph.signature_def.get(name) for name in SIGNATURES}
             feeds, fetches = {}, {}
