@@ -3,6 +3,8 @@ straight into the variables that are saved."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -14,7 +16,11 @@ from ema_export.api import STAGES
 from ema_export.cli import cli
 from ema_export.errors import FoldError
 from ema_export.fold import count_non_finite, relative_l2
+from ema_export.fresh_model import build_fresh_model, without_initial_values
+from ema_export.layouts import choose_layout
+from ema_export.locate import locate
 from ema_export.manifest import read_manifest
+from ema_export.restore import restore
 from support import models as tm
 
 BFLOAT16 = tf.bfloat16.as_numpy_dtype
@@ -110,3 +116,67 @@ def test_relative_l2_of_a_large_float16_tensor_does_not_overflow():
     live = np.ones(200_000, np.float16)  # its sum of squares is far above float16's largest value
     assert relative_l2(live, live * np.float16(1.5)) == pytest.approx(0.5)
     assert relative_l2(np.zeros(3, np.float32), np.full(3, 2.0, np.float32)) == pytest.approx(np.sqrt(12))
+
+
+def test_architecture_files_are_rebuilt_with_zeros_for_initial_values(tmp_path):
+    import keras
+
+    model = tm.build_sequential()
+    (tmp_path / "model.json").write_text(model.to_json())
+    config = json.loads(model.to_json())
+
+    rebuilt = json.loads(without_initial_values(model.to_json()))
+    initializers = [value for key, value in _items(rebuilt) if key.endswith("initializer")]
+    assert initializers and set(initializers) == {"zeros"}  # kernel, bias, gamma, beta, moving mean and variance
+    assert _drop_initializers(rebuilt) == _drop_initializers(config)  # nothing else changed
+    assert without_initial_values("not json {") == "not json {"  # left for Keras to report
+
+    fresh = build_fresh_model(tmp_path)
+    assert isinstance(fresh.model, keras.Model)
+    assert all(not np.any(variable.numpy()) for variable in fresh.model.variables)
+
+
+def test_architecture_file_export_serves_the_checkpoint_values_not_the_zeros(tmp_path):
+    tm.write_keras_checkpoints(tm.build_sequential, tmp_path / "ckpt", ema_key=lambda v: v.path)
+    (tmp_path / "ckpt" / "model.json").write_text(tm.build_sequential().to_json())
+    result = ema_export.export(tmp_path / "ckpt", tmp_path / "models")
+
+    assert result.verification.passed and result.verification.arms_differ
+    reader = tf.train.load_checkpoint(str(tmp_path / "ckpt"))
+    saved = str(result.version_dir / "variables" / "variables")
+    stored = {np.asarray(tf.train.load_variable(saved, key)).tobytes() for key, _ in tf.train.list_variables(saved)}
+    live = [key for key in reader.get_variable_to_shape_map() if key.startswith("model/") and "VARIABLE_VALUE" in key]
+    assert live and all(reader.get_tensor(key).tobytes() in stored for key in live)
+
+
+def test_a_checkpoint_shadow_becomes_its_export_variable_without_a_copy(seed_ckpt, tmp_path):
+    sources = locate(seed_ckpt)
+    restored = restore(build_fresh_model(seed_ckpt, tm.LinearModule), sources.training)
+    match = choose_layout(sources, restored)[0].collect(sources, restored)
+    index, shadow = next(iter(match.matched.items()))
+    assert shadow.prefix == sources.ema.prefix
+
+    tensor = shadow.tensor()
+    address = np.asarray(tensor).__array_interface__["data"][0]
+    np.testing.assert_array_equal(np.asarray(tensor), shadow.value())
+    variable = fold_module.averaged_variable(restored.variables[index], tensor)
+    del tensor
+
+    assert np.asarray(tf.convert_to_tensor(variable)).__array_interface__["data"][0] == address
+
+
+def _drop_initializers(node):
+    if isinstance(node, dict):
+        return {key: _drop_initializers(value) for key, value in node.items() if not key.endswith("initializer")}
+    return [_drop_initializers(item) for item in node] if isinstance(node, list) else node
+
+
+def _items(node):
+    """Every (key, value) of a nested config."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield key, value
+            yield from _items(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _items(item)
