@@ -16,7 +16,7 @@ of the averaged weights).
 
     python benchmarks/export_bench.py                      # ResNet50 only
     python benchmarks/export_bench.py --sizes              # 25 MB, ResNet50, 768 MB, 2 GB
-    python benchmarks/export_bench.py --sizes small,dense768 --rounds 3 --keep /tmp/bench
+    python benchmarks/export_bench.py --sizes small,dense768 --rounds 3 --keep /tmp/bench   # reuse checkpoints
 """
 
 from __future__ import annotations
@@ -170,6 +170,12 @@ def needed_bytes(size: Size) -> int:
     return int(3.5 * size.weight_bytes) + 3 * _GIB // 2
 
 
+def needed_disk_bytes(size: Size, root: Path) -> int:
+    """The checkpoint pair (unless already written) and the largest output (two copies of the weights), plus 10%."""
+    checkpoints = 0 if (root / size.name / "ckpt" / "checkpoint").exists() else 2 * size.weight_bytes
+    return int(1.1 * (checkpoints + 2 * size.weight_bytes))
+
+
 def measure(size: Size, root: Path, rounds: int) -> dict:
     """Median seconds and peak RSS per role, bytes on disk per role, and median stage durations of ema-export."""
     ckpt_dir = root / size.name / "ckpt"
@@ -181,12 +187,12 @@ def measure(size: Size, root: Path, rounds: int) -> dict:
         order = ROLES[round_number % len(ROLES):] + ROLES[:round_number % len(ROLES)]  # rotate who goes first
         for role in order:
             shutil.rmtree(outputs[role], ignore_errors=True)
-            runs[role].append(spawn(role, size, ckpt_dir, outputs[role]))
-    result = {role: {key: statistics.median(run[key] for run in runs[role]) for key in ("seconds", "peak_rss_mib")}
-              for role in ROLES}
-    for role in ROLES:
-        version = next(path for path in outputs[role].iterdir() if path.name.isdigit())
-        result[role]["bytes"] = disk_bytes(version)
+            run = spawn(role, size, ckpt_dir, outputs[role])
+            run["bytes"] = disk_bytes(next(path for path in outputs[role].iterdir() if path.name.isdigit()))
+            shutil.rmtree(outputs[role])  # one output on disk at a time: at 2 GiB they would not all fit
+            runs[role].append(run)
+    result = {role: {key: statistics.median(run[key] for run in runs[role])
+                     for key in ("seconds", "peak_rss_mib", "bytes")} for role in ROLES}
     stages = runs["ema-export"][0]["timings"]
     result["stages"] = {stage: statistics.median(run["timings"][stage] for run in runs["ema-export"])
                         for stage in stages}
@@ -216,9 +222,10 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="?", const=",".join(SIZES), default="resnet50",
                         help=f"comma-separated, from {', '.join(SIZES)} (all when given alone)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--keep", type=Path, help="reuse checkpoints and keep outputs in this directory")
+    parser.add_argument("--keep", type=Path, help="write checkpoints into this directory and reuse them next time")
     arguments = parser.parse_args()
     root = arguments.keep or Path(tempfile.mkdtemp(prefix="export-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in arguments.sizes.split(","):
         size = SIZES[name]
@@ -226,7 +233,14 @@ def main() -> None:
             print(f"skipped {size.label}: needs about {needed_bytes(size) / _GIB:.1f} GiB of available memory, "
                   f"{available_bytes() / _GIB:.1f} GiB available", flush=True)
             continue
+        free_disk = shutil.disk_usage(root).free
+        if free_disk < needed_disk_bytes(size, root):
+            print(f"skipped {size.label}: needs about {needed_disk_bytes(size, root) / _GIB:.1f} GiB of free disk in "
+                  f"{root}, {free_disk / _GIB:.1f} GiB free", flush=True)
+            continue
+        load_before = os.getloadavg()[0]
         results[name] = measure(size, root, arguments.rounds)
+        results[name]["load"] = (load_before, os.getloadavg()[0])  # others' work on the machine, for the reader
         print(f"measured {size.label}: {json.dumps(results[name])}", flush=True)
         if not arguments.keep:
             shutil.rmtree(root / name, ignore_errors=True)
@@ -237,6 +251,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for name, result in results.items():
         print(_row(SIZES[name].label, result))
+    print("\n1-minute load average before and after each size (2 cores): " + ", ".join(
+        f"{SIZES[name].label}: {result['load'][0]:.1f} / {result['load'][1]:.1f}" for name, result in results.items()))
     print("\nema-export stages, median seconds:")
     for name, result in results.items():
         print(f"  {SIZES[name].label}: " + ", ".join(f"{stage} {seconds:.2f}" for stage, seconds in
