@@ -16,7 +16,6 @@ from typing import ClassVar
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.ops import io_ops
 
 from ema_export.locate import CheckpointSources
 from ema_export.read import ROLE_EMA, reading
@@ -56,7 +55,8 @@ class Shadow:
         if self.prefix is None:
             return tf.convert_to_tensor(self.value())
         with reading(self.prefix, self.role):
-            return io_ops.restore_v2(self.prefix, [self.checkpoint_key], [""], [self.dtype])[0]
+            return tf.raw_ops.RestoreV2(prefix=self.prefix, tensor_names=[self.checkpoint_key], shape_and_slices=[""],
+                                        dtypes=[self.dtype])[0]
 
 
 @dataclass
