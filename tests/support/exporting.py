@@ -1,5 +1,6 @@
 """Fixtures and helpers the exporter's command-line tests share: the seed checkpoints and a CliRunner call."""
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -22,3 +23,9 @@ def ckpt(tmp_path: Path) -> Path:
 def run_export(*args: object) -> Result:
     """`ema-export ARGS...` through click's CliRunner (stdout and stderr kept apart)."""
     return CliRunner().invoke(cli, [str(arg) for arg in args])
+
+
+def default_sigint() -> None:
+    """`preexec_fn` for a child that a test interrupts with SIGINT: a shell running the suite as a background job
+    starts it with SIGINT ignored, which the child would inherit (and then never see Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
