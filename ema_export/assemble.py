@@ -18,7 +18,7 @@ import tensorflow as tf
 from ema_export.checkpoint_graph import children_of, variable_identity
 from ema_export.contracts import DEFAULT_ARMS, SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE, output_name
 from ema_export.fold import FoldReport
-from ema_export.restore import RestoredModel
+from ema_export.restored import RestoredModel
 
 
 @dataclass

@@ -75,3 +75,9 @@ class VersionServedError(VersionExistsError):
 
 class ServingVersionError(EmaExportError):
     """`--serving-version` is not a TF Serving release number (MAJOR.MINOR)."""
+
+
+def name_list(names: list[str], limit: int = 8) -> str:
+    """`a, b, c and 4 more`: offenders in a one-line message."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

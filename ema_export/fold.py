@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from ema_export.errors import FoldError
 from ema_export.layouts import Shadow, ShadowMatch
-from ema_export.restore import RestoredModel, RestoredVariable
+from ema_export.restored import RestoredModel, RestoredVariable
 
 KEPT_NON_TRAINABLE = "non-trainable: both arms share the live value"
 KEPT_NO_SHADOW = "no shadow (--allow-missing): the EMA arm uses the live value"

@@ -27,11 +27,11 @@ import numpy as np
 import tensorflow as tf
 
 from ema_export.checkpoint_graph import variable_identity
-from ema_export.errors import RestoreError
+from ema_export.errors import RestoreError, name_list
 from ema_export.fresh_model import FreshModel
 from ema_export.locate import CheckpointFiles
 from ema_export.private_apis import keras_saving_lib, tf_keras_saving_lib
-from ema_export.restore import RestoredModel, RestoredVariable, model_variables, name_list, raise_for_shapes
+from ema_export.restored import RestoredModel, RestoredVariable, model_variables, raise_for_shapes
 
 WEIGHTS_MEMBER = "model.weights.h5"
 """The HDF5 file inside a `.keras` archive."""

@@ -26,7 +26,7 @@ from ema_export.contracts import (
 )
 from ema_export.fold import FoldReport
 from ema_export.locate import CheckpointSources
-from ema_export.restore import RestoredModel
+from ema_export.restored import RestoredModel
 from ema_export.verify import VerificationReport
 
 MANIFEST_FORMAT = 1

@@ -14,11 +14,11 @@ import numpy as np
 import tensorflow as tf
 
 from ema_export.checkpoint_graph import children_of, variable_identity
-from ema_export.errors import RestoreError
+from ema_export.errors import RestoreError, name_list
 from ema_export.fresh_model import FreshModel
 from ema_export.locate import CheckpointFiles
 from ema_export.read import ROLE_TRAINING, open_checkpoint
-from ema_export.restore import RestoredModel, RestoredVariable, model_variables, name_list
+from ema_export.restored import RestoredModel, RestoredVariable, model_variables
 
 
 def variable_names(variable: Any) -> list[str]:

@@ -12,7 +12,7 @@ from ema_export.errors import LayoutError
 from ema_export.layout_registry import LAYOUT_CLASSES
 from ema_export.layouts.base import Layout, LayoutSettings, Shadow, ShadowMatch
 from ema_export.locate import CheckpointSources
-from ema_export.restore import RestoredModel
+from ema_export.restored import RestoredModel
 
 
 def _load_layouts() -> dict[str, type[Layout]]:

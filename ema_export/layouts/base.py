@@ -17,9 +17,10 @@ from typing import ClassVar
 import numpy as np
 import tensorflow as tf
 
+from ema_export.errors import name_list
 from ema_export.locate import CheckpointSources
 from ema_export.read import ROLE_EMA, reading
-from ema_export.restore import RestoredModel, name_list
+from ema_export.restored import RestoredModel
 
 EMA_SUFFIX = re.compile(r"/ExponentialMovingAverage(_\d+)?$")
 """How `tf.train.ExponentialMovingAverage` names a shadow: `<variable>/ExponentialMovingAverage[_N]`."""

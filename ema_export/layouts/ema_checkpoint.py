@@ -13,7 +13,7 @@ from ema_export.layouts.base import (CheckpointShadows, Layout, ShadowMatch, mat
                                      strip_output_index)
 from ema_export.locate import STEP_VARIABLES, CheckpointSources
 from ema_export.read import ROLE_EMA, open_checkpoint
-from ema_export.restore import RestoredModel
+from ema_export.restored import RestoredModel
 
 _BOOKKEEPING = frozenset({"save_counter", *STEP_VARIABLES})
 

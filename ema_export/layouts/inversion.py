@@ -30,7 +30,7 @@ import numpy as np
 
 from ema_export.errors import LayoutError
 from ema_export.layouts.base import Shadow, ShadowMatch
-from ema_export.restore import RestoredModel
+from ema_export.restored import RestoredModel
 
 INVERTED_FLAGS = "--inverted (swap the arms back) or --not-inverted (export it as it is)"
 

@@ -24,7 +24,7 @@ from ema_export.layouts.base import Layout, Shadow, ShadowMatch
 from ema_export.layouts.inversion import judge_keras_file, refuse
 from ema_export.layouts.keras_optimizer import finalized_warning
 from ema_export.locate import CheckpointSources
-from ema_export.restore import RestoredModel
+from ema_export.restored import RestoredModel
 
 _FIX_AMBIGUITY = ("Save a .keras file instead (model.save or ModelCheckpoint without save_weights_only), which "
                   "records the optimizer's configuration, or make --model return the model compiled with the training "

@@ -28,10 +28,10 @@ import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from ema_export.checkpoint_graph import VARIABLE_VALUE, GraphVariable, read_object_graph
-from ema_export.errors import LayoutError
+from ema_export.errors import LayoutError, name_list
 from ema_export.layouts.base import CheckpointShadows, Layout, ShadowMatch, match_by_name, strip_output_index
 from ema_export.locate import CheckpointSources
-from ema_export.restore import RestoredModel, name_list
+from ema_export.restored import RestoredModel
 
 AVERAGES = "_model_variables_moving_average"
 TRAINED = "_trainable_variables"

@@ -33,11 +33,11 @@ import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from ema_export.checkpoint_graph import VARIABLE_VALUE, read_object_graph
-from ema_export.errors import CheckpointNotFoundError, LayoutError
+from ema_export.errors import CheckpointNotFoundError, LayoutError, name_list
 from ema_export.layouts.base import CheckpointShadows, Layout, Shadow, ShadowMatch
 from ema_export.locate import CheckpointSources, resolve_checkpoint
 from ema_export.read import ROLE_TRAINING, open_checkpoint
-from ema_export.restore import RestoredModel, name_list
+from ema_export.restored import RestoredModel
 
 AVERAGE_SLOT = "average"
 """The slot name every moving-average optimizer wrapper uses for its shadows."""

@@ -10,10 +10,11 @@ from __future__ import annotations
 import re
 
 from ema_export.checkpoint_graph import read_object_graph
+from ema_export.errors import name_list
 from ema_export.layouts.base import CheckpointShadows, Layout, Shadow, ShadowMatch
 from ema_export.locate import CheckpointSources
 from ema_export.read import ROLE_TRAINING, open_checkpoint
-from ema_export.restore import RestoredModel, name_list
+from ema_export.restored import RestoredModel
 
 _DEFAULT_SUFFIX = r"ExponentialMovingAverage(_\d+)?"
 

@@ -11,7 +11,7 @@ from ema_export.checkpoint_graph import iter_variables, read_object_graph
 from ema_export.layouts.base import (CheckpointShadows, Layout, Shadow, ShadowMatch, match_by_name, strip_ema_suffix,
                                      strip_output_index)
 from ema_export.locate import CheckpointSources
-from ema_export.restore import RestoredModel
+from ema_export.restored import RestoredModel
 
 
 class TrackedShadowsLayout(Layout):

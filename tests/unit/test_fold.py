@@ -17,7 +17,7 @@ from ema_export.errors import FoldError
 from ema_export.fold import KEPT_NO_SHADOW, KEPT_NON_TRAINABLE, KEPT_STATS_LIVE, fold, relative_l2
 from ema_export.layouts import Shadow, ShadowMatch
 from ema_export.layouts.base import match_by_name
-from ema_export.restore import RestoredModel, RestoredVariable
+from ema_export.restored import RestoredModel, RestoredVariable
 
 
 def _variable(name: str, value, trainable: bool = True, keras_path: str = "") -> RestoredVariable:

@@ -1,0 +1,86 @@
+"""What the restore stage returns, shared by its three strategies and every later stage.
+
+`restore.py` dispatches to a strategy (the object graph in `restore_by_graph`, names in `restore_by_name`, Keras
+files in `keras_files`); each builds these types, so none of them imports the dispatcher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import tensorflow as tf
+
+from ema_export.checkpoint_graph import variable_identity
+from ema_export.errors import RestoreError, name_list
+from ema_export.fresh_model import FreshModel
+from ema_export.locate import CheckpointFiles
+
+
+@dataclass
+class RestoredVariable:
+    """A model variable and the checkpoint entry its live value came from."""
+
+    variable: Any
+    path: str
+    checkpoint_key: str
+    training_name: str
+    trainable: bool
+    shape: tuple[int, ...]
+    dtype: tf.DType
+
+    keras_path: str = ""
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """Names a shadow may use for this variable: its training-time name, and its Keras path if it has one."""
+        return tuple(dict.fromkeys(name for name in (self.training_name, self.keras_path) if name))
+
+    @property
+    def name(self) -> str:
+        """The name people know the variable by: its name at training time."""
+        return self.training_name or self.path
+
+
+@dataclass
+class RestoredModel:
+    """The fresh model with live values, and where each came from."""
+
+    fresh: FreshModel
+    checkpoint: CheckpointFiles
+    attachment: str
+    variables: list[RestoredVariable]
+    reader: tf.train.CheckpointReader | None = field(repr=False)
+    object_paths: dict[int, tuple[Any, Any, str]] = field(repr=False, default_factory=dict)
+    attachment_node: int | None = None
+    """Object-graph node the model hangs at (None for name-based or Keras-file checkpoints)."""
+
+
+def model_variables(model: Any) -> list[Any]:
+    """Every variable of the model, each once, in the model's own order."""
+    seen: set[int] = set()
+    result = []
+    for variable in model.variables:
+        identity = variable_identity(variable)
+        if identity not in seen:
+            seen.add(identity)
+            result.append(variable)
+    return result
+
+
+def raise_for_shapes(source: str, entries: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> None:
+    """One error naming every variable whose shape differs from its checkpoint entry, before anything is loaded
+    (TensorFlow and Keras would fail on the first one, with a long message and warnings about the rest).
+
+    Args:
+        source: The checkpoint, for the message.
+        entries: (name, model shape, stored shape) per variable.
+    """
+    differing = [f"{name} {list(model)} in the model, {list(stored)} in the checkpoint"
+                 for name, model, stored in entries if tuple(model) != tuple(stored)]
+    if differing:
+        raise RestoreError(
+            f"{len(differing)} of {len(entries)} model variables have another shape than in {source}: "
+            f"{name_list(differing, limit=3)}",
+            hint="The model is not the architecture that was trained; pass the --model that was trained",
+        )
