@@ -29,6 +29,7 @@ from ema_export.layouts import LayoutSettings, choose_layout
 from ema_export.locate import CheckpointSources, locate
 from ema_export.manifest import add_timings, add_verification, build_manifest, write_manifest
 from ema_export.out_dir import ensure_writable
+from ema_export.read import one_export
 from ema_export.restore import restore
 from ema_export.serving_version import skew_warning
 from ema_export.verify import VerificationReport, reference_outputs, verify
@@ -160,6 +161,7 @@ def _resolve_options(options: ExportOptions | None, overrides: dict[str, Any]) -
     return options
 
 
+@one_export()
 def _prepare(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model: str | ModelFactory | None,
              options: ExportOptions, step: Callable[[str], None], keep_values: bool = True) -> _Prepared:
     """Stages shared by `export` and `dry_run`: locate, build, restore, collect and fold."""

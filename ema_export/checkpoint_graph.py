@@ -39,19 +39,43 @@ def read_object_graph(reader: tf.train.CheckpointReader) -> trackable_object_gra
     return graph
 
 
-def iter_variables(graph: trackable_object_graph_pb2.TrackableObjectGraph, start: int = 0) -> Iterator[GraphVariable]:
-    """Every variable below node `start`, once, by breadth-first path (the path TensorFlow used for its key)."""
+def walk(
+    graph: trackable_object_graph_pb2.TrackableObjectGraph, start: int = 0
+) -> Iterator[tuple[int, tuple[str, ...]]]:
+    """Every node reachable from node `start`, once, with its breadth-first path of local names.
+
+    Breadth-first is the order TensorFlow names checkpoint keys by, so a node's path here is the path in its key. This
+    is the one object-graph walker: every other lookup by path is built on it.
+    """
     seen = {start}
     queue: deque[tuple[int, tuple[str, ...]]] = deque([(start, ())])
     while queue:
         node_id, path = queue.popleft()
-        for attribute in graph.nodes[node_id].attributes:
-            if attribute.name == VARIABLE_VALUE:
-                yield GraphVariable(node_id, path, attribute.checkpoint_key, attribute.full_name)
+        yield node_id, path
         for child in graph.nodes[node_id].children:
             if child.node_id not in seen:
                 seen.add(child.node_id)
                 queue.append((child.node_id, path + (child.local_name,)))
+
+
+def node_paths(graph: trackable_object_graph_pb2.TrackableObjectGraph, start: int = 0) -> dict[int, tuple[str, ...]]:
+    """Node id -> breadth-first path from `start`, for every node reachable from it."""
+    return dict(walk(graph, start))
+
+
+def value_attribute(
+    graph: trackable_object_graph_pb2.TrackableObjectGraph, node_id: int
+) -> trackable_object_graph_pb2.TrackableObjectGraph.TrackableObject.SerializedTensor | None:
+    """The node's saved variable value (checkpoint key and full name), or None when the node is no variable."""
+    return next((a for a in graph.nodes[node_id].attributes if a.name == VARIABLE_VALUE), None)
+
+
+def iter_variables(graph: trackable_object_graph_pb2.TrackableObjectGraph, start: int = 0) -> Iterator[GraphVariable]:
+    """Every variable below node `start`, once, by breadth-first path (the path TensorFlow used for its key)."""
+    for node_id, path in walk(graph, start):
+        for attribute in graph.nodes[node_id].attributes:
+            if attribute.name == VARIABLE_VALUE:
+                yield GraphVariable(node_id, path, attribute.checkpoint_key, attribute.full_name)
 
 
 def children_of(obj: Any) -> dict[str, Any]:

@@ -178,13 +178,14 @@ STEP_VARIABLES = ("step", "global_step", "train_step")
 def read_step(files: CheckpointFiles, role: str) -> CheckpointFiles:
     """The checkpoint with its step: a step variable saved in it, else the `-N` number of its prefix."""
     if not files.is_keras_file:
-        from ema_export.read import open_checkpoint
+        from ema_export.read import open_index
 
-        reader = open_checkpoint(files.prefix, role)
+        index = open_index(files.prefix, role)
         for name in STEP_VARIABLES:
             for key in (f"{name}/.ATTRIBUTES/VARIABLE_VALUE", name):
-                if reader.has_tensor(key):
-                    return dataclasses.replace(files, step=int(reader.get_tensor(key)), step_source=f"variable {name}")
+                if key in index.shapes:
+                    step = int(index.reader.get_tensor(key))
+                    return dataclasses.replace(files, step=step, step_source=f"variable {name}")
     if files.number is not None:
         return dataclasses.replace(files, step=files.number, step_source="checkpoint number")
     return files

@@ -9,21 +9,28 @@ saying which checkpoint it was reading:
   an OutOfRange status that the checkpoint reader raises as `IndexError`);
 - flipped bytes fail that tensor's checksum ("Checksum does not match").
 
-`open_checkpoint` opens a checkpoint once and returns a reader whose tensor reads translate the same way, so the error
-names the checkpoint, which half of the export it is (training or EMA), the file and the fix. `reading` covers the
-other readers of the same files (`tf.train.Checkpoint.read`).
+`open_index` opens a checkpoint and returns its `CheckpointIndex`: a reader whose tensor reads translate the same way
+(so the error names the checkpoint, which half of the export it is (training or EMA), the file and the fix), with the
+object graph, shape and dtype maps and node paths every stage looks things up in. Within `one_export` (the pipeline
+runs its read stages inside it) each checkpoint is opened once and its index shared by restore and every layout.
+`reading` covers the other readers of the same files (`tf.train.Checkpoint.read`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import glob
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import tensorflow as tf
+from tensorflow.core.protobuf import trackable_object_graph_pb2
 
+from ema_export.checkpoint_graph import node_paths, read_object_graph
 from ema_export.errors import CheckpointReadError
 
 ROLE_TRAINING = "training"
@@ -63,8 +70,91 @@ class CheckpointReader:
         return getattr(self._reader, name)
 
 
+@dataclass(frozen=True)
+class CheckpointIndex:
+    """One opened checkpoint and what the stages look up in it, read once.
+
+    The shape and dtype maps come from the `.index` file; the object graph (a tensor in the data file) is parsed on
+    first use, so a checkpoint whose graph is never needed does not pay for it, and a damaged data file fails where it
+    failed before: at the first read that needs it.
+    """
+
+    prefix: str
+    role: str
+    reader: CheckpointReader = field(repr=False)
+    shapes: dict[str, list[int]] = field(repr=False)
+    dtypes: dict[str, tf.DType] = field(repr=False)
+
+    @functools.cached_property
+    def graph(self) -> trackable_object_graph_pb2.TrackableObjectGraph | None:
+        """The object graph, or None for a name-based (TF1 Saver) checkpoint."""
+        return read_object_graph(self.reader)
+
+    @functools.cached_property
+    def node_paths(self) -> dict[int, tuple[str, ...]]:
+        """Breadth-first path of every object-graph node from the root (empty without a graph)."""
+        return node_paths(self.graph) if self.graph is not None else {}
+
+
+_LOADS = 0
+_OPEN: contextvars.ContextVar[dict[tuple[str, str], CheckpointIndex] | None] = contextvars.ContextVar(
+    "ema_export_open_indexes", default=None)
+
+
+def load_count() -> int:
+    """How many times this process opened a checkpoint with `tf.train.load_checkpoint` (tests count opens)."""
+    return _LOADS
+
+
+def _load(prefix: str) -> Any:
+    global _LOADS
+    _LOADS += 1
+    return tf.train.load_checkpoint(prefix)
+
+
+@contextlib.contextmanager
+def one_export() -> Iterator[None]:
+    """Share one `CheckpointIndex` per (prefix, role) among everything run inside, for the duration of one export.
+
+    Usable as a decorator. Nested uses share the outer cache; outside any, `open_index` opens afresh each time (the
+    files may change between exports).
+    """
+    if _OPEN.get() is not None:
+        yield
+        return
+    token = _OPEN.set({})
+    try:
+        yield
+    finally:
+        _OPEN.reset(token)
+
+
+def open_index(prefix: str | os.PathLike, role: str) -> CheckpointIndex:
+    """The `CheckpointIndex` of the checkpoint at `prefix`: opened once per export (see `one_export`).
+
+    Raises:
+        CheckpointReadError: The index is missing, empty or not a checkpoint index.
+    """
+    prefix = os.fspath(prefix)
+    cache = _OPEN.get()
+    if cache is not None and (prefix, role) in cache:
+        return cache[(prefix, role)]
+    with reading(prefix, role):
+        raw = _load(prefix)
+        index = CheckpointIndex(prefix, role, CheckpointReader(raw, prefix, role),
+                                raw.get_variable_to_shape_map(), raw.get_variable_to_dtype_map())
+    if cache is not None:
+        cache[(prefix, role)] = index
+    return index
+
+
+def index_of(reader: Any) -> CheckpointIndex:
+    """The index a `CheckpointReader` from `open_checkpoint` belongs to (the same one, within `one_export`)."""
+    return open_index(reader.prefix, reader.role)
+
+
 def open_checkpoint(prefix: str | os.PathLike, role: str) -> CheckpointReader:
-    """Open the checkpoint at `prefix` for reading.
+    """Open the checkpoint at `prefix` for reading: the reader of its `CheckpointIndex` (see `open_index`).
 
     Args:
         prefix: The checkpoint prefix (`.../ckpt-7`, without `.index`).
@@ -77,9 +167,7 @@ def open_checkpoint(prefix: str | os.PathLike, role: str) -> CheckpointReader:
         >>> reader = open_checkpoint("runs/7/ema/ckpt-3", ROLE_EMA)
         >>> reader.get_tensor("save_counter/.ATTRIBUTES/VARIABLE_VALUE")
     """
-    prefix = os.fspath(prefix)
-    with reading(prefix, role):
-        return CheckpointReader(tf.train.load_checkpoint(prefix), prefix, role)
+    return open_index(prefix, role).reader
 
 
 @contextlib.contextmanager

@@ -7,11 +7,10 @@ they return is defined in `restored`.
 
 from __future__ import annotations
 
-from ema_export.checkpoint_graph import read_object_graph
 from ema_export.fresh_model import FreshModel
 from ema_export.keras_files import restore_from_keras_file
 from ema_export.locate import CheckpointFiles
-from ema_export.read import ROLE_TRAINING, open_checkpoint
+from ema_export.read import ROLE_TRAINING, open_index
 from ema_export.restore_by_graph import restore_live
 from ema_export.restore_by_name import restore_by_name
 from ema_export.restored import RestoredModel, RestoredVariable
@@ -24,6 +23,6 @@ def restore(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredModel:
     Keras's own `.keras` / `.weights.h5` file (`keras_files.restore_from_keras_file`)."""
     if checkpoint.is_keras_file:
         return restore_from_keras_file(fresh, checkpoint)
-    if read_object_graph(open_checkpoint(checkpoint.prefix, ROLE_TRAINING)) is None:
+    if open_index(checkpoint.prefix, ROLE_TRAINING).graph is None:
         return restore_by_name(fresh, checkpoint)
     return restore_live(fresh, checkpoint)

@@ -13,11 +13,11 @@ from typing import Any
 
 import tensorflow as tf
 
-from ema_export.checkpoint_graph import children_of, iter_variables, match_objects, read_object_graph, variable_identity
+from ema_export.checkpoint_graph import children_of, iter_variables, match_objects, variable_identity
 from ema_export.errors import RestoreError, name_list
 from ema_export.fresh_model import FreshModel
 from ema_export.locate import CheckpointFiles
-from ema_export.read import ROLE_TRAINING, open_checkpoint, reading
+from ema_export.read import ROLE_TRAINING, open_index, reading
 from ema_export.restored import RestoredModel, RestoredVariable, model_variables, raise_for_shapes
 
 
@@ -54,8 +54,8 @@ def restore_live(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredMode
         RestoreError: The checkpoint is name-based, or some model variable has no entry at any attachment point,
             or a value read back differs from its checkpoint entry.
     """
-    reader = open_checkpoint(checkpoint.prefix, ROLE_TRAINING)
-    graph = read_object_graph(reader)
+    index = open_index(checkpoint.prefix, ROLE_TRAINING)
+    reader, graph = index.reader, index.graph
     if graph is None:
         raise RestoreError(
             f"{checkpoint.prefix} is a name-based (TF1 Saver) checkpoint with no object graph",

@@ -17,7 +17,7 @@ from ema_export.checkpoint_graph import children_of, variable_identity
 from ema_export.errors import RestoreError, name_list
 from ema_export.fresh_model import FreshModel
 from ema_export.locate import CheckpointFiles
-from ema_export.read import ROLE_TRAINING, open_checkpoint
+from ema_export.read import ROLE_TRAINING, open_index
 from ema_export.restored import RestoredModel, RestoredVariable, model_variables
 
 
@@ -79,8 +79,8 @@ def restore_by_name(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredM
     Raises:
         RestoreError: Listing every variable with no entry, several candidate entries, or a different shape.
     """
-    reader = open_checkpoint(checkpoint.prefix, ROLE_TRAINING)
-    shapes = reader.get_variable_to_shape_map()
+    index = open_index(checkpoint.prefix, ROLE_TRAINING)
+    reader, shapes = index.reader, index.shapes
     keys = sorted(shapes)
     problems: list[str] = []
     restored: list[RestoredVariable] = []

@@ -8,11 +8,11 @@ list gives positional keys. Either way the object graph records each shadow's ow
 
 from __future__ import annotations
 
-from ema_export.checkpoint_graph import iter_variables, read_object_graph
+from ema_export.checkpoint_graph import iter_variables
 from ema_export.layouts.base import (CheckpointShadows, Layout, ShadowMatch, match_by_name, strip_ema_suffix,
                                      strip_output_index)
 from ema_export.locate import STEP_VARIABLES, CheckpointSources
-from ema_export.read import ROLE_EMA, open_checkpoint
+from ema_export.read import ROLE_EMA, open_index
 from ema_export.restored import RestoredModel
 
 _BOOKKEEPING = frozenset({"save_counter", *STEP_VARIABLES})
@@ -27,7 +27,7 @@ class EmaCheckpointLayout(Layout):
     def detect(self, sources: CheckpointSources, restored: RestoredModel) -> str | None:
         if sources.ema is None:
             return None
-        graph = read_object_graph(open_checkpoint(sources.ema.prefix, ROLE_EMA))
+        graph = open_index(sources.ema.prefix, ROLE_EMA).graph
         if graph is None:
             return None
         count = sum(1 for entry in iter_variables(graph) if entry.path[:1] and entry.path[0] not in _BOOKKEEPING)
@@ -37,10 +37,10 @@ class EmaCheckpointLayout(Layout):
 
     def collect(self, sources: CheckpointSources, restored: RestoredModel) -> ShadowMatch:
         assert sources.ema is not None
-        reader = open_checkpoint(sources.ema.prefix, ROLE_EMA)
-        graph = read_object_graph(reader)
+        index = open_index(sources.ema.prefix, ROLE_EMA)
+        graph = index.graph
         assert graph is not None
-        build = CheckpointShadows(reader)
+        build = CheckpointShadows(index.reader)
         shadows = [
             build.shadow(entry.checkpoint_key, entry.full_name, [strip_ema_suffix(entry.full_name), strip_output_index(entry.path[-1]),
                                               entry.full_name])

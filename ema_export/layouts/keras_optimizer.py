@@ -19,7 +19,6 @@ after it holds two equal copies of the averages and no raw weights, which is rep
 from __future__ import annotations
 
 import re
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,10 +26,11 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from ema_export.checkpoint_graph import VARIABLE_VALUE, GraphVariable, read_object_graph
+from ema_export.checkpoint_graph import GraphVariable, node_paths, value_attribute
 from ema_export.errors import LayoutError, name_list
 from ema_export.layouts.base import CheckpointShadows, Layout, ShadowMatch, match_by_name, strip_output_index
 from ema_export.locate import CheckpointSources
+from ema_export.read import index_of
 from ema_export.restored import RestoredModel
 
 AVERAGES = "_model_variables_moving_average"
@@ -64,26 +64,6 @@ class EmaOptimizer:
     iterations_key: str | None
 
 
-def _node_paths(graph: trackable_object_graph_pb2.TrackableObjectGraph) -> dict[int, tuple[str, ...]]:
-    """Breadth-first path of every node from the root: the path TensorFlow names its checkpoint keys after."""
-    paths: dict[int, tuple[str, ...]] = {0: ()}
-    queue = deque([0])
-    while queue:
-        node_id = queue.popleft()
-        for child in graph.nodes[node_id].children:
-            if child.node_id not in paths:
-                paths[child.node_id] = paths[node_id] + (child.local_name,)
-                queue.append(child.node_id)
-    return paths
-
-
-def _value_attribute(graph: trackable_object_graph_pb2.TrackableObjectGraph, node_id: int) -> tuple[str, str] | None:
-    for attribute in graph.nodes[node_id].attributes:
-        if attribute.name == VARIABLE_VALUE:
-            return attribute.checkpoint_key, attribute.full_name
-    return None
-
-
 def _positions(graph: trackable_object_graph_pb2.TrackableObjectGraph, list_node: int) -> dict[int, int]:
     """A tracked list's items by their index (a None item is not tracked, so indices, not order, give positions)."""
     return {int(child.local_name): child.node_id for child in graph.nodes[list_node].children
@@ -92,7 +72,7 @@ def _positions(graph: trackable_object_graph_pb2.TrackableObjectGraph, list_node
 
 def find_ema_optimizers(graph: trackable_object_graph_pb2.TrackableObjectGraph) -> list[EmaOptimizer]:
     """Every object in the graph with a non-empty `_model_variables_moving_average`, wherever it hangs."""
-    paths = _node_paths(graph)
+    paths = node_paths(graph)
     found = []
     for node_id, node in enumerate(graph.nodes):
         children = {child.local_name: child.node_id for child in node.children}
@@ -100,22 +80,22 @@ def find_ema_optimizers(graph: trackable_object_graph_pb2.TrackableObjectGraph) 
             continue
         averages = {}
         for position, item in _positions(graph, children[AVERAGES]).items():
-            value = _value_attribute(graph, item)
+            value = value_attribute(graph, item)
             if value is not None:
-                averages[position] = GraphVariable(item, paths[item], value[0], value[1])
+                averages[position] = GraphVariable(item, paths[item], value.checkpoint_key, value.full_name)
         if not averages:
             continue
         trained = _positions(graph, children[TRAINED]) if TRAINED in children else None
-        iterations = _value_attribute(graph, children[ITERATIONS]) if ITERATIONS in children else None
+        iterations = value_attribute(graph, children[ITERATIONS]) if ITERATIONS in children else None
         found.append(EmaOptimizer("/".join(paths[node_id]) or "(root)", averages, trained,
-                                  iterations[0] if iterations else None))
+                                  iterations.checkpoint_key if iterations else None))
     return found
 
 
 def _optimizers(restored: RestoredModel) -> list[EmaOptimizer]:
     if restored.reader is None:
         return []
-    graph = read_object_graph(restored.reader)
+    graph = index_of(restored.reader).graph
     return find_ema_optimizers(graph) if graph is not None else []
 
 
@@ -204,13 +184,14 @@ class _ModelIndex:
 
     @classmethod
     def of(cls, restored: RestoredModel) -> _ModelIndex:
-        graph = read_object_graph(restored.reader)
+        assert restored.reader is not None
+        graph = index_of(restored.reader).graph
         assert graph is not None
         key_to_node = {}
         for node_id in range(len(graph.nodes)):
-            value = _value_attribute(graph, node_id)
+            value = value_attribute(graph, node_id)
             if value is not None:
-                key_to_node[value[0]] = node_id
+                key_to_node[value.checkpoint_key] = node_id
         by_node = {key_to_node[item.checkpoint_key]: index for index, item in enumerate(restored.variables)
                    if item.checkpoint_key in key_to_node}
         # A variable answers to its recorded name and its Keras path: a subclassed model records its tf.Variable

@@ -24,7 +24,7 @@ value survives it exactly, while the regular checkpoint Model Garden writes besi
 from __future__ import annotations
 
 import re
-from collections import defaultdict, deque
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +32,11 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from ema_export.checkpoint_graph import VARIABLE_VALUE, read_object_graph
+from ema_export.checkpoint_graph import node_paths, value_attribute
 from ema_export.errors import CheckpointNotFoundError, LayoutError, name_list
 from ema_export.layouts.base import CheckpointShadows, Layout, Shadow, ShadowMatch
 from ema_export.locate import CheckpointSources, resolve_checkpoint
-from ema_export.read import ROLE_TRAINING, open_checkpoint
+from ema_export.read import ROLE_TRAINING, open_index
 from ema_export.restored import RestoredModel
 
 AVERAGE_SLOT = "average"
@@ -73,33 +73,16 @@ class AverageSlot:
     full_name: str
 
 
-def _node_paths(graph: GraphProto) -> dict[int, str]:
-    """Breadth-first path of every node reachable from the root, as TensorFlow builds checkpoint keys."""
-    paths = {0: ""}
-    queue = deque([0])
-    while queue:
-        node_id = queue.popleft()
-        for child in graph.nodes[node_id].children:
-            if child.node_id not in paths:
-                paths[child.node_id] = f"{paths[node_id]}/{child.local_name}".lstrip("/")
-                queue.append(child.node_id)
-    return paths
-
-
-def _value_attribute(graph: GraphProto, node_id: int) -> SerializedTensor | None:
-    return next((a for a in graph.nodes[node_id].attributes if a.name == VARIABLE_VALUE), None)
-
-
 def find_average_slots(graph: GraphProto) -> list[AverageSlot]:
     """Every `average` slot of the checkpoint, paired with its variable through the optimizer's slot records."""
-    paths = _node_paths(graph)
+    paths = {node: "/".join(path) for node, path in node_paths(graph).items()}
     slots = []
     for optimizer_node, node in enumerate(graph.nodes):
         for record in node.slot_variables:
             if record.slot_name != AVERAGE_SLOT:
                 continue
-            slot_value = _value_attribute(graph, record.slot_variable_node_id)
-            owner_value = _value_attribute(graph, record.original_variable_node_id)
+            slot_value = value_attribute(graph, record.slot_variable_node_id)
+            owner_value = value_attribute(graph, record.original_variable_node_id)
             if slot_value is None or owner_value is None:
                 continue
             slots.append(AverageSlot(optimizer_node, owner_value.checkpoint_key,
@@ -183,7 +166,7 @@ def _nearby_prefixes(prefix: str) -> list[str]:
 
 
 def _global_step(prefix: str) -> int | None:
-    reader = open_checkpoint(prefix, ROLE_TRAINING)
+    reader = open_index(prefix, ROLE_TRAINING).reader
     for key in ("global_step/.ATTRIBUTES/VARIABLE_VALUE", "step/.ATTRIBUTES/VARIABLE_VALUE"):
         if reader.has_tensor(key):
             return int(reader.get_tensor(key))
@@ -233,16 +216,16 @@ def _mirrored_without_name(prefix: str) -> InvertedCheckpoint | None:
 
 def _mirrors(inverted_prefix: str, regular_prefix: str) -> bool:
     """Whether the inverted checkpoint's weights equal the regular one's averages (to within the swap's rounding)."""
-    inverted, regular = open_checkpoint(inverted_prefix, ROLE_TRAINING), open_checkpoint(regular_prefix, ROLE_TRAINING)
-    graph = read_object_graph(regular)
-    if graph is None:
+    inverted, regular = open_index(inverted_prefix, ROLE_TRAINING), open_index(regular_prefix, ROLE_TRAINING)
+    if regular.graph is None:
         return False
-    shapes = inverted.get_variable_to_shape_map()
-    slots = [s for s in find_average_slots(graph) if s.owner_key in shapes and regular.has_tensor(s.checkpoint_key)]
+    shapes = inverted.shapes
+    slots = [slot for slot in find_average_slots(regular.graph)
+             if slot.owner_key in shapes and slot.checkpoint_key in regular.shapes]
     slots.sort(key=lambda slot: int(np.prod(shapes[slot.owner_key])))
     return bool(slots) and all(
-        np.allclose(inverted.get_tensor(slot.owner_key), regular.get_tensor(slot.checkpoint_key), rtol=1e-5,
-                    atol=1e-6) for slot in slots[:_MIRROR_CHECKS])
+        np.allclose(inverted.reader.get_tensor(slot.owner_key), regular.reader.get_tensor(slot.checkpoint_key),
+                    rtol=1e-5, atol=1e-6) for slot in slots[:_MIRROR_CHECKS])
 
 
 def refuse_inverted(inversion: InvertedCheckpoint, given_as_ema: bool = False) -> LayoutError:
@@ -277,9 +260,8 @@ def _read_average_slots(
     """The training checkpoint's reader, object graph and `average` slots (None, None, [] for a Keras file)."""
     if sources.training.is_keras_file:
         return None, None, []
-    reader = open_checkpoint(sources.training.prefix, ROLE_TRAINING)
-    graph = read_object_graph(reader)
-    return reader, graph, find_average_slots(graph) if graph is not None else []
+    index = open_index(sources.training.prefix, ROLE_TRAINING)
+    return index.reader, index.graph, find_average_slots(index.graph) if index.graph is not None else []
 
 
 class OptimizerSlotLayout(Layout):

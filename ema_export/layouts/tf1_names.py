@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import re
 
-from ema_export.checkpoint_graph import read_object_graph
 from ema_export.errors import name_list
 from ema_export.layouts.base import CheckpointShadows, Layout, Shadow, ShadowMatch
 from ema_export.locate import CheckpointSources
-from ema_export.read import ROLE_TRAINING, open_checkpoint
+from ema_export.read import ROLE_TRAINING, open_index
 from ema_export.restored import RestoredModel
 
 _DEFAULT_SUFFIX = r"ExponentialMovingAverage(_\d+)?"
@@ -33,12 +32,12 @@ class Tf1NamesLayout(Layout):
         """Variable name -> keys of its shadows, for a name-based training checkpoint (else empty)."""
         if sources.training.is_keras_file:
             return {}
-        reader = open_checkpoint(sources.training.prefix, ROLE_TRAINING)
-        if read_object_graph(reader) is not None:
+        index = open_index(sources.training.prefix, ROLE_TRAINING)
+        if index.graph is not None:
             return {}
         pattern = self._pattern()
         found: dict[str, list[str]] = {}
-        for key in sorted(reader.get_variable_to_shape_map()):
+        for key in sorted(index.shapes):
             match = pattern.match(key)
             if match:
                 found.setdefault(match.group("variable"), []).append(key)
@@ -52,7 +51,7 @@ class Tf1NamesLayout(Layout):
         return f"{sources.training.prefix} is name-based and holds {sum(map(len, found.values()))} <variable>/{suffix} entries"
 
     def collect(self, sources: CheckpointSources, restored: RestoredModel) -> ShadowMatch:
-        build = CheckpointShadows(open_checkpoint(sources.training.prefix, ROLE_TRAINING))
+        build = CheckpointShadows(open_index(sources.training.prefix, ROLE_TRAINING).reader)
 
         def shadow(key: str, variable_name: str) -> Shadow:
             return build.shadow(key, key, [variable_name])

@@ -7,10 +7,11 @@ carry the name `tf.train.ExponentialMovingAverage` gives them: `<variable>/Expon
 
 from __future__ import annotations
 
-from ema_export.checkpoint_graph import iter_variables, read_object_graph
+from ema_export.checkpoint_graph import iter_variables
 from ema_export.layouts.base import (CheckpointShadows, Layout, Shadow, ShadowMatch, match_by_name, strip_ema_suffix,
                                      strip_output_index)
 from ema_export.locate import CheckpointSources
+from ema_export.read import index_of
 from ema_export.restored import RestoredModel
 
 
@@ -24,7 +25,7 @@ class TrackedShadowsLayout(Layout):
         if sources.training.is_keras_file or restored.reader is None:
             return []
         reader = restored.reader
-        graph = read_object_graph(reader)
+        graph = index_of(reader).graph
         if graph is None:
             return []
         build = CheckpointShadows(reader)
