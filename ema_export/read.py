@@ -139,8 +139,11 @@ def open_index(prefix: str | os.PathLike, role: str) -> CheckpointIndex:
     cache = _OPEN.get()
     if cache is not None and (prefix, role) in cache:
         return cache[(prefix, role)]
+    # The same file may be read in two roles (the inversion check reads the EMA checkpoint as a training one): the
+    # TensorFlow reader is shared, the index (whose errors name the role) is one per role.
+    same_file = next((known for (path, _), known in (cache or {}).items() if path == prefix), None)
     with reading(prefix, role):
-        raw = _load(prefix)
+        raw = same_file.reader._reader if same_file is not None else _load(prefix)
         index = CheckpointIndex(prefix, role, CheckpointReader(raw, prefix, role),
                                 raw.get_variable_to_shape_map(), raw.get_variable_to_dtype_map())
     if cache is not None:
