@@ -8,9 +8,7 @@ progress goes to an optional callback and the outcome comes back as an `ExportRe
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import gc
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -20,19 +18,20 @@ from typing import Any
 
 import tensorflow as tf
 
-from ema_export.assemble import assemble
+from ema_export.assemble import Assembly, assemble
 from ema_export.contracts import DEFAULT_ARMS
 from ema_export.errors import OptionsError
-from ema_export.fold import BN_STATS_POLICIES, FoldReport, fold
+from ema_export.fold import BN_STATS_POLICIES, Fold, FoldReport, fold
 from ema_export.fresh_model import ModelFactory, build_fresh_model, probe_inputs
 from ema_export.layouts import LayoutSettings, choose_layout
 from ema_export.locate import CheckpointSources, locate
-from ema_export.manifest import add_timings, add_verification, build_manifest, write_manifest
+from ema_export.manifest import AssemblyFacts, Manifest, build_manifest, describe_assembly, write_manifest
+from ema_export.memory import alongside, collect_only_new_objects, release
 from ema_export.out_dir import ensure_writable
 from ema_export.read import one_export
 from ema_export.restore import restore
 from ema_export.serving_version import skew_warning
-from ema_export.verify import VerificationReport, reference_outputs, verify
+from ema_export.verify import Reference, VerificationReport, reference_outputs, verify
 from ema_export.versions import plan_version, publish, staging_directory
 from ema_export.write import write_savedmodel, write_warmup
 
@@ -106,7 +105,7 @@ class ExportOptions:
     serving_version: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExportResult:
     """What an export did."""
 
@@ -117,16 +116,22 @@ class ExportResult:
     attachment: str
     fold: FoldReport
     verification: VerificationReport
-    manifest: dict[str, Any] = field(repr=False)
+    record: Manifest = field(repr=False)
+    """The manifest written into the version, as a typed value (`manifest` is its JSON form)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds spent in each stage (`STAGES`), publishing included."""
 
     @property
+    def manifest(self) -> dict[str, Any]:
+        """The manifest, as in `<version>/assets.extra/ema_export.json` (a fresh copy on every access)."""
+        return self.record.to_dict()
+
+    @property
     def warnings(self) -> list[str]:
-        return list(self.manifest["warnings"])
+        return list(self.record.warnings)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DryRunResult:
     """What an export would do: every stage up to folding, and the version it would write. Nothing is written."""
 
@@ -140,12 +145,24 @@ class DryRunResult:
     """Seconds spent in each stage that ran."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Prepared:
     sources: CheckpointSources
     fresh: Any
     restored: Any
-    fold: FoldReport
+    fold: Fold
+    version: int
+
+
+@dataclass(frozen=True)
+class _Assembled:
+    """What the stages after assembly need, without the models: the manifest's facts and the version planned."""
+
+    sources: CheckpointSources
+    model_source: str
+    attachment: str
+    report: FoldReport
+    facts: AssemblyFacts
     version: int
 
 
@@ -178,8 +195,8 @@ def _prepare(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model
         ema_name=options.ema_name, inverted=options.inverted, bn_stats=options.bn_stats))
     match = layout.collect(sources, restored)
     step(STAGES[4])
-    report = fold(restored, match, reason, options.allow_missing, options.bn_stats, keep_values)
-    return _Prepared(sources, fresh, restored, report, version)
+    folded = fold(restored, match, reason, options.allow_missing, options.bn_stats, keep_values)
+    return _Prepared(sources, fresh, restored, folded, version)
 
 
 def dry_run(
@@ -200,7 +217,7 @@ def dry_run(
     clock = _StageClock(progress)
     prepared = _prepare(checkpoint, output_dir, model, options, clock, keep_values=False)
     return DryRunResult(prepared.version, Path(output_dir) / str(prepared.version), prepared.sources,
-                        prepared.fresh.source, prepared.restored.attachment, prepared.fold, clock.stop())
+                        prepared.fresh.source, prepared.restored.attachment, prepared.fold.report, clock.stop())
 
 
 def export(
@@ -235,60 +252,61 @@ def export(
         PosixPath('models/classifier/1')
     """
     options = _resolve_options(options, overrides)
-    # Objects that exist before the export (TensorFlow's and Keras's own) are set aside from garbage collection, so
-    # the collection that frees the in-memory models before verification scans only what the export created.
-    frozen_here = gc.get_freeze_count() == 0
-    if frozen_here:
-        gc.freeze()
-    try:
+    with collect_only_new_objects():
         return _export(checkpoint, output_dir, model, options, _StageClock(progress))
-    finally:
-        if frozen_here:
-            gc.unfreeze()
+
+
+def _policies(options: ExportOptions, sources: CheckpointSources) -> dict[str, Any]:
+    return {"bn_stats": options.bn_stats, "allow_missing": options.allow_missing,
+            "allow_step_mismatch": sources.step_mismatch_allowed, "inverted": options.inverted,
+            "serving_version": options.serving_version}
+
+
+def _assemble(prepared: _Prepared, default_signature: str) -> tuple[Assembly, _Assembled, list[tf.Tensor]]:
+    """Assemble the export; the averages `fold` made go no further (the export root holds those it needs)."""
+    assembly = assemble(prepared.restored, prepared.fold.averages, default_signature)
+    facts = _Assembled(prepared.sources, prepared.fresh.source, prepared.restored.attachment, prepared.fold.report,
+                       describe_assembly(assembly), prepared.version)
+    return assembly, facts, probe_inputs(prepared.fresh.input_signature)
+
+
+def _write(assembly: Assembly, staging: Path, probe: Any) -> Reference:
+    """Write the SavedModel and its warmup while the in-memory reference answers are computed (TensorFlow releases
+    the GIL in both)."""
+
+    def write() -> None:
+        write_savedmodel(assembly, staging)
+        write_warmup(assembly, staging, probe)
+
+    return alongside(lambda: reference_outputs(assembly, probe), write)
 
 
 def _export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model: str | ModelFactory | None,
             options: ExportOptions, step: _StageClock) -> ExportResult:
     ensure_writable(output_dir)  # a read-only or full OUT_DIR fails now, not after restoring and folding
     prepared = _prepare(checkpoint, output_dir, model, options, step)
-    sources, fresh, restored, report = prepared.sources, prepared.fresh, prepared.restored, prepared.fold
     step(STAGES[5])
-    assembly = assemble(restored, report, options.default_signature)
-    report.values.clear()  # the export root holds the averaged variables it needs; a copied module's are spare
-    probe = probe_inputs(fresh.input_signature)
-    manifest = build_manifest(sources, restored, report, assembly, prepared.version,
-                              {"bn_stats": options.bn_stats, "allow_missing": options.allow_missing,
-                               "allow_step_mismatch": sources.step_mismatch_allowed,
-                               "inverted": options.inverted,
-                               "serving_version": options.serving_version})
+    assembly, assembled, probe = _assemble(prepared, options.default_signature)
+    del prepared  # the models live on in the assembly only; a copied module's averages are freed here
     skew = skew_warning(options.serving_version, tf.__version__)
-    if skew:
-        manifest["warnings"].append(skew)
-    model_source, attachment = fresh.source, restored.attachment
     with staging_directory(output_dir) as staging:
         step(STAGES[6])
-        # The in-memory reference answers are computed while the SavedModel is written (TensorFlow releases the GIL
-        # in both)...
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(reference_outputs, assembly, probe)
-            write_savedmodel(assembly, staging)
-            write_warmup(assembly, staging, probe)
-            reference = pending.result()
-        # ...then the in-memory models are released, so loading the written copy does not stack on their memory.
-        del assembly, prepared, fresh, restored
-        gc.collect()
+        reference = _write(assembly, staging, probe)
+        del assembly  # the in-memory models go before the written copy loads: its memory does not stack on theirs
+        release()
         step(STAGES[7])
         verification = verify(staging, reference)
-        add_verification(manifest, verification)
-        add_timings(manifest, step.stop())
+        manifest = build_manifest(
+            sources=assembled.sources, model_source=assembled.model_source, attachment=assembled.attachment,
+            report=assembled.report, assembly=assembled.facts, policies=_policies(options, assembled.sources),
+            warnings=[skew] if skew else [], verification=verification, durations=step.stop())
         step(STAGES[8])
-
-        def stamp(directory: Path, number: int) -> None:
-            manifest["version"] = number
-            write_manifest(directory, manifest)
-
         version_dir = publish(staging, output_dir, options.version, options.overwrite, force=options.force,
-                              stamp=stamp)
-        version = int(version_dir.name)
-    return ExportResult(version, version_dir, sources, model_source, attachment, report, verification, manifest,
-                        step.stop())
+                              stamp=lambda directory, number: _stamp(directory, manifest.numbered(number)))
+    version = int(version_dir.name)
+    return ExportResult(version, version_dir, assembled.sources, assembled.model_source, assembled.attachment,
+                        assembled.report, verification, manifest.numbered(version), step.stop())
+
+
+def _stamp(directory: Path, manifest: Manifest) -> None:
+    write_manifest(directory, manifest.to_dict())

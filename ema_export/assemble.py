@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from ema_export.checkpoint_graph import children_of, variable_identity
 from ema_export.contracts import DEFAULT_ARMS, SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE, output_name
-from ema_export.fold import FoldReport
+from ema_export.fold import Averages
 from ema_export.restored import RestoredModel
 
 
@@ -50,7 +50,7 @@ def _serving_function(call: Callable[..., Any], specs: Sequence[tf.TensorSpec]) 
     return serve
 
 
-def _keras_ema_call(restored: RestoredModel, report: FoldReport, root: tf.Module) -> Callable[..., Any]:
+def _keras_ema_call(restored: RestoredModel, averages: Averages, root: tf.Module) -> Callable[..., Any]:
     model = restored.fresh.model
     index_of = {variable_identity(item.variable): index for index, item in enumerate(restored.variables)}
     averaged: list[tf.Variable] = []
@@ -60,8 +60,8 @@ def _keras_ema_call(restored: RestoredModel, report: FoldReport, root: tf.Module
         result = []
         for variable in variables:
             index = index_of[variable_identity(variable)]
-            if index in report.values:
-                average = report.values[index]  # created by fold, straight from the checkpoint
+            if index in averages:
+                average = averages[index]  # created by fold, straight from the checkpoint
                 averaged.append(average)
                 result.append(average)
             else:
@@ -104,15 +104,15 @@ def _share(parent: Any, name: str, old: Any, new: Any) -> bool:
     return False
 
 
-def _module_ema_call(restored: RestoredModel, report: FoldReport, root: tf.Module, copied: list[str]) -> Any:
+def _module_ema_call(restored: RestoredModel, averages: Averages, root: tf.Module, copied: list[str]) -> Any:
     fresh = restored.fresh
     copy = fresh.factory()
     fresh.build(copy)
     own: list[Any] = []  # variables of the copy that its EMA arm really reads (not replaced by a live one)
     for index, item in enumerate(restored.variables):
         target, parent, name = _follow(copy, item.path)
-        if index in report.values:
-            target.assign(report.values[index])
+        if index in averages:
+            target.assign(averages[index])
             own.append(target)
         elif not _share(parent, name, target, item.variable):
             target.assign(item.variable)
@@ -127,7 +127,7 @@ def _module_ema_call(restored: RestoredModel, report: FoldReport, root: tf.Modul
     return lambda *inputs: fresh.call(copy, inputs)
 
 
-def assemble(restored: RestoredModel, report: FoldReport, default_arm: str = "ema") -> Assembly:
+def assemble(restored: RestoredModel, averages: Averages, default_arm: str = "ema") -> Assembly:
     """Build the export root and the `serve_live`, `serve_ema` and `serving_default` signatures."""
     fresh = restored.fresh
     root = tf.Module()
@@ -136,13 +136,13 @@ def assemble(restored: RestoredModel, report: FoldReport, default_arm: str = "em
         # Track the variables, not the Keras model object: a SavedModel that tracks a Keras 3 model cannot be run by
         # the session-based loader TF Serving uses ("Could not find variable ..."); Keras's own export does the same.
         root.live_variables = [variable.value for variable in fresh.model.variables]
-        ema_call = _keras_ema_call(restored, report, root)
+        ema_call = _keras_ema_call(restored, averages, root)
     elif fresh.is_tf_keras:
         root.live_variables = list(fresh.model.variables)
-        ema_call = _module_ema_call(restored, report, root, copied)
+        ema_call = _module_ema_call(restored, averages, root, copied)
     else:
         root.live_model = fresh.model
-        ema_call = _module_ema_call(restored, report, root, copied)
+        ema_call = _module_ema_call(restored, averages, root, copied)
     functions = {
         SIGNATURE_LIVE: _serving_function(lambda *inputs: fresh.call(fresh.model, inputs), fresh.input_signature),
         SIGNATURE_EMA: _serving_function(ema_call, fresh.input_signature),

@@ -11,8 +11,8 @@ variables.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -47,13 +47,9 @@ class KeptVariable:
     reason: str
 
 
-@dataclass
+@dataclass(frozen=True)
 class FoldReport:
-    """What folding decided.
-
-    `values` maps a variable's index in `RestoredModel.variables` to a `tf.Variable` holding its averaged value (the
-    variable `serve_ema` reads and the SavedModel saves); empty when folding ran without keeping values (dry run).
-    """
+    """What folding decided: plain facts, complete when returned. The averaged values are not in it (see `Fold`)."""
 
     layout: str
     layout_reason: str
@@ -61,16 +57,37 @@ class FoldReport:
     folded: list[FoldedVariable]
     kept_live: list[KeptVariable]
     warnings: list[str]
-    values: dict[int, tf.Variable] = field(repr=False)
 
     @property
     def ema_equals_live(self) -> bool:
         """Every shadow equals its live value exactly: the EMA was never updated, or is a stale copy."""
-        return bool(self.folded) and all(item.relative_l2 == 0.0 for item in self.folded)
+        return _all_equal(self.folded)
 
     def largest_drifts(self, count: int = 5) -> list[FoldedVariable]:
         """The variables whose averaged value differs most from the live one."""
         return sorted(self.folded, key=lambda item: item.relative_l2, reverse=True)[:count]
+
+
+Averages = Mapping[int, tf.Variable]
+"""A variable's index in `RestoredModel.variables` -> the `tf.Variable` holding its averaged value."""
+
+
+@dataclass(frozen=True)
+class Fold:
+    """What `fold` returns: the report, and the averaged variables that only `assemble` needs.
+
+    `averages` holds the variables `serve_ema` reads and the SavedModel saves; empty when folding ran without keeping
+    values (dry run).
+    Kept apart from the report so the caller drops them once assembled (a copied module's are spare then) while the
+    report lives on in the result.
+    """
+
+    report: FoldReport
+    averages: Averages
+
+
+def _all_equal(folded: list[FoldedVariable]) -> bool:
+    return bool(folded) and all(item.relative_l2 == 0.0 for item in folded)
 
 
 _SLICE = 1 << 22
@@ -154,7 +171,7 @@ def averaged_variable(variable: RestoredVariable, value: tf.Tensor) -> tf.Variab
 
 
 def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_missing: bool = False,
-         bn_stats: str = "live", keep_values: bool = True) -> FoldReport:
+         bn_stats: str = "live", keep_values: bool = True) -> Fold:
     """Check the pairing and collect averaged values.
 
     Args:
@@ -164,7 +181,7 @@ def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_
         allow_missing: Trainable variables without a shadow serve their live value instead of failing.
         bn_stats: "live" keeps non-trainable variables (BatchNorm statistics) live in both arms even when the
             checkpoint averaged them; "ema" uses their averages in `serve_ema` where the checkpoint has them.
-        keep_values: Put each checked average into its export variable (`FoldReport.values`); a dry run checks
+        keep_values: Put each checked average into its export variable (`Fold.averages`); a dry run checks
             every value the same way but keeps none.
 
     Raises:
@@ -218,8 +235,7 @@ def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_
         raise FoldError(f"The EMA shadows in {match.source} do not fit the model ({len(problems)} problems):",
                         hint=hint, problems=problems)
     warnings = list(match.warnings)
-    report = FoldReport(match.layout, layout_reason, match.source, folded, kept, warnings, values)
-    if report.ema_equals_live and not match.explains_equality:
+    if _all_equal(folded) and not match.explains_equality:
         warnings.append(
             "every shadow equals its live value exactly: the EMA was never updated, or was saved as a copy of the "
             "weights (Keras fit() with use_ema=True overwrites the weights with the averages at its end)"
@@ -232,4 +248,4 @@ def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_
                         "does) that were never updated, or saved before the first step")
     if missing:
         warnings.append(f"{len(missing)} trainable variables have no shadow and serve their live value in serve_ema")
-    return report
+    return Fold(FoldReport(match.layout, layout_reason, match.source, folded, kept, warnings), values)

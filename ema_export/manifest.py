@@ -10,7 +10,10 @@ import dataclasses
 import datetime
 import json
 import platform
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import tensorflow as tf
@@ -26,7 +29,6 @@ from ema_export.contracts import (
 )
 from ema_export.fold import FoldReport
 from ema_export.locate import CheckpointSources
-from ema_export.restored import RestoredModel
 from ema_export.verify import VerificationReport
 
 MANIFEST_FORMAT = 1
@@ -45,77 +47,143 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def build_manifest(
-    sources: CheckpointSources,
-    restored: RestoredModel,
-    report: FoldReport,
-    assembly: Assembly,
-    version: int,
-    policies: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Everything worth knowing about an export, as JSON-ready data; `add_verification` completes it."""
+def _frozen(value: Any) -> Any:
+    """JSON-ready data made read-only: mappings become mapping proxies, lists tuples."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({key: _frozen(item) for key, item in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(item) for item in value)
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """The inverse of `_frozen`: dicts and lists, as `json` reads and writes them."""
+    if isinstance(value, Mapping):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return [_plain(item) for item in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything worth knowing about an export, built once from what the stages returned.
+
+    The version number is the one field known only at publish (concurrent exports take the next free number), so
+    the manifest is written with `numbered(number).to_dict()`. Sections are read-only mappings of JSON data.
+    """
+
+    created: str
+    sources: Mapping[str, Any]
+    layout: Mapping[str, Any]
+    policies: Mapping[str, Any]
+    signatures: Mapping[str, Any]
+    variables: Mapping[str, Any]
+    warnings: tuple[str, ...]
+    versions: Mapping[str, str]
+    verification: Mapping[str, Any]
+    timings: Mapping[str, float]
+    version: int | None = None
+    format: int = MANIFEST_FORMAT
+
+    def numbered(self, version: int) -> Manifest:
+        return dataclasses.replace(self, version=version)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON document, keys in the order `ema_export.json` has always had."""
+        return {"format": self.format, "created": self.created, "version": self.version,
+                **{name: _plain(getattr(self, name)) for name in _SECTIONS}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Manifest:
+        """A manifest as read from `ema_export.json` (`read_manifest`)."""
+        return cls(format=data["format"], created=data["created"], version=data["version"],
+                   **{name: _frozen(data[name]) for name in _SECTIONS})
+
+
+_SECTIONS = ("sources", "layout", "policies", "signatures", "variables", "warnings", "versions", "verification",
+             "timings")
+
+
+@dataclass(frozen=True)
+class AssemblyFacts:
+    """What the manifest needs from the assembly, kept once the in-memory models are released."""
+
+    signatures: Mapping[str, Any]
+    copied_non_averaged: tuple[str, ...]
+
+
+def describe_assembly(assembly: Assembly) -> AssemblyFacts:
+    return AssemblyFacts(_frozen({
+        "live": SIGNATURE_LIVE,
+        "ema": SIGNATURE_EMA,
+        "default": SIGNATURE_DEFAULT,
+        "default_serves": DEFAULT_ARMS[assembly.default_arm],
+        "inputs": {spec.name: {"dtype": spec.dtype.name, "shape": spec.shape.as_list()}
+                   for spec in assembly.input_signature},
+    }), tuple(assembly.copied_non_averaged))
+
+
+def _sources(sources: CheckpointSources, model_source: str, attachment: str) -> dict[str, Any]:
+    training, ema = sources.training, sources.ema
     return {
-        "format": MANIFEST_FORMAT,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "version": version,
-        "sources": {
-            "training_checkpoint": sources.training.prefix,
-            "training_files": list(sources.training.files),
-            "training_chosen_by": sources.training.chosen_by,
-            "training_step": sources.training.step,
-            "training_step_source": sources.training.step_source,
-            "ema_checkpoint": sources.ema.prefix if sources.ema else None,
-            "ema_files": list(sources.ema.files) if sources.ema else [],
-            "ema_chosen_by": sources.ema.chosen_by if sources.ema else None,
-            "ema_step": sources.ema.step if sources.ema else None,
-            "ema_step_source": sources.ema.step_source if sources.ema else None,
-            "steps_match": None if not sources.ema or sources.ema.step is None or sources.training.step is None
-            else sources.ema.step == sources.training.step,
-            "model": restored.fresh.source,
-            "attachment": restored.attachment,
-        },
-        "layout": {"name": report.layout, "reason": report.layout_reason, "source": report.source},
-        "policies": dict(policies or {}),
-        "signatures": {
-            "live": SIGNATURE_LIVE,
-            "ema": SIGNATURE_EMA,
-            "default": SIGNATURE_DEFAULT,
-            "default_serves": DEFAULT_ARMS[assembly.default_arm],
-            "inputs": {spec.name: {"dtype": spec.dtype.name, "shape": spec.shape.as_list()}
-                       for spec in assembly.input_signature},
-        },
-        "variables": {
-            "folded": [dataclasses.asdict(item) for item in report.folded],
-            "kept_live": [dataclasses.asdict(item) for item in report.kept_live],
-            "copied_non_averaged": assembly.copied_non_averaged,
-        },
-        "warnings": list(report.warnings),
-        "versions": _versions(),
+        "training_checkpoint": training.prefix,
+        "training_files": list(training.files),
+        "training_chosen_by": training.chosen_by,
+        "training_step": training.step,
+        "training_step_source": training.step_source,
+        "ema_checkpoint": ema.prefix if ema else None,
+        "ema_files": list(ema.files) if ema else [],
+        "ema_chosen_by": ema.chosen_by if ema else None,
+        "ema_step": ema.step if ema else None,
+        "ema_step_source": ema.step_source if ema else None,
+        "steps_match": None if not ema or ema.step is None or training.step is None else ema.step == training.step,
+        "model": model_source,
+        "attachment": attachment,
     }
 
 
-def add_verification(manifest: dict[str, Any], verification: VerificationReport) -> None:
-    """Record what verification found."""
-    manifest["verification"] = {
+def _verification(verification: VerificationReport) -> dict[str, Any]:
+    return {
         "passed": verification.passed,
         "batch_size": verification.batch_size,
         "checks": [dict(dataclasses.asdict(c), passed=c.passed) for c in verification.checks],
         "arms_differ": verification.arms_differ,
         "max_arm_difference": verification.max_arm_difference,
     }
-    if not verification.arms_differ:
-        manifest["warnings"].append("serve_live and serve_ema give identical outputs on the probe batch")
 
 
-def add_timings(manifest: dict[str, Any], durations: dict[str, float]) -> None:
-    """Record how long each stage took, in seconds, so a slow export shows where its time went.
+ARMS_IDENTICAL = "serve_live and serve_ema give identical outputs on the probe batch"
 
-    Publishing (a rename) comes after the manifest is written and is not in it.
+
+def build_manifest(*, sources: CheckpointSources, model_source: str, attachment: str, report: FoldReport,
+                   assembly: AssemblyFacts, policies: Mapping[str, Any], warnings: Sequence[str],
+                   verification: VerificationReport, durations: Mapping[str, float]) -> Manifest:
+    """The manifest of a verified export, but for its version number.
+
+    `warnings` are the export's own (beyond folding's); publishing (a rename) comes after the manifest is written,
+    so `durations` stop before it.
     """
-    manifest["timings"] = dict(durations, total=round(sum(durations.values()), 3))
+    identical = [] if verification.arms_differ else [ARMS_IDENTICAL]
+    return Manifest(
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        sources=_frozen(_sources(sources, model_source, attachment)),
+        layout=_frozen({"name": report.layout, "reason": report.layout_reason, "source": report.source}),
+        policies=_frozen(policies),
+        signatures=assembly.signatures,
+        variables=_frozen({
+            "folded": [dataclasses.asdict(item) for item in report.folded],
+            "kept_live": [dataclasses.asdict(item) for item in report.kept_live],
+            "copied_non_averaged": assembly.copied_non_averaged,
+        }),
+        warnings=(*report.warnings, *warnings, *identical),
+        versions=_frozen(_versions()),
+        verification=_frozen(_verification(verification)),
+        timings=_frozen(dict(durations, total=round(sum(durations.values()), 3))),
+    )
 
 
-def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
+def write_manifest(directory: Path, manifest: Mapping[str, Any]) -> Path:
     """Write the manifest into a version (or staging) directory."""
     path = directory / ASSETS_EXTRA_DIR / MANIFEST_FILENAME
     path.parent.mkdir(parents=True, exist_ok=True)

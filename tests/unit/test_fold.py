@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from ema_export.errors import FoldError
-from ema_export.fold import KEPT_NO_SHADOW, KEPT_NON_TRAINABLE, KEPT_STATS_LIVE, fold, relative_l2
+from ema_export.fold import KEPT_NO_SHADOW, KEPT_NON_TRAINABLE, KEPT_STATS_LIVE, Fold, FoldReport, fold, relative_l2
 from ema_export.layouts import Shadow, ShadowMatch
 from ema_export.layouts.base import match_by_name
 from ema_export.restored import RestoredModel, RestoredVariable
@@ -45,9 +45,13 @@ def _restored(*variables: RestoredVariable) -> RestoredModel:
     return RestoredModel(**{**required, "variables": list(variables)})
 
 
-def _fold(variables: list[RestoredVariable], shadows: list[Shadow], **options):
+def _folded(variables: list[RestoredVariable], shadows: list[Shadow], **options) -> Fold:
     restored = _restored(*variables)
     return fold(restored, match_by_name("test-layout", "ckpt/ema", shadows, restored), "chosen by the test", **options)
+
+
+def _fold(variables: list[RestoredVariable], shadows: list[Shadow], **options) -> FoldReport:
+    return _folded(variables, shadows, **options).report
 
 
 def _problems(variables: list[RestoredVariable], shadows: list[Shadow], **options) -> list[str]:
@@ -58,15 +62,16 @@ def _problems(variables: list[RestoredVariable], shadows: list[Shadow], **option
 
 def test_each_trainable_variable_takes_its_shadow_and_statistics_stay_live():
     kernel, bias, mean = [[1.0, 2.0], [3.0, 4.0]], [0.0, 0.0], [5.0, 5.0]
-    report = _fold(
+    folded = _folded(
         [_variable("dense/kernel", kernel), _variable("dense/bias", bias), _variable("bn/mean", mean, False),
          _variable("bn/count", 3.0, False)],
         [_shadow("dense/kernel", [[1.0, 2.0], [3.0, 5.0]]), _shadow("dense/bias", [0.5, 0.0]),
          _shadow("bn/mean", [4.0, 4.0])],
     )
-    np.testing.assert_array_equal(report.values[0], [[1.0, 2.0], [3.0, 5.0]])
-    np.testing.assert_array_equal(report.values[1], [0.5, 0.0])
-    assert sorted(report.values) == [0, 1]
+    report = folded.report
+    np.testing.assert_array_equal(folded.averages[0], [[1.0, 2.0], [3.0, 5.0]])
+    np.testing.assert_array_equal(folded.averages[1], [0.5, 0.0])
+    assert sorted(folded.averages) == [0, 1]
     drift = {item.name: item.relative_l2 for item in report.folded}
     assert drift["dense/kernel"] == pytest.approx(1 / math.sqrt(30))
     assert drift["dense/bias"] == pytest.approx(0.5)  # all-zero live value: the absolute distance
@@ -77,10 +82,33 @@ def test_each_trainable_variable_takes_its_shadow_and_statistics_stay_live():
 
 
 def test_bn_stats_ema_uses_the_averaged_statistics():
-    report = _fold([_variable("w", [1.0]), _variable("bn/mean", [5.0], False)],
-                   [_shadow("w", [2.0]), _shadow("bn/mean", [4.0])], bn_stats="ema")
-    np.testing.assert_array_equal(report.values[1], [4.0])
-    assert report.kept_live == []
+    folded = _folded([_variable("w", [1.0]), _variable("bn/mean", [5.0], False)],
+                     [_shadow("w", [2.0]), _shadow("bn/mean", [4.0])], bn_stats="ema")
+    np.testing.assert_array_equal(folded.averages[1], [4.0])
+    assert folded.report.kept_live == []
+
+
+def test_without_keep_values_the_same_report_and_no_averages():
+    variables, shadows = [_variable("w", [1.0]), _variable("v", [3.0])], [_shadow("w", [2.0]), _shadow("v", [3.0])]
+    kept, checked_only = _folded(variables, shadows), _folded(variables, shadows, keep_values=False)
+    assert sorted(kept.averages) == [0, 1] and checked_only.averages == {}
+    assert checked_only.report == kept.report
+
+
+def test_the_report_is_frozen_and_holds_no_tensors():
+    report = _fold([_variable("w", [1.0, 2.0])], [_shadow("w", [1.5, 2.0])])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        report.warnings = ["changed"]  # type: ignore[misc]
+    fields = dataclasses.astuple(report)  # plain facts all the way down: nothing a later stage could reach into
+    assert not any(isinstance(item, (tf.Variable, tf.Tensor, np.ndarray)) for item in _leaves(fields))
+
+
+def _leaves(value):
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _leaves(item)
+    else:
+        yield value
 
 
 def test_every_problem_is_reported_at_once():
@@ -139,7 +167,7 @@ def test_shadows_equal_to_the_live_values_are_flagged_unless_the_layout_explains
     assert report.ema_equals_live and "every shadow equals its live value exactly" in report.warnings[0]
     restored = _restored(_variable("w", [1.0, 2.0]))
     match = match_by_name("test-layout", "ckpt", [_shadow("w", [1.0, 2.0])], restored)
-    explained = fold(restored, dataclasses.replace(match, explains_equality=True), "test")
+    explained = fold(restored, dataclasses.replace(match, explains_equality=True), "test").report
     assert explained.ema_equals_live and explained.warnings == []
 
 
@@ -151,7 +179,7 @@ def test_all_zero_shadows_are_flagged_as_never_updated():
 def test_layout_problems_and_warnings_are_carried_into_the_report():
     restored = _restored(_variable("w", [1.0]))
     match = ShadowMatch("test-layout", "ckpt", {0: _shadow("w", [2.0])}, [], [], warnings=["from the layout"])
-    assert fold(restored, match, "test").warnings == ["from the layout"]
+    assert fold(restored, match, "test").report.warnings == ["from the layout"]
     with pytest.raises(FoldError) as raised:
         fold(restored, dataclasses.replace(match, problems=["the layout's own problem"]), "test")
     assert raised.value.problems == ["the layout's own problem"]
