@@ -156,14 +156,13 @@ class _Prepared:
 
 @dataclass(frozen=True)
 class _Assembled:
-    """What the stages after assembly need, without the models: the manifest's facts and the version planned."""
+    """What the stages after assembly need from those before, without the models."""
 
     sources: CheckpointSources
     model_source: str
     attachment: str
     report: FoldReport
     facts: AssemblyFacts
-    version: int
 
 
 def _resolve_options(options: ExportOptions | None, overrides: dict[str, Any]) -> ExportOptions:
@@ -262,15 +261,15 @@ def _policies(options: ExportOptions, sources: CheckpointSources) -> dict[str, A
             "serving_version": options.serving_version}
 
 
-def _assemble(prepared: _Prepared, default_signature: str) -> tuple[Assembly, _Assembled, list[tf.Tensor]]:
+def _assemble(prepared: _Prepared, default_signature: str) -> tuple[Assembly, _Assembled, list[Any]]:
     """Assemble the export; the averages `fold` made go no further (the export root holds those it needs)."""
     assembly = assemble(prepared.restored, prepared.fold.averages, default_signature)
     facts = _Assembled(prepared.sources, prepared.fresh.source, prepared.restored.attachment, prepared.fold.report,
-                       describe_assembly(assembly), prepared.version)
+                       describe_assembly(assembly))
     return assembly, facts, probe_inputs(prepared.fresh.input_signature)
 
 
-def _write(assembly: Assembly, staging: Path, probe: Any) -> Reference:
+def _write(assembly: Assembly, staging: Path, probe: list[Any]) -> Reference:
     """Write the SavedModel and its warmup while the in-memory reference answers are computed (TensorFlow releases
     the GIL in both)."""
 
