@@ -1,10 +1,9 @@
 """Stage 5, assemble: one exportable object with the live and the averaged arm, sharing what is not averaged.
 
-Keras models run the EMA arm through `Model.stateless_call`, with the averaged values in new variables and the
-non-trainable state (BatchNorm statistics) passed as the live variables themselves, so the SavedModel stores the live
-weights once, the averages once and everything else once. A `tf.Module` has no such call, so a second instance from
-the factory carries the averages; its non-averaged variables are replaced by the live ones where the module exposes
-them as attributes or container items, and copied (and reported) otherwise.
+How each arm is tracked and how the EMA arm runs is the model family's business (`ema_export.adapters`): Keras 3
+through `Model.stateless_call` on the live instance, tf-keras and `tf.Module` through a second instance that shares
+the live instance's non-averaged variables. Either way the SavedModel stores the live weights once, the averages once
+and everything else once (or reports what had to be copied).
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from typing import Any
 
 import tensorflow as tf
 
-from ema_export.checkpoint_graph import children_of, variable_identity
 from ema_export.contracts import DEFAULT_ARMS, SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE, output_name
 from ema_export.fold import Averages
 from ema_export.restored import RestoredModel
@@ -50,99 +48,13 @@ def _serving_function(call: Callable[..., Any], specs: Sequence[tf.TensorSpec]) 
     return serve
 
 
-def _keras_ema_call(restored: RestoredModel, averages: Averages, root: tf.Module) -> Callable[..., Any]:
-    model = restored.fresh.model
-    index_of = {variable_identity(item.variable): index for index, item in enumerate(restored.variables)}
-    averaged: list[tf.Variable] = []
-
-    def values_for(variables: Sequence[Any]) -> list[Any]:
-        """The averaged copy where folding produced one, else the live variable itself (shared, stored once)."""
-        result = []
-        for variable in variables:
-            index = index_of[variable_identity(variable)]
-            if index in averages:
-                average = averages[index]  # created by fold, straight from the checkpoint
-                averaged.append(average)
-                result.append(average)
-            else:
-                result.append(variable.value)
-        return result
-
-    trainable_values = values_for(model.trainable_variables)
-    non_trainable_values = values_for(model.non_trainable_variables)
-    root.ema_variables = averaged
-
-    def call(*inputs: tf.Tensor) -> Any:
-        outputs, _ = model.stateless_call(trainable_values, non_trainable_values, restored.fresh.pack(inputs),
-                                          training=False)
-        return outputs
-
-    return call
-
-
-def _follow(root: Any, path: str) -> tuple[Any, Any, str]:
-    obj, parent, name = root, None, ""
-    for name in filter(None, path.split("/")):
-        parent, obj = obj, children_of(obj)[name]
-    return obj, parent, name
-
-
-def _share(parent: Any, name: str, old: Any, new: Any) -> bool:
-    """Put `new` where `old` hangs in `parent`, so both instances use one variable. False if it cannot be done."""
-    if parent is None:
-        return False
-    if getattr(parent, name, None) is old:
-        setattr(parent, name, new)
-        return True
-    try:
-        key: Any = int(name) if isinstance(parent, Sequence) else name
-        if parent[key] is old:
-            parent[key] = new
-            return True
-    except (TypeError, KeyError, IndexError, ValueError):
-        pass
-    return False
-
-
-def _module_ema_call(restored: RestoredModel, averages: Averages, root: tf.Module, copied: list[str]) -> Any:
-    fresh = restored.fresh
-    copy = fresh.factory()
-    fresh.build(copy)
-    own: list[Any] = []  # variables of the copy that its EMA arm really reads (not replaced by a live one)
-    for index, item in enumerate(restored.variables):
-        target, parent, name = _follow(copy, item.path)
-        if index in averages:
-            target.assign(averages[index])
-            own.append(target)
-        elif not _share(parent, name, target, item.variable):
-            target.assign(item.variable)
-            copied.append(item.name)
-            own.append(target)
-    if fresh.is_tf_keras:
-        # As for Keras 3: track variables, not the model object (Keras 2 would also save every layer's traced
-        # functions). A replaced variable stays in its layer's weight list but is read by nothing, so not saved.
-        root.ema_variables = own
-    else:
-        root.ema_model = copy
-    return lambda *inputs: fresh.call(copy, inputs)
-
-
 def assemble(restored: RestoredModel, averages: Averages, default_arm: str = "ema") -> Assembly:
     """Build the export root and the `serve_live`, `serve_ema` and `serving_default` signatures."""
     fresh = restored.fresh
     root = tf.Module()
     copied: list[str] = []
-    if fresh.is_keras:
-        # Track the variables, not the Keras model object: a SavedModel that tracks a Keras 3 model cannot be run by
-        # the session-based loader TF Serving uses ("Could not find variable ..."); Keras's own export does the same.
-        root.live_variables = [variable.value for variable in fresh.model.variables]
-        ema_call = _keras_ema_call(restored, averages, root)
-    elif fresh.is_tf_keras:
-        root.live_variables = list(fresh.model.variables)
-        ema_call = _module_ema_call(restored, averages, root, copied)
-    else:
-        root.live_model = fresh.model
-        ema_call = _module_ema_call(restored, averages, root, copied)
+    fresh.adapter.track_live(root, fresh.model)
+    ema_call = fresh.adapter.ema_call(restored, averages, root, copied)
     functions = {
         SIGNATURE_LIVE: _serving_function(lambda *inputs: fresh.call(fresh.model, inputs), fresh.input_signature),
         SIGNATURE_EMA: _serving_function(ema_call, fresh.input_signature),

@@ -2,8 +2,7 @@
 
 The model comes from a factory (`--model package.module:factory`), or from the architecture saved beside the
 checkpoint (`model.keras` or `model.json`; their weights, if any, are never used: every value is restored from the
-checkpoint afterwards). A Keras model is called through `stateless_call` for the EMA arm, so one instance serves both
-arms; a `tf.Module` is instantiated twice, because it has no way to run with substituted variables.
+checkpoint afterwards). The model's family (`ema_export.adapters`) says how to learn its inputs, build and call it.
 """
 
 from __future__ import annotations
@@ -21,6 +20,9 @@ from typing import Any
 
 import tensorflow as tf
 
+from ema_export.adapters import ModelAdapter, adapter_for
+from ema_export.adapters.keras3 import Keras3Adapter
+from ema_export.adapters.tf_keras import TfKerasAdapter
 from ema_export.errors import ModelLoadError
 
 ModelFactory = Callable[[], Any]
@@ -36,61 +38,29 @@ class FreshModel:
     factory: ModelFactory
     source: str
     input_signature: list[tf.TensorSpec]
-    kind: str
-    """"keras" (Keras 3), "tf_keras" (Keras 2, the tf-keras package) or "module" (a plain tf.Module)."""
+    adapter: ModelAdapter
+    """The model's family (Keras 3, tf-keras, tf.Module): how to build, call and export it."""
     input_keys: tuple[str, ...] | None = None
     """For a Keras model whose inputs are a dict (KerasHub text models): the key of each serving input, in
     signature order. The model is called with that dict, the structure it declares."""
 
     @property
     def is_keras(self) -> bool:
-        """A Keras 3 model: its EMA arm runs through `stateless_call` on the same instance."""
-        return self.kind == "keras"
+        """A Keras 3 model (the Keras-file restore and layout tell the two Keras file formats apart by it)."""
+        return isinstance(self.adapter, Keras3Adapter)
 
     @property
     def is_tf_keras(self) -> bool:
-        """A tf-keras (Keras 2) model: its EMA arm is a second instance, like a tf.Module's."""
-        return self.kind == "tf_keras"
-
-    def pack(self, inputs: Sequence[tf.Tensor]) -> Any:
-        """Serving inputs in the structure a Keras model declares: a dict by key, one tensor, or a list."""
-        if self.input_keys is not None:
-            return dict(zip(self.input_keys, inputs))
-        return inputs[0] if len(inputs) == 1 else list(inputs)
+        """A tf-keras (Keras 2) model."""
+        return isinstance(self.adapter, TfKerasAdapter)
 
     def call(self, model: Any, inputs: Sequence[tf.Tensor]) -> Any:
         """Run `model` (this one or a copy) on serving inputs, in inference mode."""
-        if self.kind in ("keras", "tf_keras"):
-            return model(self.pack(inputs), training=False)
-        return _serving_function(model)(*inputs)
+        return self.adapter.call(model, inputs, self.input_keys)
 
     def build(self, model: Any) -> None:
-        """Create a Keras model's variables (Keras does on the first call) so they can be restored or assigned."""
-        if self.kind in ("keras", "tf_keras") and (not model.built or not model.variables):
-            self.call(model, [tf.zeros([1] + [d or 1 for d in spec.shape.as_list()[1:]], spec.dtype)
-                              for spec in self.input_signature])
-
-
-def _is_keras_model(obj: Any) -> bool:
-    try:
-        import keras
-    except ImportError:  # pragma: no cover - keras ships with tensorflow
-        return False
-    return isinstance(obj, keras.Model)
-
-
-def _is_tf_keras_model(obj: Any) -> bool:
-    tf_keras = sys.modules.get("tf_keras")  # imported by the factory if it built a tf-keras model
-    return tf_keras is not None and isinstance(obj, tf_keras.Model)
-
-
-def _serving_function(module: Any) -> Any:
-    """The tf.function of a tf.Module that defines an input signature (`__call__` first)."""
-    for name in ["__call__"] + sorted(dir(type(module))):
-        function = getattr(module, name, None)
-        if getattr(function, "input_signature", None) is not None:
-            return function
-    return None
+        """Create the model's variables (Keras does on the first call) so they can be restored or assigned."""
+        self.adapter.build(model, self.input_signature, self.input_keys)
 
 
 def load_factory(spec: str) -> ModelFactory:
@@ -245,55 +215,6 @@ def _default_names(count: int) -> list[str]:
     return ["inputs"] if count == 1 else [f"input_{index}" for index in range(count)]
 
 
-_AUTOMATIC_INPUT_NAME = re.compile(r"^(keras_tensor|input_layer|input)(_\d+)?$")
-"""Names Keras gives unnamed inputs (`keras.Input(shape)`): a session counter, so `input_layer_3` in the process
-that saved `model.keras` and `keras_tensor_7` in a factory. Such inputs serve under `inputs` / `input_N` instead, the
-same names whichever way the model was rebuilt."""
-
-
-def _declared_name(tensor: Any) -> str | None:
-    name = getattr(tensor, "name", None)
-    return None if not name or _AUTOMATIC_INPUT_NAME.match(name) else name
-
-
-def _keras_input_dict(model: Any) -> dict[str, Any] | None:
-    """The inputs of a functional model built on a dict of `keras.Input`s, in the order it declares them."""
-    try:
-        structure = model.input
-    except (AttributeError, ValueError):
-        return None
-    return dict(structure) if isinstance(structure, dict) else None
-
-
-def _keras_signature(model: Any) -> list[tf.TensorSpec] | None:
-    declared = _keras_input_dict(model)
-    if declared is not None:
-        return [tf.TensorSpec(tuple(t.shape), t.dtype, name=key) for key, t in declared.items()]
-    try:
-        inputs = model.inputs
-    except (AttributeError, ValueError):
-        return None
-    if not inputs:
-        return None
-    return [tf.TensorSpec(tuple(t.shape), t.dtype, name=_declared_name(t)) for t in inputs]
-
-
-def _input_keys(model: Any, specs: Sequence[tf.TensorSpec], source: str) -> tuple[str, ...] | None:
-    """The dict key of each serving input, for a model that takes a dict; checked against the keys it declares."""
-    declared = _keras_input_dict(model)
-    if declared is None:
-        return None
-    names = tuple(spec.name for spec in specs)
-    if sorted(names) != sorted(declared):
-        raise ModelLoadError(
-            f"The model from {source} takes a dict of inputs keyed {', '.join(declared)}; the serving inputs are "
-            f"named {', '.join(map(str, names))}",
-            hint="Name each --input-signature after one of the model's input keys, once per key. Received: "
-            + ", ".join(map(str, names)),
-        )
-    return names
-
-
 def _resolve_factory(checkpoint_dir: str | os.PathLike, model: str | ModelFactory | None,
                      training_file: str | None) -> tuple[ModelFactory, str]:
     """The factory to build the model with and how to name it: the one given, else the architecture saved in the
@@ -343,31 +264,23 @@ def build_fresh_model(
 
     given = [spec if isinstance(spec, tf.TensorSpec) else parse_input_signature([spec])[0]
              for spec in input_signature or []]
-    kind = "keras" if _is_keras_model(instance) else "tf_keras" if _is_tf_keras_model(instance) else "module"
-    if kind != "module":
-        specs = given or _keras_signature(instance)
-    elif isinstance(instance, tf.Module):
-        function = _serving_function(instance)
-        if function is None:
-            raise ModelLoadError(
-                f"The tf.Module from {source} has no tf.function with an input_signature to serve",
-                hint="Decorate __call__ with @tf.function(input_signature=[tf.TensorSpec(...)])",
-            )
-        specs = given or list(function.input_signature)
-    else:
+    adapter = adapter_for(instance)
+    if adapter is None:
         raise ModelLoadError(
             f"The model from {source} is a {type(instance).__name__}; expected a Keras (3 or tf-keras) model or a "
             "tf.Module",
             hint="Return the model object itself from the factory",
         )
+    declared = adapter.declared_signature(instance, source)  # a tf.Module must declare one even if inputs are given
+    specs = given or declared
     if not specs:
         raise ModelLoadError(
             f"The model from {source} does not say what its inputs are (a subclassed Keras model never called)",
             hint="Pass --input-signature NAME:DTYPE:[None,...] once per input",
         )
     specs = _with_dynamic_batch(specs, _default_names(len(specs)))
-    keys = _input_keys(instance, specs, source) if kind != "module" else None
-    fresh = FreshModel(instance, factory, source, specs, kind, keys)
+    keys = adapter.input_keys(instance, specs, source)
+    fresh = FreshModel(instance, factory, source, specs, adapter, keys)
     fresh.build(instance)
     return fresh
 
