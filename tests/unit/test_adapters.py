@@ -15,7 +15,6 @@ import tensorflow as tf
 
 from ema_export.adapters import ADAPTERS, adapter_for
 from ema_export.checkpoint_graph import children_of
-from ema_export.fold import FoldReport
 from ema_export.fresh_model import build_fresh_model
 from ema_export.restored import RestoredModel, RestoredVariable
 
@@ -86,10 +85,6 @@ def _restored(fresh) -> RestoredModel:
     return RestoredModel(**{**required, "fresh": fresh, "variables": variables})
 
 
-def _report(values: dict[int, tf.Variable]) -> FoldReport:
-    return FoldReport(layout="test", layout_reason="", source="", folded=[], kept_live=[], warnings=[], values=values)
-
-
 def test_registry_lists_each_family_once_and_rejects_other_objects():
     assert [adapter.name for adapter in ADAPTERS] == ["keras", "tf_keras", "module"]
     assert adapter_for(object()) is None
@@ -118,7 +113,7 @@ def test_ema_call_reads_the_average_and_shares_the_rest(name, factory):
     averaged = tf.Variable(AVERAGED_KERNEL)
     root, copied = tf.Module(), []
     fresh.adapter.track_live(root, fresh.model)
-    ema = fresh.adapter.ema_call(restored, _report({0: averaged}), root, copied)
+    ema = fresh.adapter.ema_call(restored, {0: averaged}, root, copied)
 
     np.testing.assert_allclose(ema(tf.constant(INPUTS)), INPUTS @ AVERAGED_KERNEL + BIAS)
     np.testing.assert_allclose(fresh.call(fresh.model, [tf.constant(INPUTS)]), INPUTS @ KERNEL + BIAS)
