@@ -26,10 +26,11 @@ import os
 import statistics
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from seed_server import seed_server
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,20 +43,6 @@ elapsed = time.perf_counter() - started
 print(json.dumps({{"seconds": elapsed, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
 """
 
-SERVER_SCRIPT = """
-import sys, tempfile
-sys.path.insert(0, {tests!r})
-import ema_export
-from serving.server import start_server
-from support.models import LinearModule, write_seed_checkpoints
-root = tempfile.mkdtemp(prefix="client-bench-")
-write_seed_checkpoints(root + "/ckpt")
-ema_export.export(root + "/ckpt", root + "/out", model=LinearModule)
-with start_server(model_name="model", model_base_path=root + "/out", port=0, file_system_poll_wait_seconds=0) as s:
-    s.wait_until_available(timeout=60)
-    print("PORT", s.port, flush=True)
-    sys.stdin.read()  # serve until the benchmark closes our stdin
-"""
 
 
 def measure_import(statement: str, repeats: int) -> dict[str, float]:
@@ -167,15 +154,7 @@ def bench_compare(num_examples: int, batch_size: int, repeats: int) -> list[tupl
     from serving import ServingClient
     from serving.ab import CompareOptions, compare, run_arms
 
-    server = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(SERVER_SCRIPT.format(tests=str(ROOT / "tests")))],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-    )  # fmt: skip
-    try:
-        line = server.stdout.readline()  # type: ignore[union-attr]
-        if not line.startswith("PORT"):
-            raise RuntimeError(f"the benchmark server did not start: {line!r}")
-        target = f"127.0.0.1:{line.split()[1]}"
+    with seed_server() as target:
         generator = np.random.default_rng(0)
         inputs = generator.normal(size=(num_examples, 4)).astype(np.float32)
         labels = generator.integers(0, 3, size=num_examples)
@@ -198,9 +177,6 @@ def bench_compare(num_examples: int, batch_size: int, repeats: int) -> list[tupl
                 single.append(_timed(one_arm))
                 pipelined.append(_timed(one_arm_pipelined))
                 paired.append(_timed(both_arms))
-    finally:
-        server.stdin.close()  # type: ignore[union-attr]
-        server.wait(timeout=60)
     num_batches = -(-num_examples // batch_size)
     print(f"\n== 3. compare vs one arm ({num_examples} examples, {num_batches} batches of {batch_size}, "
           f"median of {repeats}) ==")

@@ -26,23 +26,11 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+from seed_server import seed_server
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
 
-SERVER_SCRIPT = """
-import sys, tempfile
-sys.path.insert(0, {tests!r})
-import ema_export
-from serving.server import start_server
-from support.models import LinearModule, write_seed_checkpoints
-root = tempfile.mkdtemp(prefix="compare-bench-")
-write_seed_checkpoints(root + "/ckpt")
-ema_export.export(root + "/ckpt", root + "/out", model=LinearModule)
-with start_server(model_name="model", model_base_path=root + "/out", port=0, file_system_poll_wait_seconds=0) as s:
-    s.wait_until_available(timeout=60)
-    print("PORT", s.port, flush=True)
-    sys.stdin.read()  # serve until the benchmark closes our stdin
-"""
 
 # Peak RSS from /proc/self/status (VmHWM, this process's own address space): getrusage's ru_maxrss survives exec on
 # Linux, so a child of a process that imported TensorFlow would report TensorFlow's peak.
@@ -105,15 +93,7 @@ def main() -> None:
             "N": write_data(Path(scratch) / "small", small, 2),
             "10N": write_data(Path(scratch) / "large", 10 * small, 20),
         }
-        server = subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(SERVER_SCRIPT.format(tests=str(ROOT / "tests")))],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-        )  # fmt: skip
-        try:
-            line = server.stdout.readline()  # type: ignore[union-attr]
-            if not line.startswith("PORT"):
-                raise RuntimeError(f"the benchmark server did not start: {line!r}")
-            target = f"127.0.0.1:{line.split()[1]}"
+        with seed_server() as target:
             run_compare(target, patterns["N"])  # warm the server's functions and the file cache
             # Best of a few runs each, interleaved: the machine is shared, and load elsewhere only ever adds time.
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in patterns}
@@ -123,9 +103,6 @@ def main() -> None:
             results = {name: min(measured, key=lambda result: result["seconds"]) for name, measured in runs.items()}
             for name, measured in runs.items():
                 results[name]["peak_rss_mb"] = max(result["peak_rss_mb"] for result in measured)
-        finally:
-            server.stdin.close()  # type: ignore[union-attr]
-            server.wait(timeout=60)
     assert not any(result["tensorflow_loaded"] for result in results.values()), "the client loaded TensorFlow"
     print(f"{'run':6}{'examples':>10}{'seconds':>10}{'CPU s':>8}{'rows/s':>10}{'peak RSS MB':>13}")
     for name, result in results.items():
