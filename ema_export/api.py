@@ -1,6 +1,6 @@
 """`ema_export.export`: the whole pipeline, from checkpoints to one published SavedModel version.
 
-    locate -> fresh model -> restore live -> collect shadows -> fold -> assemble -> write -> verify -> publish
+    locate -> read -> fresh model -> restore live -> collect shadows -> fold -> assemble -> write -> verify -> publish
 
 Each stage lives in its own module and returns data; this module only runs them in order. Nothing is printed:
 progress goes to an optional callback and the outcome comes back as an `ExportResult`.
@@ -28,7 +28,7 @@ from ema_export.locate import CheckpointSources, locate
 from ema_export.manifest import AssemblyFacts, Manifest, build_manifest, describe_assembly, write_manifest
 from ema_export.memory import alongside, collect_only_new_objects, release
 from ema_export.out_dir import ensure_writable
-from ema_export.read import one_export
+from ema_export.read import one_export, read_checkpoints
 from ema_export.restore import restore
 from ema_export.serving_version import skew_warning
 from ema_export.verify import Reference, VerificationReport, reference_outputs, verify
@@ -180,19 +180,20 @@ def _resolve_options(options: ExportOptions | None, overrides: dict[str, Any]) -
 @one_export()
 def _prepare(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model: str | ModelFactory | None,
              options: ExportOptions, step: Callable[[str], None], keep_values: bool = True) -> _Prepared:
-    """Stages shared by `export` and `dry_run`: locate, build, restore, collect and fold."""
+    """Stages shared by `export` and `dry_run`: locate and read, build, restore, collect and fold."""
     step(STAGES[0])
     version = plan_version(output_dir, options.version, options.overwrite, options.force)  # fail before any work
     sources = locate(checkpoint, options.ema_checkpoint, step=options.step,
                      allow_step_mismatch=options.allow_step_mismatch)
+    indexes = read_checkpoints(sources)  # timed with locate, whose step reading already opened most of them
     step(STAGES[1])
     fresh = build_fresh_model(sources.checkpoint_dir, model, options.input_signature, sources.training.prefix)
     step(STAGES[2])
     restored = restore(fresh, sources.training)
     step(STAGES[3])
-    layout, reason = choose_layout(sources, restored, options.layout, LayoutSettings(
+    layout, reason = choose_layout(indexes, restored, options.layout, LayoutSettings(
         ema_name=options.ema_name, inverted=options.inverted, bn_stats=options.bn_stats))
-    match = layout.collect(sources, restored)
+    match = layout.collect(indexes, restored)
     step(STAGES[4])
     folded = fold(restored, match, reason, options.allow_missing, options.bn_stats, keep_values)
     return _Prepared(sources, fresh, restored, folded, version)

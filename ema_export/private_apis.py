@@ -6,7 +6,9 @@ No public API does these jobs:
 - Loading a file's values into a model while skipping its optimizer: `saving_lib.load_weights_only` (Keras 3) and
   `saving_lib._load_state` (tf-keras) take the objects to skip; `Model.load_weights` does not.
 - The averages a Keras 3 optimizer built with `use_ema=True` keeps for a variable:
-  `optimizer._model_variables_moving_average[optimizer._get_variable_index(variable)]`.
+  `optimizer._model_variables_moving_average[optimizer._get_variable_index(variable)]`; and the whole list, in the
+  order of the variables the optimizer was built on, for Keras 3 and tf-keras alike (tf-keras has no
+  `_get_variable_index`): where a rebuilt optimizer puts each average among `optimizer.variables`.
 
 Each accessor checks the names it needs and, when a Keras release has moved them, raises one `PrivateApiError` that
 names the missing attribute and the versions this was tested with, instead of an `AttributeError` deep in a stage.
@@ -26,7 +28,8 @@ TESTED_WITH = "keras 3.8-3.15 and tf-keras 2.16-2.21"
 
 _KERAS_SAVING_LIB = ("keras.src.saving.saving_lib", ("H5IOStore", "_save_state", "load_weights_only"))
 _TF_KERAS_SAVING_LIB = ("tf_keras.src.saving.saving_lib", ("H5IOStore", "_save_state", "_load_state"))
-_OPTIMIZER_AVERAGES = ("_model_variables_moving_average", "_get_variable_index")
+_AVERAGES_LIST = "_model_variables_moving_average"
+_OPTIMIZER_AVERAGES = (_AVERAGES_LIST, "_get_variable_index")
 
 
 class PrivateApiError(EmaExportError):
@@ -58,10 +61,21 @@ def tf_keras_saving_lib() -> Any:
 
 def optimizer_averages(optimizer: Any, variables: list[Any]) -> list[Any]:
     """The moving averages a Keras 3 `use_ema=True` optimizer keeps for `variables` (built optimizer), in order."""
-    missing = [attribute for attribute in _OPTIMIZER_AVERAGES if not hasattr(optimizer, attribute)]
+    _require_attributes(optimizer, _OPTIMIZER_AVERAGES)
+    averages = optimizer._model_variables_moving_average
+    return [averages[optimizer._get_variable_index(variable)] for variable in variables]
+
+
+def built_averages(optimizer: Any) -> list[Any]:
+    """Every average a built `use_ema=True` optimizer (Keras 3 or tf-keras) keeps, in the order of the variables it
+    was built on (`optimizer.build(variables)`)."""
+    _require_attributes(optimizer, (_AVERAGES_LIST,))
+    return list(getattr(optimizer, _AVERAGES_LIST) or [])
+
+
+def _require_attributes(optimizer: Any, attributes: tuple[str, ...]) -> None:
+    missing = [attribute for attribute in attributes if not hasattr(optimizer, attribute)]
     if missing:
         raise PrivateApiError(f"{type(optimizer).__name__} has no {', '.join(missing)}; ema-export reads the "
                               "optimizer's averages through them",
                               hint=f"Install a Keras release tested with ema-export ({TESTED_WITH})")
-    averages = optimizer._model_variables_moving_average
-    return [averages[optimizer._get_variable_index(variable)] for variable in variables]

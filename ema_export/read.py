@@ -13,7 +13,9 @@ saying which checkpoint it was reading:
 (so the error names the checkpoint, which half of the export it is (training or EMA), the file and the fix), with the
 object graph, shape and dtype maps and node paths every stage looks things up in. Within `one_export` (the pipeline
 runs its read stages inside it) each checkpoint is opened once and its index shared by restore and every layout.
-`reading` covers the other readers of the same files (`tf.train.Checkpoint.read`).
+`read_checkpoints` is the read stage itself: it opens the pair of checkpoints an export reads and returns them as one
+`CheckpointIndexes`, the value every layout is handed. `reading` covers the other readers of the same files
+(`tf.train.Checkpoint.read`).
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ import glob
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from ema_export.checkpoint_graph import node_paths, read_object_graph
 from ema_export.errors import CheckpointReadError
+
+if TYPE_CHECKING:
+    from ema_export.locate import CheckpointSources
 
 ROLE_TRAINING = "training"
 ROLE_EMA = "EMA"
@@ -171,6 +176,65 @@ def open_checkpoint(prefix: str | os.PathLike, role: str) -> CheckpointReader:
         >>> reader.get_tensor("save_counter/.ATTRIBUTES/VARIABLE_VALUE")
     """
     return open_index(prefix, role).reader
+
+
+@dataclass(frozen=True)
+class CheckpointIndexes:
+    """What the read stage opened for one export: the checkpoints every layout looks for shadows in.
+
+    Training saves either a TensorFlow checkpoint (then `training` is its index) or one of Keras's own files, a
+    `.keras` archive or a `.weights.h5` file (then `keras_file` is its path). A Keras file is HDF5 that
+    `ema_export.keras_files` reads, not a TensorFlow checkpoint, so it has no index; exactly one of the two is set.
+
+    Attributes:
+        training: The training checkpoint's index, or None when training saved a Keras file.
+        ema: The separate EMA checkpoint's index (`CKPT_DIR/ema/`, `--ema-checkpoint`), or None when there is none
+            and the shadows, if any, are in the training source.
+        keras_file: The `.keras` / `.weights.h5` file training saved, or None for a TensorFlow checkpoint.
+
+    Example:
+        >>> indexes = read_checkpoints(locate("runs/7"))
+        >>> indexes.ema.graph  # the EMA checkpoint's object graph, parsed once
+    """
+
+    training: CheckpointIndex | None
+    ema: CheckpointIndex | None
+    keras_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.training is None) == (self.keras_file is None):
+            raise ValueError("CheckpointIndexes holds either a training index or a Keras file, exactly one: got "
+                             f"training={self.training!r}, keras_file={self.keras_file!r}")
+
+    @property
+    def training_source(self) -> str:
+        """The training checkpoint's prefix or the Keras file's path: what messages name as the training source."""
+        return self.training.prefix if self.training is not None else str(self.keras_file)
+
+    def nearby(self, prefix: str | os.PathLike) -> CheckpointIndex:
+        """The index of another checkpoint, read as a training checkpoint: the inversion check compares a
+        checkpoint with those of the same step around it. Within the export, a checkpoint already read (these two
+        included) is not opened again.
+
+        Raises:
+            CheckpointReadError: The index is missing, empty or not a checkpoint index.
+        """
+        return open_index(prefix, ROLE_TRAINING)
+
+
+def read_checkpoints(sources: CheckpointSources) -> CheckpointIndexes:
+    """The read stage: open the training and EMA checkpoints an export reads, once, as the value layouts are given.
+
+    An EMA checkpoint is always a TensorFlow checkpoint: one given as a Keras file fails here, as an unreadable
+    checkpoint.
+
+    Raises:
+        CheckpointReadError: A checkpoint's index is missing, empty or not a checkpoint index.
+    """
+    keras_file = sources.training.prefix if sources.training.is_keras_file else None
+    training = open_index(sources.training.prefix, ROLE_TRAINING) if keras_file is None else None
+    ema = open_index(sources.ema.prefix, ROLE_EMA) if sources.ema is not None else None
+    return CheckpointIndexes(training, ema, keras_file)
 
 
 @contextlib.contextmanager

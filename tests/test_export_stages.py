@@ -20,6 +20,7 @@ from ema_export.fresh_model import build_fresh_model, without_initial_values
 from ema_export.layouts import choose_layout
 from ema_export.locate import locate
 from ema_export.manifest import read_manifest
+from ema_export.read import read_checkpoints
 from ema_export.restore import restore
 from support import models as tm
 
@@ -152,7 +153,8 @@ def test_architecture_file_export_serves_the_checkpoint_values_not_the_zeros(tmp
 def test_a_checkpoint_shadow_becomes_its_export_variable_without_a_copy(seed_ckpt, tmp_path):
     sources = locate(seed_ckpt)
     restored = restore(build_fresh_model(seed_ckpt, tm.LinearModule), sources.training)
-    match = choose_layout(sources, restored)[0].collect(sources, restored)
+    indexes = read_checkpoints(sources)
+    match = choose_layout(indexes, restored)[0].collect(indexes, restored)
     index, shadow = next(iter(match.matched.items()))
     assert shadow.prefix == sources.ema.prefix
 

@@ -20,6 +20,7 @@ from ema_export.fresh_model import build_fresh_model
 from ema_export.layouts.optimizer_slot import OptimizerSlotLayout
 from ema_export.locate import locate
 from ema_export.names import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
+from ema_export.read import read_checkpoints
 from ema_export.restore import restore
 from support import models as tm
 from support.producers import optimizer_slot as sp
@@ -57,7 +58,7 @@ def detect(checkpoint, model=tm.LinearModule) -> str | None:
     """What the layout's auto-detection says about a checkpoint, after the stages that run before it."""
     sources = locate(checkpoint)
     restored = restore(build_fresh_model(sources.checkpoint_dir, model, None), sources.training)
-    return OptimizerSlotLayout().detect(sources, restored)
+    return OptimizerSlotLayout().detect(read_checkpoints(sources), restored)
 
 
 def nothing_published(out_dir) -> bool:

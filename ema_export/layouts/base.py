@@ -1,7 +1,8 @@
 """The one interface every checkpoint layout implements, and the name matching they share.
 
-A layout answers one question: given the checkpoints and the restored model, which shadow value belongs to each
-model variable, and which variables have none? It only finds and pairs; `fold` validates and decides.
+A layout answers one question: given the checkpoint indexes and the restored model, which shadow value belongs to
+each model variable, and which variables have none? It only finds and pairs; `fold` validates and decides. The read
+stage opens the checkpoints and hands every layout the same `CheckpointIndexes`, so no layout opens a file of its own.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from ema_export.errors import name_list
-from ema_export.locate import CheckpointSources
-from ema_export.read import ROLE_EMA, reading
+from ema_export.read import ROLE_EMA, CheckpointIndex, CheckpointIndexes, reading
 from ema_export.restored import RestoredModel
 
 EMA_SUFFIX = re.compile(r"/ExponentialMovingAverage(_\d+)?$")
@@ -91,19 +91,15 @@ class LayoutSettings:
 
 
 class CheckpointShadows:
-    """Builds shadows from the entries of one TensorFlow checkpoint, its shape and dtype maps read once.
+    """Builds shadows from the entries of one TensorFlow checkpoint, through its index (shape and dtype maps read
+    once, by the read stage).
 
-    Every layout that reads a checkpoint makes its shadows here: building the maps per shadow would read the whole
-    index once per entry.
+    Every layout that reads a checkpoint makes its shadows here. Each shadow knows its checkpoint's prefix and role,
+    so folding reads it through TensorFlow's restore op and a failed read names the checkpoint.
     """
 
-    def __init__(self, reader: tf.train.CheckpointReader) -> None:
-        self.reader = reader
-        # `read.open_checkpoint`'s readers know their checkpoint: folding then reads through TensorFlow's restore op.
-        self.prefix: str | None = getattr(reader, "prefix", None)
-        self.role: str = getattr(reader, "role", ROLE_EMA)
-        self.shapes = reader.get_variable_to_shape_map()
-        self.dtypes = reader.get_variable_to_dtype_map()
+    def __init__(self, index: CheckpointIndex) -> None:
+        self.index = index
 
     def shadow(self, checkpoint_key: str, recorded_name: str, claimed: Sequence[str | None]) -> Shadow:
         """The shadow stored under `checkpoint_key`, claiming the given names (blanks dropped, order kept)."""
@@ -111,16 +107,21 @@ class CheckpointShadows:
             checkpoint_key=checkpoint_key,
             recorded_name=recorded_name,
             claimed_names=tuple(dict.fromkeys(name for name in claimed if name)),
-            shape=tuple(self.shapes[checkpoint_key]),
-            dtype=tf.dtypes.as_dtype(self.dtypes[checkpoint_key]),
-            read=functools.partial(self.reader.get_tensor, checkpoint_key),
-            prefix=self.prefix,
-            role=self.role,
+            shape=tuple(self.index.shapes[checkpoint_key]),
+            dtype=tf.dtypes.as_dtype(self.index.dtypes[checkpoint_key]),
+            read=functools.partial(self.index.reader.get_tensor, checkpoint_key),
+            prefix=self.index.prefix,
+            role=self.index.role,
         )
 
 
 class Layout(abc.ABC):
-    """A way training code stores EMA shadows."""
+    """A way training code stores EMA shadows.
+
+    A layout is given what the read stage opened (`CheckpointIndexes`: the training index or Keras file, the EMA
+    index if any) and the restored model, and looks only there. Adding one means a module with a subclass and a line
+    in `ema_export.layout_registry`.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]
@@ -129,11 +130,11 @@ class Layout(abc.ABC):
         self.settings = settings or LayoutSettings()
 
     @abc.abstractmethod
-    def detect(self, sources: CheckpointSources, restored: RestoredModel) -> str | None:
+    def detect(self, indexes: CheckpointIndexes, restored: RestoredModel) -> str | None:
         """Why this layout applies to these checkpoints, or None when it does not."""
 
     @abc.abstractmethod
-    def collect(self, sources: CheckpointSources, restored: RestoredModel) -> ShadowMatch:
+    def collect(self, indexes: CheckpointIndexes, restored: RestoredModel) -> ShadowMatch:
         """Pair every shadow the layout finds with a model variable."""
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from ema_export.checkpoint_graph import iter_variables
 from ema_export.layouts.base import (CheckpointShadows, Layout, ShadowMatch, match_by_name, strip_ema_suffix,
                                      strip_output_index)
-from ema_export.locate import STEP_VARIABLES, CheckpointSources
-from ema_export.read import ROLE_EMA, open_index
+from ema_export.locate import STEP_VARIABLES
+from ema_export.read import CheckpointIndexes
 from ema_export.restored import RestoredModel
 
 _BOOKKEEPING = frozenset({"save_counter", *STEP_VARIABLES})
@@ -24,26 +24,26 @@ class EmaCheckpointLayout(Layout):
     name = "ema-checkpoint"
     description = "a separate TF2 checkpoint of ema.average(v) values (CKPT_DIR/ema/ or --ema-checkpoint)"
 
-    def detect(self, sources: CheckpointSources, restored: RestoredModel) -> str | None:
-        if sources.ema is None:
+    def detect(self, indexes: CheckpointIndexes, restored: RestoredModel) -> str | None:
+        if indexes.ema is None:
             return None
-        graph = open_index(sources.ema.prefix, ROLE_EMA).graph
+        graph = indexes.ema.graph
         if graph is None:
             return None
         count = sum(1 for entry in iter_variables(graph) if entry.path[:1] and entry.path[0] not in _BOOKKEEPING)
         if not count:
             return None
-        return f"{sources.ema.prefix} is a separate checkpoint holding {count} values"
+        return f"{indexes.ema.prefix} is a separate checkpoint holding {count} values"
 
-    def collect(self, sources: CheckpointSources, restored: RestoredModel) -> ShadowMatch:
-        assert sources.ema is not None
-        index = open_index(sources.ema.prefix, ROLE_EMA)
+    def collect(self, indexes: CheckpointIndexes, restored: RestoredModel) -> ShadowMatch:
+        index = indexes.ema
+        assert index is not None
         graph = index.graph
         assert graph is not None
-        build = CheckpointShadows(index.reader)
+        build = CheckpointShadows(index)
         shadows = [
             build.shadow(entry.checkpoint_key, entry.full_name, [strip_ema_suffix(entry.full_name), strip_output_index(entry.path[-1]),
                                               entry.full_name])
             for entry in iter_variables(graph) if entry.path and entry.path[0] not in _BOOKKEEPING
         ]
-        return match_by_name(self.name, sources.ema.prefix, shadows, restored)
+        return match_by_name(self.name, index.prefix, shadows, restored)

@@ -23,7 +23,8 @@ from ema_export.keras_files import (OPTIMIZER_GROUP, StoredValue, optimizer_conf
 from ema_export.layouts.base import Layout, Shadow, ShadowMatch
 from ema_export.layouts.inversion import judge_keras_file, refuse
 from ema_export.layouts.keras_optimizer import finalized_warning
-from ema_export.locate import CheckpointSources
+from ema_export.private_apis import PrivateApiError, built_averages
+from ema_export.read import CheckpointIndexes
 from ema_export.restored import RestoredModel
 
 _FIX_AMBIGUITY = ("Save a .keras file instead (model.save or ModelCheckpoint without save_weights_only), which "
@@ -88,7 +89,10 @@ def _keras_positions(config: dict[str, Any], model: Any) -> tuple[list[int], int
     except Exception:  # unknown class, incompatible arguments: fall back to the documented order
         return None
     index = {id(variable): position for position, variable in enumerate(optimizer.variables)}
-    averages = getattr(optimizer, "_model_variables_moving_average", None) or []
+    try:
+        averages = built_averages(optimizer)
+    except PrivateApiError:  # a Keras release that keeps them elsewhere: the documented order still holds
+        return None
     if len(averages) != len(model.trainable_variables) or any(id(a) not in index for a in averages):
         return None
     return [index[id(average)] for average in averages], len(optimizer.variables)
@@ -104,18 +108,18 @@ def _fits(stored: list[StoredValue], first: int, shapes: list[tuple[int, ...]]) 
     return [value.shape for value in stored[first:first + len(shapes)]] == shapes
 
 
-def _plan(sources: CheckpointSources, restored: RestoredModel) -> _Plan | None:
+def _plan(indexes: CheckpointIndexes, restored: RestoredModel) -> _Plan | None:
     """Where the averages are, from the optimizer's config when known, else from the file's counts and shapes;
     None when the source is not a Keras file of a model whose optimizer kept averages."""
-    if not sources.training.is_keras_file or not (restored.fresh.is_keras or restored.fresh.is_tf_keras):
+    path = indexes.keras_file
+    if path is None or not (restored.fresh.is_keras or restored.fresh.is_tf_keras):
         return None
-    path = sources.training.prefix
     stored = optimizer_values(path)
     if not stored:
         return None
     model = restored.fresh.model
-    index_of = {variable_identity(item.variable): index for index, item in enumerate(restored.variables)}
-    trained = [index_of[variable_identity(variable)] for variable in model.trainable_variables]
+    position_of = {variable_identity(item.variable): index for index, item in enumerate(restored.variables)}
+    trained = [position_of[variable_identity(variable)] for variable in model.trainable_variables]
     if not trained:
         return None
     known = _known_config(path, model)
@@ -153,16 +157,16 @@ class KerasFileEmaLayout(Layout):
     name = "keras-file-use-ema"
     description = "Keras 3 optimizer use_ema=True averages in a .keras or .weights.h5 file (optimizer/vars/<i>)"
 
-    def _plan(self, sources: CheckpointSources, restored: RestoredModel) -> _Plan | None:
+    def _plan(self, indexes: CheckpointIndexes, restored: RestoredModel) -> _Plan | None:
         """The plan, made once per export: making it can rebuild the optimizer, slots and all, on the model."""
-        key = (id(sources), id(restored))
+        key = (id(indexes), id(restored))
         cached = getattr(self, "_cached", None)
         if cached is None or cached[0] != key:
-            cached = self._cached = (key, _plan(sources, restored))
+            cached = self._cached = (key, _plan(indexes, restored))
         return cached[1]
 
-    def detect(self, sources: CheckpointSources, restored: RestoredModel) -> str | None:
-        plan = self._plan(sources, restored)
+    def detect(self, indexes: CheckpointIndexes, restored: RestoredModel) -> str | None:
+        plan = self._plan(indexes, restored)
         if plan is None:
             return None
         if plan.readings:
@@ -171,15 +175,15 @@ class KerasFileEmaLayout(Layout):
         return (f"{plan.path} is a Keras file whose optimizer stores {len(plan.trained)} use_ema averages at "
                 f"{_span(plan.positions)} ({plan.evidence}), paired by position with the model's trainable variables")
 
-    def collect(self, sources: CheckpointSources, restored: RestoredModel) -> ShadowMatch:
-        plan = self._plan(sources, restored)
+    def collect(self, indexes: CheckpointIndexes, restored: RestoredModel) -> ShadowMatch:
+        plan = self._plan(indexes, restored)
         if plan is None:
             raise LayoutError(
-                f"No use_ema averages in {sources.training.prefix}: expected a .keras or .weights.h5 file of a Keras "
+                f"No use_ema averages in {indexes.training_source}: expected a .keras or .weights.h5 file of a Keras "
                 f"model compiled with an optimizer with use_ema=True ({OPTIMIZER_GROUP} holding a step counter, "
                 "then one average per trainable variable)",
                 hint=f"Omit --layout {self.name} to detect the layout. Received: "
-                + ("not a Keras file" if not sources.training.is_keras_file
+                + ("not a Keras file" if indexes.keras_file is None
                    else "a file without such optimizer values, or an optimizer config without use_ema"),
             )
         if plan.readings:

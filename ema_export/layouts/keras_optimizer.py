@@ -29,8 +29,7 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 from ema_export.checkpoint_graph import GraphVariable, node_paths, value_attribute
 from ema_export.errors import LayoutError, name_list
 from ema_export.layouts.base import CheckpointShadows, Layout, ShadowMatch, match_by_name, strip_output_index
-from ema_export.locate import CheckpointSources
-from ema_export.read import index_of
+from ema_export.read import CheckpointIndex, CheckpointIndexes
 from ema_export.restored import RestoredModel
 
 AVERAGES = "_model_variables_moving_average"
@@ -92,10 +91,8 @@ def find_ema_optimizers(graph: trackable_object_graph_pb2.TrackableObjectGraph) 
     return found
 
 
-def _optimizers(restored: RestoredModel) -> list[EmaOptimizer]:
-    if restored.reader is None:
-        return []
-    graph = index_of(restored.reader).graph
+def _optimizers(indexes: CheckpointIndexes) -> list[EmaOptimizer]:
+    graph = indexes.training.graph if indexes.training is not None else None
     return find_ema_optimizers(graph) if graph is not None else []
 
 
@@ -118,9 +115,9 @@ def finalized_warning(match: ShadowMatch, restored: RestoredModel, steps: int, w
             + FINALIZED_HINT)
 
 
-def _warn_if_finalized(match: ShadowMatch, restored: RestoredModel, optimizers: list[EmaOptimizer]) -> None:
-    reader = restored.reader
-    assert reader is not None
+def _warn_if_finalized(match: ShadowMatch, index: CheckpointIndex, restored: RestoredModel,
+                       optimizers: list[EmaOptimizer]) -> None:
+    reader = index.reader
     steps = max(int(reader.get_tensor(item.iterations_key)) if item.iterations_key else 0 for item in optimizers)
     warning = finalized_warning(match, restored, steps, f"The optimizer ({', '.join(i.path for i in optimizers)})")
     if warning:
@@ -132,13 +129,15 @@ def _flat(name: str) -> str:
     return name.replace("/", "_")
 
 
-def _require(optimizers: list[EmaOptimizer], layout: str, what: str, sources: CheckpointSources) -> None:
-    if not optimizers:
+def _require(optimizers: list[EmaOptimizer], layout: str, what: str, indexes: CheckpointIndexes) -> CheckpointIndex:
+    """The training checkpoint's index, when it holds the optimizers the layout reads."""
+    if indexes.training is None or not optimizers:
         raise LayoutError(
-            f"No {what} in {sources.training.prefix}: expected an optimizer with a {AVERAGES} list in its object graph",
+            f"No {what} in {indexes.training_source}: expected an optimizer with a {AVERAGES} list in its object graph",
             hint=f"Compile with use_ema=True and save tf.train.Checkpoint(model=..., optimizer=...), or omit "
             f"--layout {layout} to detect the layout. Received: an optimizer-free or EMA-free checkpoint",
         )
+    return indexes.training
 
 
 class KerasOptimizerEmaLayout(Layout):
@@ -148,28 +147,28 @@ class KerasOptimizerEmaLayout(Layout):
     description = "Keras 3 optimizer use_ema=True averages in a tf.train.Checkpoint with the optimizer"
 
     @staticmethod
-    def _keras3(restored: RestoredModel) -> list[EmaOptimizer]:
-        return [item for item in _optimizers(restored) if item.trained is not None]
+    def _keras3(indexes: CheckpointIndexes) -> list[EmaOptimizer]:
+        return [item for item in _optimizers(indexes) if item.trained is not None]
 
-    def detect(self, sources: CheckpointSources, restored: RestoredModel) -> str | None:
-        optimizers = self._keras3(restored)
+    def detect(self, indexes: CheckpointIndexes, restored: RestoredModel) -> str | None:
+        optimizers = self._keras3(indexes)
         if not optimizers:
             return None
         count = sum(len(item.averages) for item in optimizers)
         example = next(iter(optimizers[0].averages.values())).full_name
         places = ", ".join(item.path for item in optimizers)
-        return (f"{sources.training.prefix} holds {count} Keras 3 optimizer averages (use_ema=True) under {places}, "
+        return (f"{indexes.training_source} holds {count} Keras 3 optimizer averages (use_ema=True) under {places}, "
                 f"named like {example!r}, paired by position with {TRAINED}")
 
-    def collect(self, sources: CheckpointSources, restored: RestoredModel) -> ShadowMatch:
-        optimizers = self._keras3(restored)
-        _require(optimizers, self.name, "Keras 3 use_ema averages", sources)
-        variables = _ModelIndex.of(restored)
-        match = ShadowMatch(self.name, sources.training.prefix, {}, [], [])
+    def collect(self, indexes: CheckpointIndexes, restored: RestoredModel) -> ShadowMatch:
+        optimizers = self._keras3(indexes)
+        index = _require(optimizers, self.name, "Keras 3 use_ema averages", indexes)
+        variables = _ModelIndex.of(index, restored)
+        match = ShadowMatch(self.name, index.prefix, {}, [], [])
         for optimizer in optimizers:
             for position, average in sorted(optimizer.averages.items()):
                 _pair(variables, optimizer, position, average, match)
-        _warn_if_finalized(match, restored, optimizers)
+        _warn_if_finalized(match, index, restored, optimizers)
         return match
 
 
@@ -183,9 +182,8 @@ class _ModelIndex:
     shadows: CheckpointShadows
 
     @classmethod
-    def of(cls, restored: RestoredModel) -> _ModelIndex:
-        assert restored.reader is not None
-        graph = index_of(restored.reader).graph
+    def of(cls, checkpoint: CheckpointIndex, restored: RestoredModel) -> _ModelIndex:
+        graph = checkpoint.graph
         assert graph is not None
         key_to_node = {}
         for node_id in range(len(graph.nodes)):
@@ -200,7 +198,7 @@ class _ModelIndex:
         for index, item in enumerate(restored.variables):
             for alias in dict.fromkeys(_flat(name) for name in item.aliases):
                 by_flat_name.setdefault(alias, []).append(index)
-        return cls(restored, by_node, by_flat_name, CheckpointShadows(restored.reader))
+        return cls(restored, by_node, by_flat_name, CheckpointShadows(checkpoint))
 
     def label(self, index: int) -> str:
         """The variable's recorded name, with its checkpoint path when another variable was recorded as well."""
@@ -257,23 +255,23 @@ class TfKerasOptimizerEmaLayout(Layout):
     description = "tf-keras (Keras 2) optimizer use_ema=True averages named <optimizer>/average/<variable>"
 
     @staticmethod
-    def _tf_keras(restored: RestoredModel) -> list[EmaOptimizer]:
-        return [item for item in _optimizers(restored) if item.trained is None
+    def _tf_keras(indexes: CheckpointIndexes) -> list[EmaOptimizer]:
+        return [item for item in _optimizers(indexes) if item.trained is None
                 and all(TF_KERAS_NAME.match(average.full_name) for average in item.averages.values())]
 
-    def detect(self, sources: CheckpointSources, restored: RestoredModel) -> str | None:
-        optimizers = self._tf_keras(restored)
+    def detect(self, indexes: CheckpointIndexes, restored: RestoredModel) -> str | None:
+        optimizers = self._tf_keras(indexes)
         if not optimizers:
             return None
         count = sum(len(item.averages) for item in optimizers)
         example = next(iter(optimizers[0].averages.values())).full_name
-        return (f"{sources.training.prefix} holds {count} tf-keras optimizer averages (use_ema=True) under "
+        return (f"{indexes.training_source} holds {count} tf-keras optimizer averages (use_ema=True) under "
                 f"{', '.join(item.path for item in optimizers)}, named like {example!r}, matched by variable name")
 
-    def collect(self, sources: CheckpointSources, restored: RestoredModel) -> ShadowMatch:
-        optimizers = self._tf_keras(restored)
-        _require(optimizers, self.name, "tf-keras use_ema averages", sources)
-        build = CheckpointShadows(restored.reader)
+    def collect(self, indexes: CheckpointIndexes, restored: RestoredModel) -> ShadowMatch:
+        optimizers = self._tf_keras(indexes)
+        index = _require(optimizers, self.name, "tf-keras use_ema averages", indexes)
+        build = CheckpointShadows(index)
         shadows = []
         for optimizer in optimizers:
             for _, average in sorted(optimizer.averages.items()):
@@ -282,6 +280,6 @@ class TfKerasOptimizerEmaLayout(Layout):
                 variable = name_match.group("variable")
                 shadows.append(build.shadow(average.checkpoint_key, average.full_name,
                                             [variable, strip_output_index(variable)]))
-        match = match_by_name(self.name, sources.training.prefix, shadows, restored)
-        _warn_if_finalized(match, restored, optimizers)
+        match = match_by_name(self.name, index.prefix, shadows, restored)
+        _warn_if_finalized(match, index, restored, optimizers)
         return match

@@ -35,8 +35,8 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 from ema_export.checkpoint_graph import node_paths, value_attribute
 from ema_export.errors import CheckpointNotFoundError, LayoutError, name_list
 from ema_export.layouts.base import CheckpointShadows, Layout, Shadow, ShadowMatch
-from ema_export.locate import CheckpointSources, resolve_checkpoint
-from ema_export.read import ROLE_TRAINING, open_index
+from ema_export.locate import resolve_checkpoint
+from ema_export.read import CheckpointIndex, CheckpointIndexes
 from ema_export.restored import RestoredModel
 
 AVERAGE_SLOT = "average"
@@ -119,9 +119,13 @@ class InvertedCheckpoint:
     """False for a renamed copy that mirrors another unnamed checkpoint of its step: one of the two is inverted."""
 
 
-def find_inversion(prefix: str) -> InvertedCheckpoint | None:
+def find_inversion(prefix: str, indexes: CheckpointIndexes) -> InvertedCheckpoint | None:
     """Recognise Model Garden's inverted EMA checkpoint by where it lives, and confirm it by value when the regular
     checkpoint of the same step is beside it.
+
+    Args:
+        prefix: The checkpoint to judge: the export's training or EMA checkpoint.
+        indexes: What the read stage opened; the checkpoints around `prefix` are read through it.
 
     Returns:
         The evidence, or None when nothing marks `prefix` as inverted.
@@ -134,11 +138,11 @@ def find_inversion(prefix: str) -> InvertedCheckpoint | None:
     if name:
         signs.append("its name is average_weights-<step>")
     if not signs:
-        return _mirrored_without_name(prefix)
+        return _mirrored_without_name(prefix, indexes)
     model_dir = path.parent.parent if path.parent.name == INVERTED_DIRECTORY else path.parent
     same_step = model_dir / f"ckpt-{name.group(1)}" if name else None
     if same_step is not None and same_step.with_name(same_step.name + ".index").is_file():
-        if _mirrors(prefix, str(same_step)):
+        if _mirrors(indexes.nearby(prefix), indexes.nearby(same_step)):
             signs.append(f"its model values are the 'average' slots of {same_step.name}, the regular checkpoint "
                          "of the same step")
         return InvertedCheckpoint(prefix, tuple(signs), str(same_step), regular_is_same_step=True)
@@ -165,27 +169,28 @@ def _nearby_prefixes(prefix: str) -> list[str]:
     return sorted(found)
 
 
-def _global_step(prefix: str) -> int | None:
-    reader = open_index(prefix, ROLE_TRAINING).reader
+def _global_step(index: CheckpointIndex) -> int | None:
+    reader = index.reader
     for key in ("global_step/.ATTRIBUTES/VARIABLE_VALUE", "step/.ATTRIBUTES/VARIABLE_VALUE"):
         if reader.has_tensor(key):
             return int(reader.get_tensor(key))
     return None
 
 
-def _mirror_partners(prefix: str, step: int) -> list[str]:
+def _mirror_partners(prefix: str, step: int, indexes: CheckpointIndexes) -> list[str]:
     """Checkpoints nearby of the same step whose values are this one's, swapped."""
     partners = []
     for other in _nearby_prefixes(prefix):
         try:
-            if _global_step(other) == step and _mirrors(prefix, other):
+            nearby = indexes.nearby(other)
+            if _global_step(nearby) == step and _mirrors(indexes.nearby(prefix), nearby):
                 partners.append(other)
         except (tf.errors.OpError, ValueError):
             continue
     return partners
 
 
-def _mirrored_without_name(prefix: str) -> InvertedCheckpoint | None:
+def _mirrored_without_name(prefix: str, indexes: CheckpointIndexes) -> InvertedCheckpoint | None:
     """A checkpoint without Model Garden's names that holds, swapped, the values of a checkpoint of the same step
     nearby: a renamed copy of an inverted checkpoint, or the regular checkpoint such a copy was made from.
 
@@ -194,14 +199,14 @@ def _mirrored_without_name(prefix: str) -> InvertedCheckpoint | None:
     of the inverted one. Two unnamed ones alone cannot be told apart, and the export is refused until the user says
     which this is.
     """
-    step = _global_step(prefix)
+    step = _global_step(indexes.nearby(prefix))
     if step is None:
         return None
-    partners = _mirror_partners(prefix, step)
+    partners = _mirror_partners(prefix, step, indexes)
     if not partners or any(_is_named_inverted(other) for other in partners):
         return None
     for other in partners:
-        named = [third for third in _mirror_partners(other, step) if _is_named_inverted(third)]
+        named = [third for third in _mirror_partners(other, step, indexes) if _is_named_inverted(third)]
         if named:
             return InvertedCheckpoint(
                 prefix, (f"its model values are the 'average' slots of {other}, a checkpoint of the same step "
@@ -214,9 +219,8 @@ def _mirrored_without_name(prefix: str) -> InvertedCheckpoint | None:
                  "the two is a renamed copy of ema_checkpoints/average_weights-N",), other, True, certain=False)
 
 
-def _mirrors(inverted_prefix: str, regular_prefix: str) -> bool:
+def _mirrors(inverted: CheckpointIndex, regular: CheckpointIndex) -> bool:
     """Whether the inverted checkpoint's weights equal the regular one's averages (to within the swap's rounding)."""
-    inverted, regular = open_index(inverted_prefix, ROLE_TRAINING), open_index(regular_prefix, ROLE_TRAINING)
     if regular.graph is None:
         return False
     shapes = inverted.shapes
@@ -254,14 +258,10 @@ def refuse_inverted(inversion: InvertedCheckpoint, given_as_ema: bool = False) -
     )
 
 
-def _read_average_slots(
-    sources: CheckpointSources,
-) -> tuple[tf.train.CheckpointReader | None, GraphProto | None, list[AverageSlot]]:
-    """The training checkpoint's reader, object graph and `average` slots (None, None, [] for a Keras file)."""
-    if sources.training.is_keras_file:
-        return None, None, []
-    index = open_index(sources.training.prefix, ROLE_TRAINING)
-    return index.reader, index.graph, find_average_slots(index.graph) if index.graph is not None else []
+def _average_slots(indexes: CheckpointIndexes) -> tuple[GraphProto | None, list[AverageSlot]]:
+    """The training checkpoint's object graph and `average` slots (None, [] for a Keras file)."""
+    graph = indexes.training.graph if indexes.training is not None else None
+    return graph, find_average_slots(graph) if graph is not None else []
 
 
 class OptimizerSlotLayout(Layout):
@@ -271,28 +271,29 @@ class OptimizerSlotLayout(Layout):
     description = ("optimizer slots named 'average' in the training checkpoint (TF Addons MovingAverage, "
                    "Model Garden ExponentialMovingAverage)")
 
-    def detect(self, sources: CheckpointSources, restored: RestoredModel) -> str | None:
-        _, graph, slots = _read_average_slots(sources)
+    def detect(self, indexes: CheckpointIndexes, restored: RestoredModel) -> str | None:
+        graph, slots = _average_slots(indexes)
         if graph is None or not slots:
             return None
-        inversion = find_inversion(sources.training.prefix) if self.settings.inverted is None else None
+        prefix = indexes.training_source
+        inversion = find_inversion(prefix, indexes) if self.settings.inverted is None else None
         if inversion is not None:
-            return f"{sources.training.prefix} is an inverted EMA checkpoint ({'; '.join(inversion.signs)})"
+            return f"{prefix} is an inverted EMA checkpoint ({'; '.join(inversion.signs)})"
         owned = {v.checkpoint_key for v in restored.variables}
         num_owned = sum(1 for slot in slots if slot.owner_key in owned)
-        return (f"{len(slots)} optimizer slots named 'average' in {sources.training.prefix}, {num_owned} of them "
+        return (f"{len(slots)} optimizer slots named 'average' in {prefix}, {num_owned} of them "
                 f"for model variables, kept by {describe_wrappers(graph, slots)}")
 
-    def collect(self, sources: CheckpointSources, restored: RestoredModel) -> ShadowMatch:
+    def collect(self, indexes: CheckpointIndexes, restored: RestoredModel) -> ShadowMatch:
         """Pair each model variable with its `average` slot.
 
         Raises:
             LayoutError: The checkpoint is an inverted EMA checkpoint, has no `average` slot at all, or has two for
                 one variable.
         """
-        prefix = sources.training.prefix
-        reader, graph, slots = _read_average_slots(sources)
-        if reader is None or graph is None or not slots:
+        prefix = indexes.training_source
+        graph, slots = _average_slots(indexes)
+        if indexes.training is None or graph is None or not slots:
             names = slot_names(graph) if graph is not None else []
             present = (f"optimizer slots {', '.join(names)}" if names else "no optimizer slots" if graph is not None
                        else "a checkpoint without an object graph")
@@ -301,16 +302,16 @@ class OptimizerSlotLayout(Layout):
                 "wrapper keeps (TF Addons MovingAverage, Model Garden ExponentialMovingAverage)",
                 hint=f"Omit --layout to detect where the shadows are. Received: {present}",
             )
-        inversion = find_inversion(prefix) if self.settings.inverted is None else None
+        inversion = find_inversion(prefix, indexes) if self.settings.inverted is None else None
         if inversion is not None:
             raise refuse_inverted(inversion)
-        build = CheckpointShadows(reader)
-        index_of = {variable.checkpoint_key: index for index, variable in enumerate(restored.variables)}
+        build = CheckpointShadows(indexes.training)
+        by_key = {variable.checkpoint_key: index for index, variable in enumerate(restored.variables)}
         candidates: dict[int, list[AverageSlot]] = defaultdict(list)
         outside: list[AverageSlot] = []
         for slot in slots:
-            if slot.owner_key in index_of:
-                candidates[index_of[slot.owner_key]].append(slot)
+            if slot.owner_key in by_key:
+                candidates[by_key[slot.owner_key]].append(slot)
             else:
                 outside.append(slot)  # like the optimizer's other state, it belongs to something the model is not
 

@@ -11,8 +11,7 @@ import re
 
 from ema_export.errors import name_list
 from ema_export.layouts.base import CheckpointShadows, Layout, Shadow, ShadowMatch
-from ema_export.locate import CheckpointSources
-from ema_export.read import ROLE_TRAINING, open_index
+from ema_export.read import CheckpointIndexes
 from ema_export.restored import RestoredModel
 
 _DEFAULT_SUFFIX = r"ExponentialMovingAverage(_\d+)?"
@@ -28,12 +27,10 @@ class Tf1NamesLayout(Layout):
         suffix = re.escape(self.settings.ema_name) if self.settings.ema_name else _DEFAULT_SUFFIX
         return re.compile(rf"^(?P<variable>.+)/(?P<suffix>{suffix})$")
 
-    def _shadow_keys(self, sources: CheckpointSources) -> dict[str, list[str]]:
+    def _shadow_keys(self, indexes: CheckpointIndexes) -> dict[str, list[str]]:
         """Variable name -> keys of its shadows, for a name-based training checkpoint (else empty)."""
-        if sources.training.is_keras_file:
-            return {}
-        index = open_index(sources.training.prefix, ROLE_TRAINING)
-        if index.graph is not None:
+        index = indexes.training
+        if index is None or index.graph is not None:
             return {}
         pattern = self._pattern()
         found: dict[str, list[str]] = {}
@@ -43,31 +40,34 @@ class Tf1NamesLayout(Layout):
                 found.setdefault(match.group("variable"), []).append(key)
         return found
 
-    def detect(self, sources: CheckpointSources, restored: RestoredModel) -> str | None:
-        found = self._shadow_keys(sources)
+    def detect(self, indexes: CheckpointIndexes, restored: RestoredModel) -> str | None:
+        found = self._shadow_keys(indexes)
         if not found:
             return None
         suffix = self.settings.ema_name or "ExponentialMovingAverage"
-        return f"{sources.training.prefix} is name-based and holds {sum(map(len, found.values()))} <variable>/{suffix} entries"
+        return f"{indexes.training_source} is name-based and holds {sum(map(len, found.values()))} <variable>/{suffix} entries"
 
-    def collect(self, sources: CheckpointSources, restored: RestoredModel) -> ShadowMatch:
-        build = CheckpointShadows(open_index(sources.training.prefix, ROLE_TRAINING).reader)
+    def collect(self, indexes: CheckpointIndexes, restored: RestoredModel) -> ShadowMatch:
+        found = self._shadow_keys(indexes)
+        if not found:
+            return ShadowMatch(self.name, indexes.training_source, {}, [], [])
+        assert indexes.training is not None  # only a name-based TensorFlow checkpoint has keys found
+        build = CheckpointShadows(indexes.training)
 
         def shadow(key: str, variable_name: str) -> Shadow:
             return build.shadow(key, key, [variable_name])
 
-        found = self._shadow_keys(sources)
-        index_of = {variable.training_name: index for index, variable in enumerate(restored.variables)}
+        position_of = {variable.training_name: index for index, variable in enumerate(restored.variables)}
         matched: dict[int, Shadow] = {}
         unmatched: list[Shadow] = []
         problems: list[str] = []
         for variable_name, keys in found.items():
-            if variable_name not in index_of:
+            if variable_name not in position_of:
                 unmatched += [shadow(key, variable_name) for key in keys]
             elif len(keys) > 1:
                 problems.append(
                     f"ambiguous shadows for {variable_name}: {name_list(keys)} (two EMAs averaged it); pass "
                     "--ema-name with the name of the one to export")
             else:
-                matched[index_of[variable_name]] = shadow(keys[0], variable_name)
-        return ShadowMatch(self.name, sources.training.prefix, matched, unmatched, problems)
+                matched[position_of[variable_name]] = shadow(keys[0], variable_name)
+        return ShadowMatch(self.name, indexes.training_source, matched, unmatched, problems)

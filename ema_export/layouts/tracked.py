@@ -10,8 +10,7 @@ from __future__ import annotations
 from ema_export.checkpoint_graph import iter_variables
 from ema_export.layouts.base import (CheckpointShadows, Layout, Shadow, ShadowMatch, match_by_name, strip_ema_suffix,
                                      strip_output_index)
-from ema_export.locate import CheckpointSources
-from ema_export.read import index_of
+from ema_export.read import CheckpointIndexes
 from ema_export.restored import RestoredModel
 
 
@@ -21,14 +20,12 @@ class TrackedShadowsLayout(Layout):
     name = "tracked-shadows"
     description = "ema.average(v) values tracked in the training checkpoint beside the model"
 
-    def _shadows(self, sources: CheckpointSources, restored: RestoredModel) -> list[Shadow]:
-        if sources.training.is_keras_file or restored.reader is None:
+    def _shadows(self, indexes: CheckpointIndexes, restored: RestoredModel) -> list[Shadow]:
+        index = indexes.training
+        graph = index.graph if index is not None else None
+        if index is None or graph is None:
             return []
-        reader = restored.reader
-        graph = index_of(reader).graph
-        if graph is None:
-            return []
-        build = CheckpointShadows(reader)
+        build = CheckpointShadows(index)
         suffix = f"/{self.settings.ema_name}" if self.settings.ema_name else None
         shadows = []
         for entry in iter_variables(graph):
@@ -44,13 +41,13 @@ class TrackedShadowsLayout(Layout):
             shadows.append(build.shadow(entry.checkpoint_key, entry.full_name, claimed))
         return shadows
 
-    def detect(self, sources: CheckpointSources, restored: RestoredModel) -> str | None:
-        shadows = self._shadows(sources, restored)
+    def detect(self, indexes: CheckpointIndexes, restored: RestoredModel) -> str | None:
+        shadows = self._shadows(indexes, restored)
         if not shadows:
             return None
         containers = sorted({s.checkpoint_key.split("/", 1)[0] for s in shadows})
-        return (f"{sources.training.prefix} holds {len(shadows)} values named <variable>/ExponentialMovingAverage "
+        return (f"{indexes.training_source} holds {len(shadows)} values named <variable>/ExponentialMovingAverage "
                 f"outside the model (under {', '.join(containers)})")
 
-    def collect(self, sources: CheckpointSources, restored: RestoredModel) -> ShadowMatch:
-        return match_by_name(self.name, sources.training.prefix, self._shadows(sources, restored), restored)
+    def collect(self, indexes: CheckpointIndexes, restored: RestoredModel) -> ShadowMatch:
+        return match_by_name(self.name, indexes.training_source, self._shadows(indexes, restored), restored)
