@@ -6,10 +6,13 @@ When a Keras upgrade moves one of them, this test fails first and names it; the 
 
 import keras
 import pytest
+import tensorflow as tf
+import tf_keras
 
 from ema_export.private_apis import (
     PrivateApiError,
     _module_with,
+    built_averages,
     keras_saving_lib,
     optimizer_averages,
     tf_keras_saving_lib,
@@ -29,9 +32,23 @@ def test_a_keras_optimizer_s_averages_are_found_for_each_variable():
     assert [tuple(average.shape) for average in averages] == [(2,), (1, 1)]
 
 
+@pytest.mark.parametrize(("optimizers", "variable"), [(keras.optimizers, keras.Variable),
+                                                     (tf_keras.optimizers, tf.Variable)], ids=["keras", "tf_keras"])
+def test_a_built_optimizer_s_averages_are_listed_in_the_order_it_was_built_on(optimizers, variable):
+    variables = [variable([1.0, 2.0]), variable([[3.0]])]
+    optimizer = optimizers.SGD(use_ema=True)
+    optimizer.build(variables)
+    averages = built_averages(optimizer)
+    positions = {id(variable): position for position, variable in enumerate(optimizer.variables)}
+    assert [tuple(average.shape) for average in averages] == [(2,), (1, 1)]
+    assert all(id(average) in positions for average in averages)  # where the saved file keeps them
+
+
 def test_a_moved_interface_is_one_error_naming_it():
     with pytest.raises(PrivateApiError, match="no _save_state_moved") as raised:
         _module_with("keras.src.saving.saving_lib", ("_save_state_moved",))
     assert "keras 3" in raised.value.hint
     with pytest.raises(PrivateApiError, match="_model_variables_moving_average"):
         optimizer_averages(object(), [])
+    with pytest.raises(PrivateApiError, match="_model_variables_moving_average"):
+        built_averages(object())
