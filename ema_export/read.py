@@ -156,28 +156,6 @@ def open_index(prefix: str | os.PathLike, role: str) -> CheckpointIndex:
     return index
 
 
-def index_of(reader: Any) -> CheckpointIndex:
-    """The index a `CheckpointReader` from `open_checkpoint` belongs to (the same one, within `one_export`)."""
-    return open_index(reader.prefix, reader.role)
-
-
-def open_checkpoint(prefix: str | os.PathLike, role: str) -> CheckpointReader:
-    """Open the checkpoint at `prefix` for reading: the reader of its `CheckpointIndex` (see `open_index`).
-
-    Args:
-        prefix: The checkpoint prefix (`.../ckpt-7`, without `.index`).
-        role: `ROLE_TRAINING` or `ROLE_EMA`: which half of the export it is, for the message.
-
-    Raises:
-        CheckpointReadError: The index is missing, empty or not a checkpoint index.
-
-    Example:
-        >>> reader = open_checkpoint("runs/7/ema/ckpt-3", ROLE_EMA)
-        >>> reader.get_tensor("save_counter/.ATTRIBUTES/VARIABLE_VALUE")
-    """
-    return open_index(prefix, role).reader
-
-
 @dataclass(frozen=True)
 class CheckpointIndexes:
     """What the read stage opened for one export: the checkpoints every layout looks for shadows in.

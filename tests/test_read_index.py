@@ -30,7 +30,6 @@ def test_within_one_export_an_index_is_opened_once_and_shared(tmp_path):
     with read.one_export():
         first = read.open_index(training, read.ROLE_TRAINING)
         assert read.open_index(training, read.ROLE_TRAINING) is first
-        assert read.index_of(first.reader) is first
         assert read.open_index(ema, read.ROLE_EMA) is not first
 
     assert read.load_count() - before == 2
