@@ -20,7 +20,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from ema_export.adapters import ModelAdapter, adapter_for
+from ema_export.adapters import ModelAdapter, adapter_for, keras_writer_of
 from ema_export.adapters.keras3 import Keras3Adapter
 from ema_export.adapters.tf_keras import TfKerasAdapter
 from ema_export.errors import ModelLoadError
@@ -53,6 +53,10 @@ class FreshModel:
     def is_tf_keras(self) -> bool:
         """A tf-keras (Keras 2) model."""
         return isinstance(self.adapter, TfKerasAdapter)
+
+    def variables(self) -> list[Any]:
+        """The model's variables, each once, in the order its family lists them (every stage uses this order)."""
+        return self.adapter.variables(self.model)
 
     def call(self, model: Any, inputs: Sequence[tf.Tensor]) -> Any:
         """Run `model` (this one or a copy) on serving inputs, in inference mode."""
@@ -89,17 +93,6 @@ def load_factory(spec: str) -> ModelFactory:
     return factory
 
 
-def _tf_keras_model_from_json(config_text: str) -> Any:
-    try:
-        import tf_keras
-    except ImportError as error:
-        raise ModelLoadError(
-            f"This .keras file was saved by tf-keras (Keras 2), which is not installed ({error})",
-            hint="pip install tf-keras (the version that trained the model), or pass --model package.module:factory",
-        ) from error
-    return tf_keras.models.model_from_json(config_text)
-
-
 _INITIALIZER_KEY = re.compile(r"(^|_)initializer$")
 
 
@@ -130,8 +123,6 @@ def without_initial_values(config_text: str) -> str:
 
 
 def _keras_config_factory(path: Path) -> ModelFactory:
-    import keras
-
     if path.suffix == ".keras":
         try:
             with zipfile.ZipFile(path) as archive:
@@ -144,11 +135,9 @@ def _keras_config_factory(path: Path) -> ModelFactory:
     else:
         config_text = path.read_text()
 
-    from ema_export.keras_files import saved_by_tf_keras
-
     # A .keras file tf-keras saved names tf-keras's classes (`Functional` from `keras.engine`), which Keras 3 cannot
-    # rebuild: tf-keras rebuilds it, into the tf-keras model its values load into.
-    model_from_json = _tf_keras_model_from_json if saved_by_tf_keras(str(path)) else keras.models.model_from_json
+    # rebuild: the Keras that wrote the file rebuilds it, into a model of the family its values load into.
+    model_from_json = keras_writer_of(str(path)).model_from_json
     config_text = without_initial_values(config_text)
 
     def build() -> Any:

@@ -1,17 +1,17 @@
 """Stage 3, restore: give every variable of the fresh model its live value from the training checkpoint.
 
 This module only chooses the strategy the checkpoint supports: its object graph (`restore_by_graph`), its names
-(`restore_by_name`, for TF1 `Saver` checkpoints), or Keras's own `.keras` / `.weights.h5` file (`keras_files`). What
-they return is defined in `restored`.
+(`restore_by_name`, for TF1 `Saver` checkpoints), or Keras's own `.keras` / `.weights.h5` file
+(`restore_by_keras_file`). What they return is defined in `restored`.
 """
 
 from __future__ import annotations
 
 from ema_export.fresh_model import FreshModel
-from ema_export.keras_files import restore_from_keras_file
 from ema_export.locate import CheckpointFiles
 from ema_export.read import ROLE_TRAINING, open_index
 from ema_export.restore_by_graph import restore_live
+from ema_export.restore_by_keras_file import restore_from_keras_file
 from ema_export.restore_by_name import restore_by_name
 from ema_export.restored import RestoredModel, RestoredVariable
 
@@ -20,7 +20,7 @@ __all__ = ["RestoredModel", "RestoredVariable", "restore", "restore_live"]
 
 def restore(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredModel:
     """Restore live values by whatever the checkpoint supports: its object graph, its names (`restore_by_name`), or
-    Keras's own `.keras` / `.weights.h5` file (`keras_files.restore_from_keras_file`)."""
+    Keras's own `.keras` / `.weights.h5` file (`restore_by_keras_file`)."""
     if checkpoint.is_keras_file:
         return restore_from_keras_file(fresh, checkpoint)
     if open_index(checkpoint.prefix, ROLE_TRAINING).graph is None:

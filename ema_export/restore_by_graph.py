@@ -18,7 +18,7 @@ from ema_export.errors import RestoreError, name_list
 from ema_export.fresh_model import FreshModel
 from ema_export.locate import CheckpointFiles
 from ema_export.read import ROLE_TRAINING, open_index, reading
-from ema_export.restored import RestoredModel, RestoredVariable, model_variables, raise_for_shapes
+from ema_export.restored import RestoredModel, RestoredVariable, raise_for_shapes
 
 
 def _untracked_state(model: Any, variables: list[Any]) -> set[int]:
@@ -61,7 +61,7 @@ def restore_live(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredMode
             f"{checkpoint.prefix} is a name-based (TF1 Saver) checkpoint with no object graph",
             hint="Save the training state with tf.train.Checkpoint, or pass --layout for a name-based layout",
         )
-    variables = model_variables(fresh.model)
+    variables = fresh.variables()
     unsaved = _untracked_state(fresh.model, variables)
     wanted = {variable_identity(v): v for v in variables if variable_identity(v) not in unsaved}
     candidates = [(0, "checkpoint root")] + [(c.node_id, c.local_name) for c in graph.nodes[0].children]

@@ -18,7 +18,7 @@ from ema_export.errors import RestoreError, name_list
 from ema_export.fresh_model import FreshModel
 from ema_export.locate import CheckpointFiles
 from ema_export.read import ROLE_TRAINING, open_index
-from ema_export.restored import RestoredModel, RestoredVariable, model_variables
+from ema_export.restored import RestoredModel, RestoredVariable
 
 
 def variable_names(variable: Any) -> list[str]:
@@ -86,7 +86,7 @@ def restore_by_name(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredM
     restored: list[RestoredVariable] = []
     claimed: dict[str, str] = {}
     attributes = attribute_paths(fresh.model)
-    for variable in model_variables(fresh.model):
+    for variable in fresh.variables():
         label = variable_names(variable)[0]
         key, candidates = find_entry(variable, keys)
         if key is None:

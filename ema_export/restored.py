@@ -1,20 +1,21 @@
 """What the restore stage returns, shared by its three strategies and every later stage.
 
 `restore.py` dispatches to a strategy (the object graph in `restore_by_graph`, names in `restore_by_name`, Keras
-files in `keras_files`); each builds these types, so none of them imports the dispatcher.
+files in `restore_by_keras_file`); each builds these types, so none of them imports the dispatcher.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
-from ema_export.checkpoint_graph import variable_identity
 from ema_export.errors import RestoreError, name_list
-from ema_export.fresh_model import FreshModel
-from ema_export.locate import CheckpointFiles
+
+if TYPE_CHECKING:  # only annotations: the adapters build RestoredVariables, and fresh_model imports the adapters
+    from ema_export.fresh_model import FreshModel
+    from ema_export.locate import CheckpointFiles
 
 
 @dataclass
@@ -54,18 +55,6 @@ class RestoredModel:
     object_paths: dict[int, tuple[Any, Any, str]] = field(repr=False, default_factory=dict)
     attachment_node: int | None = None
     """Object-graph node the model hangs at (None for name-based or Keras-file checkpoints)."""
-
-
-def model_variables(model: Any) -> list[Any]:
-    """Every variable of the model, each once, in the model's own order."""
-    seen: set[int] = set()
-    result = []
-    for variable in model.variables:
-        identity = variable_identity(variable)
-        if identity not in seen:
-            seen.add(identity)
-            result.append(variable)
-    return result
 
 
 def raise_for_shapes(source: str, entries: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> None:

@@ -1,7 +1,8 @@
 """One adapter per model family; the registry below is the only place that lists them.
 
 Order matters: the first adapter that owns a model wins, so the Keras families (whose models are also `tf.Module`s
-in tf-keras's case) come before the plain `tf.Module`. A new family is one module here and one line in `ADAPTERS`.
+in tf-keras's case) come before the plain `tf.Module`. A new family is one module here and one line in `ADAPTERS`;
+a Keras family's module also defines the `KerasWriter` that reads the files its Keras writes.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from typing import Any
 
 from ema_export.adapters.base import ModelAdapter
 from ema_export.adapters.keras3 import Keras3Adapter
+from ema_export.adapters.keras_writer import KerasWriter
 from ema_export.adapters.module import ModuleAdapter
 from ema_export.adapters.tf_keras import TfKerasAdapter
+from ema_export.keras_files import DEFAULT_KERAS_MAJOR, saved_keras_major
 
 ADAPTERS: tuple[ModelAdapter, ...] = (Keras3Adapter(), TfKerasAdapter(), ModuleAdapter())
 
@@ -21,4 +24,11 @@ def adapter_for(model: Any) -> ModelAdapter | None:
     return next((adapter for adapter in ADAPTERS if adapter.owns(model)), None)
 
 
-__all__ = ["ADAPTERS", "ModelAdapter", "adapter_for"]
+def keras_writer_of(path: str) -> KerasWriter:
+    """The Keras that wrote a `.keras` / `.weights.h5` file, by the version its metadata.json records; a file that
+    records none, or a version no family writes, is taken as Keras 3's."""
+    writers = {writer.keras_major: writer for writer in (adapter.keras_writer for adapter in ADAPTERS) if writer}
+    return writers.get(saved_keras_major(path), writers[DEFAULT_KERAS_MAJOR])
+
+
+__all__ = ["ADAPTERS", "KerasWriter", "ModelAdapter", "adapter_for", "keras_writer_of"]

@@ -12,11 +12,25 @@ from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
-from ema_export.checkpoint_graph import children_of
+from ema_export.checkpoint_graph import children_of, variable_identity
 
 if TYPE_CHECKING:
+    from ema_export.adapters.keras_writer import KerasWriter
     from ema_export.fold import Averages
     from ema_export.restored import RestoredModel
+
+
+def model_variables(model: Any) -> list[Any]:
+    """Every variable of the model, each once, in the model's own order (`model.variables`, which may list a shared
+    variable twice)."""
+    seen: set[int] = set()
+    result = []
+    for variable in model.variables:
+        identity = variable_identity(variable)
+        if identity not in seen:
+            seen.add(identity)
+            result.append(variable)
+    return result
 
 
 class ModelAdapter(ABC):
@@ -24,6 +38,10 @@ class ModelAdapter(ABC):
 
     name: str
     """A short label for messages and the registry ("keras", "tf_keras", "module")."""
+
+    keras_writer: KerasWriter | None = None
+    """How `.keras` / `.weights.h5` files written by this family's Keras load into its models; None for a family that
+    writes no Keras files."""
 
     @abstractmethod
     def owns(self, model: Any) -> bool:
@@ -46,9 +64,7 @@ class ModelAdapter(ABC):
         return None
 
     def variables(self, model: Any) -> list[Any]:
-        """Every variable of the model, each once, in its own order."""
-        from ema_export.restored import model_variables  # restored.py imports fresh_model, which imports adapters
-
+        """Every variable of the model, each once, in its own order: the one order every stage lists them in."""
         return model_variables(model)
 
     @abstractmethod
