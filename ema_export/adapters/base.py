@@ -1,4 +1,5 @@
-"""What every model family must offer the stages: build, call, EMA call, variables, and how an export tracks it.
+"""What every model family must offer the stages: build, call, EMA call, variables, how an export tracks it, and (a
+Keras family) the `KerasWriter` that reads its Keras files.
 
 One subclass per family (Keras 3, tf-keras, tf.Module), registered in `ema_export.adapters.ADAPTERS`; the stages
 never ask which family a model is, they ask its adapter.
