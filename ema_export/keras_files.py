@@ -121,18 +121,18 @@ def optimizer_config(path: str) -> dict[str, Any] | None:
 
 
 DEFAULT_KERAS_MAJOR = "3"
-"""The Keras taken to have written a file that records no version: every `.weights.h5` (only a `.keras` archive has a
-metadata.json), or an archive whose metadata.json is missing or unreadable."""
+"""The Keras taken to have written a file that records no version, when no model says otherwise."""
 
 
-def saved_keras_major(path: str) -> str:
+def saved_keras_major(path: str) -> str | None:
     """The major of the Keras that wrote a file ("2" for tf-keras, "3"), from a `.keras` archive's metadata.json:
-    the layout of values is the same for both, the config (class names) and the saving library are not."""
+    the layout of values is the same for both, the config (class names) and the saving library are not. None when
+    the file records none: every `.weights.h5`, or an archive whose metadata.json is missing or unreadable."""
     if not path.endswith(".keras"):
-        return DEFAULT_KERAS_MAJOR
+        return None
     try:
         with zipfile.ZipFile(path) as archive:
             metadata = json.loads(archive.read("metadata.json"))
     except (KeyError, ValueError, OSError, zipfile.BadZipFile):
-        return DEFAULT_KERAS_MAJOR
-    return str(metadata.get("keras_version", "")).split(".")[0]
+        return None
+    return str(metadata.get("keras_version", "")).split(".")[0] or None

@@ -24,7 +24,7 @@ from ema_export.restored import RestoredModel, RestoredVariable, raise_for_shape
 
 def _writer_for(fresh: FreshModel, path: str) -> KerasWriter:
     """The writer of the file, refused unless it is the one of the model's family."""
-    writer = keras_writer_of(path)
+    writer = keras_writer_of(path, fresh.adapter.keras_writer)
     if fresh.adapter.keras_writer is not writer:
         raise RestoreError(
             f"{path} is a Keras file saved by {writer.label}, but the model from {fresh.source} is a "

@@ -1,9 +1,9 @@
 """What tf-keras (Keras 2) training code really writes, exported (item 5 of issue 9).
 
-One `fit()` run with tf-keras's own `ModelCheckpoint`, trained with `Adam(use_ema=True)`, writes both files these tests
-export: the callback's default output, a SavedModel directory per epoch, and a `.keras` file saved by the same
-callback. At each epoch's end, before the checkpoint callbacks run, a callback placed first computes the raw and the
-averaged outputs inside the training process with the model itself; the export must serve exactly those.
+One `fit()` run with tf-keras's own `ModelCheckpoint`, trained with `Adam(use_ema=True)`, writes every file these tests
+export: the callback's default output (a SavedModel directory per epoch), a `.keras` file and a `.weights.h5` file.
+At each epoch's end, before the checkpoint callbacks run, a callback placed first computes the raw and the averaged
+outputs inside the training process with the model itself; the export must serve exactly those.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def run(tmp_path_factory) -> Run:
         tf_keras.callbacks.LambdaCallback(on_epoch_end=record),
         tf_keras.callbacks.ModelCheckpoint(str(directory / "savedmodel-{epoch}")),  # the default: a SavedModel
         tf_keras.callbacks.ModelCheckpoint(str(directory / "model-{epoch}.keras")),
+        tf_keras.callbacks.ModelCheckpoint(str(directory / "weights-{epoch}.weights.h5"), save_weights_only=True),
     ])
     return Run(directory, raw, averaged)
 
@@ -107,6 +108,15 @@ def test_tf_keras_dot_keras_file_rebuilds_its_architecture_and_serves_both_arms(
         np.testing.assert_allclose(served(result.version_dir, SIGNATURE_LIVE), run.raw[0], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(served(result.version_dir, SIGNATURE_EMA), run.averaged[0], rtol=1e-5, atol=1e-5)
         assert not result.warnings
+
+
+def test_tf_keras_weights_file_is_read_by_tf_keras_and_serves_both_arms(run, tmp_path):
+    # A .weights.h5 records no Keras version; the tf-keras model it is restored into says which Keras reads it.
+    result = ema_export.export(run.directory / "weights-1.weights.h5", tmp_path / "out", model=build_mlp)
+
+    assert result.fold.layout == "keras-file-use-ema"
+    np.testing.assert_allclose(served(result.version_dir, SIGNATURE_LIVE), run.raw[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(served(result.version_dir, SIGNATURE_EMA), run.averaged[0], rtol=1e-5, atol=1e-5)
 
 
 def test_tf_keras_file_with_a_keras_3_model_names_the_saver(run, tmp_path):

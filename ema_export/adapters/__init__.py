@@ -24,11 +24,18 @@ def adapter_for(model: Any) -> ModelAdapter | None:
     return next((adapter for adapter in ADAPTERS if adapter.owns(model)), None)
 
 
-def keras_writer_of(path: str) -> KerasWriter:
-    """The Keras that wrote a `.keras` / `.weights.h5` file, by the version its metadata.json records; a file that
-    records none, or a version no family writes, is taken as Keras 3's."""
+def keras_writer_of(path: str, unrecorded: KerasWriter | None = None) -> KerasWriter:
+    """The Keras that wrote a `.keras` / `.weights.h5` file, by the version its metadata.json records.
+
+    A file that records none (every `.weights.h5`: both Keras 3's and tf-keras's `save_weights` write the same HDF5
+    tree and no version) is taken as `unrecorded`'s, the writer of the model it is loaded into, when given; otherwise,
+    and for a version no family writes, as Keras 3's.
+    """
     writers = {writer.keras_major: writer for writer in (adapter.keras_writer for adapter in ADAPTERS) if writer}
-    return writers.get(saved_keras_major(path), writers[DEFAULT_KERAS_MAJOR])
+    recorded = saved_keras_major(path)
+    if recorded is None and unrecorded is not None:
+        return unrecorded
+    return writers.get(recorded or DEFAULT_KERAS_MAJOR, writers[DEFAULT_KERAS_MAJOR])
 
 
 __all__ = ["ADAPTERS", "KerasWriter", "ModelAdapter", "adapter_for", "keras_writer_of"]
