@@ -1,4 +1,4 @@
-"""Every private Keras and tf-keras interface ema-export relies on, in one place, checked by one test.
+"""Every private TensorFlow, Keras and tf-keras interface ema-export relies on, in one place, checked by one test.
 
 No public API does these jobs:
 - Which file path Keras's saving walk gives each variable (`layers/dense/vars/0`). Reading the averages of a `.keras`
@@ -9,8 +9,12 @@ No public API does these jobs:
   `optimizer._model_variables_moving_average[optimizer._get_variable_index(variable)]`; and the whole list, in the
   order of the variables the optimizer was built on, for Keras 3 and tf-keras alike (tf-keras has no
   `_get_variable_index`): where a rebuilt optimizer puts each average among `optimizer.variables`.
+- Recomputing a SavedModel's `fingerprint.pb` after `serving_default` was made an exact alias of one arm by editing
+  `saved_model.pb` (see `write.alias_signature`): only TensorFlow's
+  `tensorflow.python.saved_model.pywrap_saved_model.fingerprinting.CreateFingerprintDef` computes it;
+  `tf.saved_model.experimental.read_fingerprint` only reads the file.
 
-Each accessor checks the names it needs and, when a Keras release has moved them, raises one `PrivateApiError` that
+Each accessor checks the names it needs and, when a release has moved them, raises one `PrivateApiError` that
 names the missing attribute and the versions this was tested with, instead of an `AttributeError` deep in a stage.
 `tests/unit/test_private_apis.py` calls every accessor, so an upgrade that breaks one fails that test first.
 """
@@ -18,33 +22,37 @@ names the missing attribute and the versions this was tested with, instead of an
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from ema_export.errors import EmaExportError
 
-TESTED_WITH = "keras 3.8-3.15 and tf-keras 2.16-2.21"
+TESTED_WITH = "tensorflow 2.16-2.21, keras 3.8-3.15 and tf-keras 2.16-2.21"
 """The releases whose private interfaces these accessors were written against (pyproject.toml bounds them)."""
 
 _KERAS_SAVING_LIB = ("keras.src.saving.saving_lib", ("H5IOStore", "_save_state", "load_weights_only"))
 _TF_KERAS_SAVING_LIB = ("tf_keras.src.saving.saving_lib", ("H5IOStore", "_save_state", "_load_state"))
 _AVERAGES_LIST = "_model_variables_moving_average"
 _OPTIMIZER_AVERAGES = (_AVERAGES_LIST, "_get_variable_index")
+_TF_FINGERPRINTING = ("tensorflow.python.saved_model.pywrap_saved_model.fingerprinting", ("CreateFingerprintDef",))
+_READS_KERAS_FILES = "ema-export reads Keras files through it"
+_WRITES_FINGERPRINTS = "ema-export rewrites fingerprint.pb through it after aliasing serving_default"
 
 
 class PrivateApiError(EmaExportError):
-    """A private Keras or tf-keras interface ema-export relies on is missing from the installed release."""
+    """A private TensorFlow, Keras or tf-keras interface ema-export relies on is missing from the installed release."""
 
 
-def _module_with(name: str, attributes: tuple[str, ...]) -> ModuleType:
+def _module_with(name: str, attributes: tuple[str, ...], purpose: str = _READS_KERAS_FILES) -> ModuleType:
     try:
         module = importlib.import_module(name)
     except ImportError as error:
-        raise PrivateApiError(f"{name} cannot be imported ({error}); ema-export reads Keras files through it",
+        raise PrivateApiError(f"{name} cannot be imported ({error}); {purpose}",
                               hint=f"Install a release tested with ema-export ({TESTED_WITH})") from error
     missing = [attribute for attribute in attributes if not hasattr(module, attribute)]
     if missing:
-        raise PrivateApiError(f"{name} has no {', '.join(missing)}; ema-export reads Keras files through it",
+        raise PrivateApiError(f"{name} has no {', '.join(missing)}; {purpose}",
                               hint=f"Install a release tested with ema-export ({TESTED_WITH})")
     return module
 
@@ -79,3 +87,19 @@ def _require_attributes(optimizer: Any, attributes: tuple[str, ...]) -> None:
         raise PrivateApiError(f"{type(optimizer).__name__} has no {', '.join(missing)}; ema-export reads the "
                               "optimizer's averages through them",
                               hint=f"Install a Keras release tested with ema-export ({TESTED_WITH})")
+
+
+def fresh_fingerprint(directory: Path) -> bytes:
+    """The serialized `FingerprintDef` of the SavedModel in `directory`, computed afresh from the files there.
+
+    It is what `tf.saved_model.save` writes to `fingerprint.pb` (checksums of saved_model.pb, of its graph, signatures
+    and object graph, and of the variables), through the same TensorFlow function.
+    """
+    name, attributes = _TF_FINGERPRINTING
+    fingerprinting = _module_with(name, attributes, _WRITES_FINGERPRINTS)
+    try:
+        return bytes(fingerprinting.CreateFingerprintDef(str(directory)))
+    except TypeError as error:  # pybind11 raises TypeError when the arguments no longer match the binding
+        raise PrivateApiError(f"{name}.CreateFingerprintDef no longer takes (export_dir) ({error}); "
+                              f"{_WRITES_FINGERPRINTS}",
+                              hint=f"Install a release tested with ema-export ({TESTED_WITH})") from error

@@ -12,15 +12,23 @@ import tensorflow as tf
 from ema_export.assemble import Assembly
 from ema_export.contracts import (ARM_SIGNATURES, ASSETS_EXTRA_DIR, DEFAULT_ARMS, DEFAULT_MODEL_NAME,
                                   SIGNATURE_DEFAULT, WARMUP_FILENAME)
+from ema_export.private_apis import fresh_fingerprint
+
+FINGERPRINT_FILENAME = "fingerprint.pb"
+"""Where `tf.saved_model.save` writes the fingerprint (TensorFlow exports no constant for the name)."""
 
 
 def write_savedmodel(assembly: Assembly, directory: Path) -> None:
     """Save the export root with its signatures into `directory` (which exists and is empty).
 
-    `serving_default` is not saved as a third function: TensorFlow would wrap the same concrete function again, and
-    every loader, TF Serving included, would instantiate and warm up that copy separately. Instead its SignatureDef
-    (what TF Serving reads) and its entry in the object graph's signature map (what `tf.saved_model.load` reads) are
-    made to name exactly what the default arm's do.
+    `serving_default` is not saved as a third function, the way Keras's export passes the same concrete function
+    twice (keras/src/export/saved_model_export_archive.py:271-284 at 3422977a5e38): TensorFlow's
+    `signature_serialization.canonicalize_signatures` wraps each signature key in a `signature_wrapper` function of
+    its own, so that signature gets its own call node and input placeholders (`serving_default_<input>:0`). TF Serving
+    would then build a separate executor for it on its first request, which the warmup records (one per arm) do not
+    reach. Instead its SignatureDef (what TF Serving reads) and its entry in the object graph's signature map (what
+    `tf.saved_model.load` reads) are made to name exactly what the default arm's do. README's "serving_default is an
+    exact alias" has the measured cost of the other way.
     """
     default_arm = DEFAULT_ARMS[assembly.default_arm]
     arms = {name: function for name, function in assembly.signatures.items() if name != SIGNATURE_DEFAULT}
@@ -45,15 +53,20 @@ def alias_signature(directory: Path, alias: str, target: str) -> None:
 
 
 def _refresh_fingerprint(directory: Path) -> None:
-    """Rewrite `fingerprint.pb` (a checksum of saved_model.pb, among others) after editing saved_model.pb."""
-    fingerprint = directory / "fingerprint.pb"
-    if not fingerprint.exists():
-        return
-    try:
-        from tensorflow.python.saved_model.pywrap_saved_model import fingerprinting
-    except ImportError:  # pragma: no cover - a TensorFlow without fingerprints: nothing to refresh
-        return
-    fingerprint.write_bytes(fingerprinting.CreateFingerprintDef(str(directory)))
+    """Rewrite `fingerprint.pb` (checksums of saved_model.pb among others) after saved_model.pb was edited.
+
+    Only a private TensorFlow function computes it (`private_apis.fresh_fingerprint`). When that function is gone,
+    the export fails with `PrivateApiError` (the staging directory is removed, nothing is published) rather than
+    publishing the fingerprint of the unedited file: a stale fingerprint names a different saved_model.pb, and tools
+    that treat equal fingerprints as the same model (caches, registries, TensorFlow's load metrics) would be silently
+    wrong, whereas a missing module is caught at once by `tests/unit/test_private_apis.py` when pyproject's TensorFlow
+    bound is raised. Deleting the file instead would also be honest, but would change what the export contains with
+    the installed release. Where TensorFlow wrote no fingerprint (its `saved_model_fingerprinting` flag is off),
+    there is nothing to refresh.
+    """
+    fingerprint = directory / FINGERPRINT_FILENAME
+    if fingerprint.exists():
+        fingerprint.write_bytes(fresh_fingerprint(directory))
 
 
 def write_warmup(assembly: Assembly, directory: Path, probe: Sequence[Any]) -> Path:

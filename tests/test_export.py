@@ -20,6 +20,8 @@ from ema_export.names import (
     SIGNATURE_LIVE,
     WARMUP_FILENAME,
 )
+from ema_export.private_apis import fresh_fingerprint
+from ema_export.write import alias_signature
 from support import models as tm
 
 pytestmark = pytest.mark.slow  # every test runs a full export
@@ -149,6 +151,33 @@ def test_serving_default_is_an_exact_alias_of_its_arm(seed_ckpt, tmp_path):
     result = ema_export.export(seed_ckpt, tmp_path / "models", model=tm.LinearModule)
     defs = signature_defs(result.version_dir)
     assert defs[SIGNATURE_DEFAULT] == defs[SIGNATURE_EMA] != defs[SIGNATURE_LIVE]
+
+
+def test_the_exported_fingerprint_describes_the_edited_saved_model(seed_ckpt, tmp_path):
+    result = ema_export.export(seed_ckpt, tmp_path / "models", model=tm.LinearModule)
+    written = tf.saved_model.experimental.read_fingerprint(str(result.version_dir))
+    assert written == tf.saved_model.experimental.Fingerprint.from_proto(fresh_fingerprint(result.version_dir))
+
+
+def test_aliasing_a_signature_rewrites_the_fingerprint_tensorflow_wrote(tmp_path):
+    module = tf.Module()
+    module.scale = tf.Variable(2.0)
+    spec = tf.TensorSpec([None], tf.float32, name="x")
+    module.live = tf.function(lambda x: {"output_0": x * module.scale}, input_signature=[spec])
+    module.ema = tf.function(lambda x: {"output_0": x + module.scale}, input_signature=[spec])
+    arms = {SIGNATURE_LIVE: module.live.get_concrete_function(), SIGNATURE_EMA: module.ema.get_concrete_function()}
+    tf.saved_model.save(module, str(tmp_path), signatures=arms)
+    before = tf.saved_model.experimental.read_fingerprint(str(tmp_path))
+    alias_signature(tmp_path, SIGNATURE_DEFAULT, SIGNATURE_EMA)
+    after = tf.saved_model.experimental.read_fingerprint(str(tmp_path))
+    assert after == tf.saved_model.experimental.Fingerprint.from_proto(fresh_fingerprint(tmp_path))
+    assert after.saved_model_checksum != before.saved_model_checksum
+    assert after.signature_def_hash != before.signature_def_hash
+    assert after.checkpoint_hash == before.checkpoint_hash  # the variables were not touched
+    defs = signature_defs(tmp_path)
+    assert defs[SIGNATURE_DEFAULT] == defs[SIGNATURE_EMA] != defs[SIGNATURE_LIVE]
+    loaded = tf.saved_model.load(str(tmp_path))
+    assert loaded.signatures[SIGNATURE_DEFAULT](x=tf.constant([1.0]))["output_0"].numpy().tolist() == [3.0]
 
 
 def test_default_signature_can_serve_live(seed_ckpt, tmp_path):

@@ -1,6 +1,6 @@
-"""The private Keras and tf-keras interfaces ema-export relies on exist in the installed releases.
+"""The private TensorFlow, Keras and tf-keras interfaces ema-export relies on exist in the installed releases.
 
-When a Keras upgrade moves one of them, this test fails first and names it; the accessors then raise one
+When an upgrade moves one of them, this test fails first and names it; the accessors then raise one
 `PrivateApiError` in place of an AttributeError deep inside an export.
 """
 
@@ -10,9 +10,11 @@ import tensorflow as tf
 import tf_keras
 
 from ema_export.private_apis import (
+    _TF_FINGERPRINTING,
     PrivateApiError,
     _module_with,
     built_averages,
+    fresh_fingerprint,
     keras_saving_lib,
     optimizer_averages,
     tf_keras_saving_lib,
@@ -52,3 +54,19 @@ def test_a_moved_interface_is_one_error_naming_it():
         optimizer_averages(object(), [])
     with pytest.raises(PrivateApiError, match="_model_variables_moving_average"):
         built_averages(object())
+
+
+def test_tensorflow_s_fingerprint_is_computed_afresh_as_save_wrote_it(tmp_path):
+    module = tf.Module()
+    module.scale = tf.Variable(2.0)
+    module.serve = tf.function(lambda x: {"y": x * module.scale}, input_signature=[tf.TensorSpec([None], tf.float32)])
+    tf.saved_model.save(module, str(tmp_path), signatures={"serve": module.serve.get_concrete_function()})
+    written = tf.saved_model.experimental.read_fingerprint(str(tmp_path))
+    fresh = tf.saved_model.experimental.Fingerprint.from_proto(fresh_fingerprint(tmp_path))
+    assert fresh == written and fresh.saved_model_checksum != 0
+
+
+def test_a_moved_tensorflow_interface_is_one_error_naming_it_and_the_tested_releases():
+    with pytest.raises(PrivateApiError, match="no CreateFingerprintDef_moved; .*fingerprint.pb") as raised:
+        _module_with(_TF_FINGERPRINTING[0], ("CreateFingerprintDef_moved",), "it rewrites fingerprint.pb")
+    assert "tensorflow 2.16-2.21" in raised.value.hint
