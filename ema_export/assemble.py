@@ -1,15 +1,15 @@
 """Stage 5, assemble: one exportable object with the live and the averaged arm, sharing what is not averaged.
 
-How each arm is tracked and how the EMA arm runs is the model family's business (`ema_export.adapters`): Keras 3
-through `Model.stateless_call` on the live instance, tf-keras and `tf.Module` through a second instance that shares
-the live instance's non-averaged variables. Either way the SavedModel stores the live weights once, the averages once
-and everything else once (or reports what had to be copied).
+The model is traced once, as the live arm. The EMA arm calls that same traced function with the averaged variables
+bound in place of the live ones it reads, and every other variable bound as itself. So whatever the model family
+(Keras 3, tf-keras, `tf.Module`), the SavedModel holds the model's graph once, the live weights once, the averages once
+and everything else once, and both arms run exactly the same operations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import tensorflow as tf
@@ -19,16 +19,17 @@ from ema_export.fold import Averages
 from ema_export.restored import RestoredModel
 
 
-@dataclass
+@dataclass(frozen=True)
 class Assembly:
     """What gets saved: the object to track, its signatures, and the in-memory functions to verify against."""
 
     root: tf.Module
-    signatures: dict[str, Any]
-    functions: dict[str, Callable[..., dict[str, tf.Tensor]]]
+    signatures: Mapping[str, Any]
+    functions: Mapping[str, Callable[..., dict[str, tf.Tensor]]]
     input_signature: list[tf.TensorSpec]
     default_arm: str
-    copied_non_averaged: list[str] = field(default_factory=list)
+    unread_averages: tuple[str, ...] = ()
+    """Averaged variables the serving function never reads: their averages are saved but change no answer."""
 
 
 def output_dict(outputs: Any) -> dict[str, tf.Tensor]:
@@ -48,18 +49,44 @@ def _serving_function(call: Callable[..., Any], specs: Sequence[tf.TensorSpec]) 
     return serve
 
 
+def rebound(traced: Any, substitutes: Mapping[int, tf.Variable], specs: Sequence[tf.TensorSpec]) -> Any:
+    """`traced` (a concrete function) run on other variables.
+
+    `substitutes` maps `id(handle)` of a variable `traced` reads to the variable to read instead; every other captured
+    value is passed as it was traced.
+
+    A traced function takes what it captured as extra arguments (`captured_inputs`, in the order of its trailing
+    inputs), so calling the same function with other resource handles runs the same graph on other weights. The call
+    is TensorFlow's public `StatefulPartitionedCall` op, the one a traced call compiles to; a SavedModel then stores the
+    function body once and each arm's variables as that arm's bound inputs.
+    """
+    captured = [substitutes[id(value)].handle if id(value) in substitutes else value
+                for value in traced.captured_inputs]
+    output_types = [tensor.dtype for tensor in traced.outputs]
+
+    @tf.function(input_signature=list(specs), autograph=False)
+    def serve(*inputs: tf.Tensor) -> Any:
+        flat = tf.raw_ops.StatefulPartitionedCall(args=[*inputs, *captured], Tout=output_types, f=traced)
+        return tf.nest.pack_sequence_as(traced.structured_outputs, flat, expand_composites=True)
+
+    return serve
+
+
 def assemble(restored: RestoredModel, averages: Averages, default_arm: str = "ema") -> Assembly:
     """Build the export root and the `serve_live`, `serve_ema` and `serving_default` signatures."""
     fresh = restored.fresh
     root = tf.Module()
-    copied: list[str] = []
     fresh.adapter.track_live(root, fresh.model)
-    ema_call = fresh.adapter.ema_call(restored, averages, root, copied)
-    functions = {
-        SIGNATURE_LIVE: _serving_function(lambda *inputs: fresh.call(fresh.model, inputs), fresh.input_signature),
-        SIGNATURE_EMA: _serving_function(ema_call, fresh.input_signature),
-    }
-    concrete = {name: function.get_concrete_function() for name, function in functions.items()}
+    root.ema_variables = [averages[index] for index in sorted(averages)]
+    live = _serving_function(lambda *inputs: fresh.call(fresh.model, inputs), fresh.input_signature)
+    traced = live.get_concrete_function()
+    substitutes = {id(restored.variables[index].variable.handle): average for index, average in averages.items()}
+    read = {id(value) for value in traced.captured_inputs}
+    unread = tuple(restored.variables[index].name for index in sorted(averages)
+                   if id(restored.variables[index].variable.handle) not in read)
+    ema = rebound(traced, substitutes, fresh.input_signature)
+    functions = {SIGNATURE_LIVE: live, SIGNATURE_EMA: ema}
+    concrete = {SIGNATURE_LIVE: traced, SIGNATURE_EMA: ema.get_concrete_function()}
     concrete[SIGNATURE_DEFAULT] = concrete[DEFAULT_ARMS[default_arm]]
     functions[SIGNATURE_DEFAULT] = functions[DEFAULT_ARMS[default_arm]]
-    return Assembly(root, concrete, functions, fresh.input_signature, default_arm, copied)
+    return Assembly(root, concrete, functions, fresh.input_signature, default_arm, unread)

@@ -27,6 +27,7 @@ from ema_export.contracts import (
     SIGNATURE_EMA,
     SIGNATURE_LIVE,
 )
+from ema_export.errors import name_list
 from ema_export.fold import FoldReport
 from ema_export.locate import CheckpointSources
 from ema_export.verify import VerificationReport
@@ -110,7 +111,7 @@ class AssemblyFacts:
     """What the manifest needs from the assembly, kept once the in-memory models are released."""
 
     signatures: Mapping[str, Any]
-    copied_non_averaged: tuple[str, ...]
+    unread_averages: tuple[str, ...]
 
 
 def describe_assembly(assembly: Assembly) -> AssemblyFacts:
@@ -121,7 +122,7 @@ def describe_assembly(assembly: Assembly) -> AssemblyFacts:
         "default_serves": DEFAULT_ARMS[assembly.default_arm],
         "inputs": {spec.name: {"dtype": spec.dtype.name, "shape": spec.shape.as_list()}
                    for spec in assembly.input_signature},
-    }), tuple(assembly.copied_non_averaged))
+    }), assembly.unread_averages)
 
 
 def _sources(sources: CheckpointSources, model_source: str, attachment: str) -> dict[str, Any]:
@@ -156,6 +157,11 @@ def _verification(verification: VerificationReport) -> dict[str, Any]:
 ARMS_IDENTICAL = "serve_live and serve_ema give identical outputs on the probe batch"
 
 
+def unread_warning(names: Sequence[str]) -> str:
+    return (f"{len(names)} averaged variable(s) are not read by the serving function, so their averages change no "
+            f"answer: {name_list(list(names))}")
+
+
 def build_manifest(*, sources: CheckpointSources, model_source: str, attachment: str, report: FoldReport,
                    assembly: AssemblyFacts, policies: Mapping[str, Any], warnings: Sequence[str],
                    verification: VerificationReport, durations: Mapping[str, float]) -> Manifest:
@@ -165,6 +171,7 @@ def build_manifest(*, sources: CheckpointSources, model_source: str, attachment:
     so `durations` stop before it.
     """
     identical = [] if verification.arms_differ else [ARMS_IDENTICAL]
+    unread = [unread_warning(assembly.unread_averages)] if assembly.unread_averages else []
     return Manifest(
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         sources=_frozen(_sources(sources, model_source, attachment)),
@@ -174,9 +181,8 @@ def build_manifest(*, sources: CheckpointSources, model_source: str, attachment:
         variables=_frozen({
             "folded": [dataclasses.asdict(item) for item in report.folded],
             "kept_live": [dataclasses.asdict(item) for item in report.kept_live],
-            "copied_non_averaged": assembly.copied_non_averaged,
         }),
-        warnings=(*report.warnings, *warnings, *identical),
+        warnings=(*report.warnings, *warnings, *unread, *identical),
         versions=_frozen(_versions()),
         verification=_frozen(_verification(verification)),
         timings=_frozen(dict(durations, total=round(sum(durations.values()), 3))),

@@ -1,5 +1,4 @@
-"""Plain `tf.Module`s: served through the tf.function that declares an input signature; the EMA arm is a second
-instance from the factory."""
+"""Plain `tf.Module`s: served through the tf.function that declares an input signature."""
 
 from __future__ import annotations
 
@@ -8,7 +7,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from ema_export.adapters.base import SecondInstanceAdapter
+from ema_export.adapters.base import ModelAdapter
 from ema_export.errors import ModelLoadError
 
 
@@ -21,7 +20,7 @@ def serving_function(module: Any) -> Any:
     return None
 
 
-class ModuleAdapter(SecondInstanceAdapter):
+class ModuleAdapter(ModelAdapter):
     name = "module"
 
     def owns(self, model: Any) -> bool:
@@ -42,5 +41,3 @@ class ModuleAdapter(SecondInstanceAdapter):
     def track_live(self, root: tf.Module, model: Any) -> None:
         root.live_model = model
 
-    def track_ema(self, root: tf.Module, copy: Any, own: list[Any]) -> None:
-        root.ema_model = copy

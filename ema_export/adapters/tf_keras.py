@@ -1,7 +1,5 @@
-"""tf-keras (Keras 2) models: no `stateless_call`, so the EMA arm is a second instance, as for a tf.Module.
-
-The `.keras` / `.weights.h5` files tf-keras writes hold its values at the same paths as Keras 3's; they are read
-through tf-keras's own saving library (`TfKerasWriter`).
+"""tf-keras (Keras 2) models. The `.keras` / `.weights.h5` files tf-keras writes hold its values at the same paths as
+Keras 3's; they are read through tf-keras's own saving library (`TfKerasWriter`).
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tensorflow as tf
 
-from ema_export.adapters.base import SecondInstanceAdapter
 from ema_export.adapters.keras_common import KerasAdapter
 from ema_export.adapters.keras_writer import KerasWriter, VariableNamer, compiled_optimizer
 from ema_export.checkpoint_graph import children_of, variable_identity
@@ -27,8 +24,8 @@ if TYPE_CHECKING:
 
 
 def _trackable_paths(model: Any) -> dict[int, str]:
-    """The object-graph path of each variable (`layer_with_weights-0/kernel`), by identity: where the EMA copy of a
-    tf-keras model hangs the same variable (`assemble` follows these paths)."""
+    """The object-graph path of each variable (`layer_with_weights-0/kernel`), by identity: the path the manifest
+    gives a variable restored from a Keras file, the same a TensorFlow checkpoint of the model records."""
     paths: dict[int, str] = {}
     seen = {id(model)}
     queue = [(model, "")]
@@ -131,7 +128,7 @@ class TfKerasWriter(KerasWriter):
         return tf_keras.models.model_from_json(config_text)
 
 
-class TfKerasAdapter(KerasAdapter, SecondInstanceAdapter):
+class TfKerasAdapter(KerasAdapter):
     name = "tf_keras"
     keras_writer = TfKerasWriter()
 
@@ -140,9 +137,6 @@ class TfKerasAdapter(KerasAdapter, SecondInstanceAdapter):
         return tf_keras is not None and isinstance(model, tf_keras.Model)
 
     def track_live(self, root: tf.Module, model: Any) -> None:
+        # Track variables, not the model object: Keras 2 would also save every layer's traced functions.
         root.live_variables = list(model.variables)
 
-    def track_ema(self, root: tf.Module, copy: Any, own: list[Any]) -> None:
-        # As for Keras 3: track variables, not the model object (Keras 2 would also save every layer's traced
-        # functions). A replaced variable stays in its layer's weight list but is read by nothing, so not saved.
-        root.ema_variables = own
