@@ -287,7 +287,7 @@ def _export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model:
     prepared = _prepare(checkpoint, output_dir, model, options, step)
     step(STAGES[5])
     assembly, assembled, probe = _assemble(prepared, options.default_signature)
-    del prepared  # the models live on in the assembly only; a copied module's averages are freed here
+    del prepared  # the model and the averages live on in the assembly only
     skew = skew_warning(options.serving_version, tf.__version__)
     with staging_directory(output_dir) as staging:
         step(STAGES[6])

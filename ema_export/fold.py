@@ -78,7 +78,7 @@ class Fold:
 
     `averages` holds the variables `serve_ema` reads and the SavedModel saves; empty when folding ran without keeping
     values (dry run).
-    Kept apart from the report so the caller drops them once assembled (a copied module's are spare then) while the
+    Kept apart from the report so the caller drops them once assembled (the export root holds them then) while the
     report lives on in the result.
     """
 

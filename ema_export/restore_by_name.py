@@ -56,7 +56,7 @@ def find_entry(variable: Any, keys: list[str]) -> tuple[str | None, list[str]]:
 
 def attribute_paths(model: Any) -> dict[int, str]:
     """Where each variable hangs in the model, by attribute and container names (`linear/kernel` for
-    `self.linear.kernel`), breadth first: the path a second instance is followed along, whatever the variable's own
+    `self.linear.kernel`), breadth first: the path the manifest names a variable by, whatever the variable's own
     `name=` says (a `tf.Variable(name="linear/kernel")` held by the attribute `kernel` hangs at `kernel`)."""
     paths: dict[int, str] = {}
     seen = {id(model)}

@@ -104,7 +104,7 @@ class TfKerasWriter(KerasWriter):
                 archive.close()
 
     def namer(self, model: Any) -> VariableNamer:
-        """Each variable under its object-graph path (where the EMA copy hangs it) and its tf-keras name."""
+        """Each variable under its object-graph path and its tf-keras name."""
         graph_paths = _trackable_paths(model)
 
         def restored_variable(variable: Any, key: str, weights: h5py.File) -> RestoredVariable:
