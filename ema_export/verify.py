@@ -9,7 +9,6 @@ so a client can switch arms by signature name alone. Every failure is collected,
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,10 +80,6 @@ def _signature_interface(signature: Any) -> tuple[dict[str, tuple], dict[str, tu
 def run_like_tf_serving(directory: Path, feed: dict[str, np.ndarray]) -> dict[str, Any]:
     """Load `directory` with the session-based loader and run every signature on `feed`.
 
-    Each distinct set of output tensors is one `Session.run`, as TF Serving runs one per signature (an exact alias
-    shares its arm's), and the runs go in parallel threads: building a run's executor, graph optimization included,
-    is most of the cost for a large model, and the session builds them concurrently.
-
     Returns:
         signature name -> (SignatureDef, {output name: array}); a missing signature maps to None.
     """
@@ -97,28 +92,19 @@ def run_like_tf_serving(directory: Path, feed: dict[str, np.ndarray]) -> dict[st
         with tf.compat.v1.Session(graph=tf.Graph()) as session:
             meta_graph = tf.compat.v1.saved_model.load(session, [tf.saved_model.SERVING], str(directory))
             signatures = {name: meta_graph.signature_def.get(name) for name in SIGNATURES}
-            plans = {name: _plan(signature) for name, signature in signatures.items() if signature is not None}
-            with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(set(plans.values())))) as pool:
-                runs = {plan: pool.submit(_run, session, plan, feed) for plan in set(plans.values())}
-                values = {plan: run.result() for plan, run in runs.items()}
-            return {name: (signature, values[plans[name]]) if signature is not None else None
+            feeds, fetches = {}, {}
+            for name, signature in signatures.items():
+                if signature is not None:
+                    feeds.update({signature.inputs[key].name: value for key, value in feed.items()
+                                  if key in signature.inputs})
+                    fetches.update({(name, key): info.name for key, info in signature.outputs.items()})
+            # One run for all signatures: graph optimization of a large model dominates, and is paid once.
+            values = session.run(fetches, feeds)
+            return {name: None if signature is None else
+                    (signature, {key: values[(name, key)] for key in signature.outputs})
                     for name, signature in signatures.items()}
     finally:
         logger.setLevel(level)
-
-
-_Plan = tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]
-
-
-def _plan(signature: Any) -> _Plan:
-    """What a signature's `Session.run` feeds and fetches: (input key, tensor name)s and (output key, tensor name)s."""
-    return (tuple(sorted((key, info.name) for key, info in signature.inputs.items())),
-            tuple(sorted((key, info.name) for key, info in signature.outputs.items())))
-
-
-def _run(session: Any, plan: _Plan, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    inputs, outputs = plan
-    return session.run(dict(outputs), {tensor: feed[key] for key, tensor in inputs if key in feed})
 
 
 @dataclass(frozen=True)
