@@ -189,7 +189,7 @@ def _prepare(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model
     step(STAGES[1])
     fresh = build_fresh_model(sources.checkpoint_dir, model, options.input_signature, sources.training.prefix)
     step(STAGES[2])
-    restored = restore(fresh, sources.training)
+    restored = restore(fresh, sources.training, indexes.training)
     step(STAGES[3])
     layout, reason = choose_layout(indexes, restored, options.layout, LayoutSettings(
         ema_name=options.ema_name, inverted=options.inverted, bn_stats=options.bn_stats))

@@ -17,7 +17,7 @@ from ema_export.checkpoint_graph import children_of, iter_variables, match_objec
 from ema_export.errors import RestoreError, name_list
 from ema_export.fresh_model import FreshModel
 from ema_export.locate import CheckpointFiles
-from ema_export.read import ROLE_TRAINING, open_index, reading
+from ema_export.read import ROLE_TRAINING, CheckpointIndex, reading
 from ema_export.restored import RestoredModel, RestoredVariable, raise_for_shapes
 
 
@@ -47,14 +47,13 @@ def _unsaved_variable(variable: Any) -> RestoredVariable:
                             shape=tuple(variable.shape), dtype=tf.dtypes.as_dtype(variable.dtype), keras_path=path)
 
 
-def restore_live(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredModel:
-    """Restore the live values into `fresh.model`, strictly.
+def restore_live(fresh: FreshModel, checkpoint: CheckpointFiles, index: CheckpointIndex) -> RestoredModel:
+    """Restore the live values into `fresh.model`, strictly, from the checkpoint whose `index` the read stage opened.
 
     Raises:
         RestoreError: The checkpoint is name-based, or some model variable has no entry at any attachment point,
             or a value read back differs from its checkpoint entry.
     """
-    index = open_index(checkpoint.prefix, ROLE_TRAINING)
     reader, graph = index.reader, index.graph
     if graph is None:
         raise RestoreError(

@@ -17,7 +17,7 @@ from ema_export.checkpoint_graph import children_of, variable_identity
 from ema_export.errors import RestoreError, name_list
 from ema_export.fresh_model import FreshModel
 from ema_export.locate import CheckpointFiles
-from ema_export.read import ROLE_TRAINING, open_index
+from ema_export.read import CheckpointIndex
 from ema_export.restored import RestoredModel, RestoredVariable
 
 
@@ -73,13 +73,13 @@ def attribute_paths(model: Any) -> dict[int, str]:
     return paths
 
 
-def restore_by_name(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredModel:
-    """Assign every model variable the value saved under its name.
+def restore_by_name(fresh: FreshModel, checkpoint: CheckpointFiles, index: CheckpointIndex) -> RestoredModel:
+    """Assign every model variable the value saved under its name, from the checkpoint whose `index` the read stage
+    opened.
 
     Raises:
         RestoreError: Listing every variable with no entry, several candidate entries, or a different shape.
     """
-    index = open_index(checkpoint.prefix, ROLE_TRAINING)
     reader, shapes = index.reader, index.shapes
     keys = sorted(shapes)
     problems: list[str] = []

@@ -152,8 +152,8 @@ def test_architecture_file_export_serves_the_checkpoint_values_not_the_zeros(tmp
 
 def test_a_checkpoint_shadow_becomes_its_export_variable_without_a_copy(seed_ckpt, tmp_path):
     sources = locate(seed_ckpt)
-    restored = restore(build_fresh_model(seed_ckpt, tm.LinearModule), sources.training)
     indexes = read_checkpoints(sources)
+    restored = restore(build_fresh_model(seed_ckpt, tm.LinearModule), sources.training, indexes.training)
     match = choose_layout(indexes, restored)[0].collect(indexes, restored)
     index, shadow = next(iter(match.matched.items()))
     assert shadow.prefix == sources.ema.prefix

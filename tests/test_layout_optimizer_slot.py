@@ -57,8 +57,9 @@ def expected_linear(prefix, root: str = "") -> tuple[np.ndarray, np.ndarray]:
 def detect(checkpoint, model=tm.LinearModule) -> str | None:
     """What the layout's auto-detection says about a checkpoint, after the stages that run before it."""
     sources = locate(checkpoint)
-    restored = restore(build_fresh_model(sources.checkpoint_dir, model, None), sources.training)
-    return OptimizerSlotLayout().detect(read_checkpoints(sources), restored)
+    indexes = read_checkpoints(sources)
+    restored = restore(build_fresh_model(sources.checkpoint_dir, model, None), sources.training, indexes.training)
+    return OptimizerSlotLayout().detect(indexes, restored)
 
 
 def nothing_published(out_dir) -> bool:
