@@ -254,3 +254,32 @@ def test_prefixes_can_be_given_directly(tmp_path):
     assert result.sources.training.prefix == live_prefix and result.sources.ema.prefix == ema_prefix
     np.testing.assert_allclose(serve(result.version_dir, SIGNATURE_EMA, X), tm.linear_numpy(X, tm.EMA_W, tm.EMA_B),
                                rtol=1e-6)
+
+
+class LinearWithUnusedScale(tm.LinearModule):
+    """A trainable variable the serving function never reads (a training-only temperature, say)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = tf.Variable(tf.zeros([]), name="scale")
+
+
+def test_an_average_the_serving_function_never_reads_is_a_manifest_warning(tmp_path):
+    module = LinearWithUnusedScale()
+    for variable, value in zip((module.weights, module.biases, module.scale), (tm.LIVE_W, tm.LIVE_B, 2.0)):
+        variable.assign(value)
+    average = tf.train.ExponentialMovingAverage(decay=0.99)
+    average.apply([module.weights, module.biases, module.scale])
+    for variable, value in zip((module.weights, module.biases, module.scale), (tm.EMA_W, tm.EMA_B, 1.5)):
+        average.average(variable).assign(value)
+    tf.train.Checkpoint(weights=module.weights, biases=module.biases, scale=module.scale).save(
+        str(tmp_path / "ckpt" / "ckpt"))
+    shadows = {v.name: average.average(v) for v in (module.weights, module.biases, module.scale)}
+    tf.train.Checkpoint(ema_weights=shadows).save(str(tmp_path / "ckpt" / "ema" / "ckpt"))
+
+    result = ema_export.export(tmp_path / "ckpt", tmp_path / "models", model=LinearWithUnusedScale)
+
+    assert [w for w in result.manifest["warnings"] if "not read by the serving function" in w] == [
+        "1 averaged variable(s) are not read by the serving function, so their averages change no answer: scale"]
+    np.testing.assert_allclose(serve(result.version_dir, SIGNATURE_EMA, X), tm.linear_numpy(X, tm.EMA_W, tm.EMA_B),
+                               rtol=1e-6)
