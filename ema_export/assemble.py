@@ -80,10 +80,10 @@ def assemble(restored: RestoredModel, averages: Averages, default_arm: str = "em
     root.ema_variables = [averages[index] for index in sorted(averages)]
     live = _serving_function(lambda *inputs: fresh.call(fresh.model, inputs), fresh.input_signature)
     traced = live.get_concrete_function()
-    substitutes = {id(restored.variables[index].variable.handle): average for index, average in averages.items()}
+    handles = {index: id(restored.variables[index].variable.handle) for index in sorted(averages)}
+    substitutes = {handles[index]: average for index, average in averages.items()}
     read = {id(value) for value in traced.captured_inputs}
-    unread = tuple(restored.variables[index].name for index in sorted(averages)
-                   if id(restored.variables[index].variable.handle) not in read)
+    unread = tuple(restored.variables[index].name for index, handle in handles.items() if handle not in read)
     ema = rebound(traced, substitutes, fresh.input_signature)
     functions = {SIGNATURE_LIVE: live, SIGNATURE_EMA: ema}
     concrete = {SIGNATURE_LIVE: traced, SIGNATURE_EMA: ema.get_concrete_function()}
