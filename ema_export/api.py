@@ -12,6 +12,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,12 @@ from ema_export.fresh_model import ModelFactory, build_fresh_model, probe_inputs
 from ema_export.layouts import LayoutSettings, choose_layout
 from ema_export.locate import CheckpointSources, locate
 from ema_export.manifest import AssemblyFacts, Manifest, build_manifest, describe_assembly, write_manifest
-from ema_export.memory import alongside, collect_only_new_objects, release
+from ema_export.memory import collect_only_new_objects, release
 from ema_export.out_dir import ensure_writable
 from ema_export.read import one_export, read_checkpoints
 from ema_export.restore import restore
 from ema_export.serving_version import skew_warning
-from ema_export.verify import Reference, VerificationReport, reference_outputs, verify
+from ema_export.verify import Reference, TfServingLoad, VerificationReport, reference_outputs, verify
 from ema_export.versions import plan_version, publish, staging_directory
 from ema_export.write import write_savedmodel, write_warmup
 
@@ -270,15 +271,24 @@ def _assemble(prepared: _Prepared, default_signature: str) -> tuple[Assembly, _A
     return assembly, facts, probe_inputs(prepared.fresh.input_signature)
 
 
-def _write(assembly: Assembly, staging: Path, probe: list[Any]) -> Reference:
-    """Write the SavedModel and its warmup while the in-memory reference answers are computed (TensorFlow releases
-    the GIL in both)."""
-
-    def write() -> None:
-        write_savedmodel(assembly, staging)
+def _write(assembly: Assembly, staging: Path, probe: list[Any]) -> tuple[Reference, Future[TfServingLoad]]:
+    """Write the SavedModel and its warmup records. Meanwhile, in two worker threads (TensorFlow releases the GIL in
+    all three jobs), compute the in-memory reference answers and, as soon as `saved_model.pb` is written, load the
+    graph half of verification; its future is returned, for the verify stage to wait on."""
+    pool = ThreadPoolExecutor(max_workers=2)
+    loads: list[Future[TfServingLoad]] = []
+    try:
+        reference = pool.submit(reference_outputs, assembly, probe)
+        write_savedmodel(assembly, staging, graph_written=lambda: loads.append(pool.submit(TfServingLoad, staging)))
         write_warmup(assembly, staging, probe)
-
-    return alongside(lambda: reference_outputs(assembly, probe), write)
+        return reference.result(), loads[0]
+    except BaseException:
+        for pending in loads:  # no session outlives a failed write
+            if pending.exception() is None:
+                pending.result().close()
+        raise
+    finally:
+        pool.shutdown(wait=False)
 
 
 def _export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model: str | ModelFactory | None,
@@ -291,11 +301,12 @@ def _export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model:
     skew = skew_warning(options.serving_version, tf.__version__)
     with staging_directory(output_dir) as staging:
         step(STAGES[6])
-        reference = _write(assembly, staging, probe)
+        reference, loading = _write(assembly, staging, probe)
         del assembly  # the in-memory models go before the written copy loads: its memory does not stack on theirs
         release()
         step(STAGES[7])
-        verification = verify(staging, reference)
+        with loading.result() as load:
+            verification = verify(load, reference)
         manifest = build_manifest(
             sources=assembled.sources, model_source=assembled.model_source, attachment=assembled.attachment,
             report=assembled.report, assembly=assembled.facts, policies=_policies(options, assembled.sources),

@@ -30,6 +30,8 @@ class Assembly:
     default_arm: str
     unread_averages: tuple[str, ...] = ()
     """Averaged variables the serving function never reads: their averages are saved but change no answer."""
+    variable_bytes: tuple[int, ...] = ()
+    """The size of every variable the export saves (the model's, then the averages), for planning the write."""
 
 
 def output_dict(outputs: Any) -> dict[str, tf.Tensor]:
@@ -89,4 +91,7 @@ def assemble(restored: RestoredModel, averages: Averages, default_arm: str = "em
     concrete = {SIGNATURE_LIVE: traced, SIGNATURE_EMA: ema.get_concrete_function()}
     concrete[SIGNATURE_DEFAULT] = concrete[DEFAULT_ARMS[default_arm]]
     functions[SIGNATURE_DEFAULT] = functions[DEFAULT_ARMS[default_arm]]
-    return Assembly(root, concrete, functions, fresh.input_signature, default_arm, unread)
+    saved = [item.variable for item in restored.variables] + [averages[index] for index in sorted(averages)]
+    sizes = tuple((tf.TensorShape(variable.shape).num_elements() or 0) * tf.as_dtype(variable.dtype).size
+                  for variable in saved)
+    return Assembly(root, concrete, functions, fresh.input_signature, default_arm, unread, sizes)

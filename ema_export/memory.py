@@ -1,4 +1,4 @@
-"""Memory handling for an export, kept out of the stages: garbage-collector scope and overlapping work.
+"""Memory handling for an export, kept out of the stages: the garbage collector's scope and when it runs.
 
 An export holds a model several times over (live, averaged, the copy reloaded for verification); these helpers keep
 the peak down without the pipeline code knowing how.
@@ -6,13 +6,9 @@ the peak down without the pipeline code knowing how.
 
 from __future__ import annotations
 
-import concurrent.futures
 import gc
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TypeVar
-
-T = TypeVar("T")
 
 
 @contextmanager
@@ -35,14 +31,3 @@ def collect_only_new_objects() -> Iterator[None]:
 def release() -> None:
     """Free what the caller just dropped (the in-memory models hold reference cycles), before the next large load."""
     gc.collect()
-
-
-def alongside(background: Callable[[], T], foreground: Callable[[], object]) -> T:
-    """Run `background` in a worker thread while `foreground` runs here; `background`'s result.
-
-    Worth it where both spend their time in TensorFlow ops, which release the GIL.
-    """
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(background)
-        foreground()
-        return pending.result()

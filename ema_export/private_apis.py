@@ -13,6 +13,14 @@ No public API does these jobs:
   `saved_model.pb` (see `write.alias_signature`): only TensorFlow's
   `tensorflow.python.saved_model.pywrap_saved_model.fingerprinting.CreateFingerprintDef` computes it;
   `tf.saved_model.experimental.read_fingerprint` only reads the file.
+- Writing a SavedModel's graph before its variables (`SavedModelInParts`): `tf.saved_model.save` does both in one call
+  (tensorflow/python/saved_model/save.py, `save_and_return_nodes`: MetaGraph, then variables, then saved_model.pb).
+  Its parts are `save._build_meta_graph` (the MetaGraph and the object saver that writes the variables),
+  `builder_impl.copy_assets_to_destination_dir` and `fingerprinting_utils.write_fingerprint`.
+- Loading a SavedModel in TF Serving's steps with the graph ready before the variables exist: `loader_impl`'s
+  `SavedModelLoader` (what `tf.compat.v1.saved_model.load` runs, split into import, restore and init op) and
+  `Session._make_callable_from_options`, which builds a run's executor (pruning, Grappler) when asked rather than on
+  the first run.
 
 Each accessor checks the names it needs and, when a release has moved them, raises one `PrivateApiError` that
 names the missing attribute and the versions this was tested with, instead of an `AttributeError` deep in a stage.
@@ -36,7 +44,14 @@ _TF_KERAS_SAVING_LIB = ("tf_keras.src.saving.saving_lib", ("H5IOStore", "_save_s
 _AVERAGES_LIST = "_model_variables_moving_average"
 _OPTIMIZER_AVERAGES = (_AVERAGES_LIST, "_get_variable_index")
 _TF_FINGERPRINTING = ("tensorflow.python.saved_model.pywrap_saved_model.fingerprinting", ("CreateFingerprintDef",))
+_TF_SAVE = ("tensorflow.python.saved_model.save", ("_build_meta_graph",))
+_TF_ASSETS = ("tensorflow.python.saved_model.builder_impl", ("copy_assets_to_destination_dir",))
+_TF_FINGERPRINT_WRITER = ("tensorflow.python.saved_model.fingerprinting_utils", ("write_fingerprint",))
+_TF_LOADER = ("tensorflow.python.saved_model.loader_impl", ("SavedModelLoader",))
+_SESSION_CALLABLE = "_make_callable_from_options"
 _READS_KERAS_FILES = "ema-export reads Keras files through it"
+_WRITES_IN_PARTS = "ema-export writes a SavedModel's graph before its variables through it"
+_LOADS_IN_STEPS = "ema-export verifies an export by loading it in TF Serving's steps through it"
 _WRITES_FINGERPRINTS = "ema-export rewrites fingerprint.pb through it after aliasing serving_default"
 
 
@@ -103,3 +118,90 @@ def fresh_fingerprint(directory: Path) -> bytes:
         raise PrivateApiError(f"{name}.CreateFingerprintDef no longer takes (export_dir) ({error}); "
                               f"{_WRITES_FINGERPRINTS}",
                               hint=f"Install a release tested with ema-export ({TESTED_WITH})") from error
+
+
+class SavedModelInParts:
+    """What `tf.saved_model.save(root, directory, signatures)` writes, in the order an export needs it.
+
+    `tf.saved_model.save` builds the MetaGraph, writes the variables, then `saved_model.pb` and `fingerprint.pb`
+    (tensorflow/python/saved_model/save.py, `save_and_return_nodes`, lines 1466-1503 at 2.21). Here the MetaGraph is
+    built on construction and left in `saved_model` to be edited, `write_graph` writes it (and the assets) and
+    `write_variables` writes the variables and the fingerprint. The files are those `tf.saved_model.save` writes, with
+    the same saver; only their order differs, and the variables may be split into shards written at once.
+    """
+
+    def __init__(self, root: Any, signatures: Any) -> None:
+        import tensorflow as tf
+        from tensorflow.core.protobuf import saved_model_pb2
+
+        save = _module_with(*_TF_SAVE, _WRITES_IN_PARTS)
+        self._assets_module = _module_with(*_TF_ASSETS, _WRITES_IN_PARTS)
+        self._fingerprints = _module_with(*_TF_FINGERPRINT_WRITER, _WRITES_IN_PARTS)
+        # 1 is save.py's constants.SAVED_MODEL_SCHEMA_VERSION, which tensorflow exports under no public name
+        self.saved_model = saved_model_pb2.SavedModel(saved_model_schema_version=1)
+        built = save._build_meta_graph(root, signatures, tf.saved_model.SaveOptions(),
+                                       self.saved_model.meta_graphs.add())
+        try:
+            _, _, self._saver, assets, _, _ = built
+            self._asset_files = assets.asset_filename_map
+        except (TypeError, ValueError, AttributeError) as error:
+            raise PrivateApiError(f"{_TF_SAVE[0]}._build_meta_graph no longer returns (meta_graph_def, graph, saver, "
+                                  f"asset_info, nodes, paths) ({error}); {_WRITES_IN_PARTS}",
+                                  hint=f"Install a release tested with ema-export ({TESTED_WITH})") from error
+
+    def write_graph(self, directory: Path) -> None:
+        """Write the assets and `saved_model.pb` (as it stands in `saved_model`) into `directory`."""
+        import tensorflow as tf
+
+        self._assets_module.copy_assets_to_destination_dir(self._asset_files, str(directory))
+        path = directory / tf.saved_model.SAVED_MODEL_FILENAME_PB
+        try:
+            path.write_bytes(self.saved_model.SerializeToString(deterministic=True))
+        except OSError as error:  # write() errors name no file; the export's error message names it
+            raise OSError(error.errno, error.strerror, str(path)) from error
+
+    def write_variables(self, directory: Path, sharding: Any = None) -> None:
+        """Write the variables (`variables/variables.*`), then `fingerprint.pb` (which checksums them too).
+
+        Without `sharding` the saver runs eagerly, as `tf.saved_model.save` runs it: one `SaveV2` per shard, one after
+        another. With a `tf.train.experimental.ShardingCallback`, the saver runs inside a `tf.function`, so the
+        shards' `SaveV2` ops, which do not depend on each other, run at once on TensorFlow's inter-op threads.
+        """
+        import tensorflow as tf
+
+        prefix = str(directory / tf.saved_model.VARIABLES_DIRECTORY / tf.saved_model.VARIABLES_FILENAME)
+        (directory / tf.saved_model.VARIABLES_DIRECTORY).mkdir(exist_ok=True)
+        if sharding is None:
+            self._saver.save(prefix)
+        else:
+            options = tf.train.CheckpointOptions(experimental_sharding_callback=sharding)
+            device = tf.config.list_logical_devices("CPU")[0].name
+
+            @tf.function(autograph=False)
+            def write() -> None:
+                # One device name for every tensor, the object graph's included, so the callback splits one set
+                with tf.device(device):
+                    self._saver.save(prefix, options=options)
+
+            write()
+        self._fingerprints.write_fingerprint(str(directory))
+
+
+def saved_model_loader(directory: Path) -> Any:
+    """`loader_impl.SavedModelLoader` for `directory`: `tf.compat.v1.saved_model.load`'s steps, callable one by one."""
+    return _module_with(*_TF_LOADER, _LOADS_IN_STEPS).SavedModelLoader(str(directory))
+
+
+def session_callable(session: Any, feeds: list[str], fetches: list[str], targets: list[str]) -> Any:
+    """A callable running `session` with these feeds, fetches and targets, its executor built now.
+
+    `Session.make_callable` with feeds builds nothing until the first call; `_make_callable_from_options` builds the
+    pruned, Grappler-optimized graph at once (the same graph the first `Session.run` with these names would build).
+    """
+    from tensorflow.core.protobuf import config_pb2
+
+    if not hasattr(session, _SESSION_CALLABLE):
+        raise PrivateApiError(f"{type(session).__name__} has no {_SESSION_CALLABLE}; {_LOADS_IN_STEPS}",
+                              hint=f"Install a release tested with ema-export ({TESTED_WITH})")
+    options = config_pb2.CallableOptions(feed=feeds, fetch=fetches, target=targets)
+    return getattr(session, _SESSION_CALLABLE)(options)

@@ -20,6 +20,7 @@ import tensorflow as tf
 from ema_export.assemble import Assembly
 from ema_export.contracts import DEFAULT_ARMS, SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
 from ema_export.errors import VerificationError
+from ema_export.private_apis import saved_model_loader, session_callable
 
 SIGNATURES = (SIGNATURE_LIVE, SIGNATURE_EMA, SIGNATURE_DEFAULT)
 
@@ -77,34 +78,79 @@ def _signature_interface(signature: Any) -> tuple[dict[str, tuple], dict[str, tu
     return describe(signature.inputs), describe(signature.outputs)
 
 
-def run_like_tf_serving(directory: Path, feed: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Load `directory` with the session-based loader and run every signature on `feed`.
+class TfServingLoad:
+    """A SavedModel loaded the way TF Serving loads it, in two halves.
 
-    Returns:
-        signature name -> (SignatureDef, {output name: array}); a missing signature maps to None.
+    TF Serving's loader (tensorflow_serving/servables/tensorflow/saved_model_bundle_factory.cc, through TensorFlow's
+    cc/saved_model/loader.cc) imports the MetaGraph into a session, runs the saver's restore op on
+    `variables/variables`, runs the init op, then feeds and fetches the tensors each SignatureDef names. Constructing
+    this object does the half that needs only `saved_model.pb`: the import, and the executors (pruned,
+    Grappler-optimized graphs) of the restore run and of one run of every signature, which a session otherwise
+    builds on the first run. `run` does the rest once the variables are written. The graphs are the ones TF Serving
+    builds; only when they are built differs.
     """
-    logger = tf.get_logger()
-    level = logger.level
-    logger.setLevel("ERROR")  # the v1 loader announces its own deprecation on every call
-    # The session keeps TensorFlow's default graph optimization (Grappler) on: TF Serving runs the optimized graph, so
-    # that is the graph whose answers are checked.
-    try:
-        with tf.compat.v1.Session(graph=tf.Graph()) as session:
-            meta_graph = tf.compat.v1.saved_model.load(session, [tf.saved_model.SERVING], str(directory))
-            signatures = {name: meta_graph.signature_def.get(name) for name in SIGNATURES}
-            feeds, fetches = {}, {}
-            for name, signature in signatures.items():
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.session = tf.compat.v1.Session(graph=tf.Graph())
+        logger = tf.get_logger()
+        level = logger.level
+        logger.setLevel("ERROR")  # the v1 loader announces its own deprecation on every call
+        try:
+            self._loader = saved_model_loader(directory)
+            saver, _ = self._loader.load_graph(self.session.graph, [tf.saved_model.SERVING])
+            meta_graph = self._loader.get_meta_graph_def_from_tags([tf.saved_model.SERVING])
+            self.signatures = {name: meta_graph.signature_def.get(name) for name in SIGNATURES}
+            self._restore = None if saver is None else session_callable(
+                self.session, [meta_graph.saver_def.filename_tensor_name], [], [meta_graph.saver_def.restore_op_name])
+            self._feeds: dict[str, str] = {}  # tensor name -> input key
+            self._fetches: list[tuple[str, str]] = []  # (signature, output key), in fetch order
+            fetch_names = []
+            for name, signature in self.signatures.items():
                 if signature is not None:
-                    feeds.update({signature.inputs[key].name: value for key, value in feed.items()
-                                  if key in signature.inputs})
-                    fetches.update({(name, key): info.name for key, info in signature.outputs.items()})
+                    self._feeds.update({info.name: key for key, info in signature.inputs.items()})
+                    for key, info in signature.outputs.items():
+                        self._fetches.append((name, key))
+                        fetch_names.append(info.name)
             # One run for all signatures: graph optimization of a large model dominates, and is paid once.
-            values = session.run(fetches, feeds)
-            return {name: None if signature is None else
-                    (signature, {key: values[(name, key)] for key in signature.outputs})
-                    for name, signature in signatures.items()}
-    finally:
-        logger.setLevel(level)
+            self._run = session_callable(self.session, list(self._feeds), fetch_names, [])
+        except BaseException:
+            self.session.close()
+            raise
+        finally:
+            logger.setLevel(level)
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Restore the variables, run the init op, and run every signature on `feed` (input key -> array).
+
+        Returns:
+            signature name -> (SignatureDef, {output name: array}); a missing signature maps to None.
+        """
+        prefix = self.directory / tf.saved_model.VARIABLES_DIRECTORY / tf.saved_model.VARIABLES_FILENAME
+        if self._restore is not None:
+            self._restore(np.array(str(prefix).encode()))
+        self._loader.run_init_ops(self.session, [tf.saved_model.SERVING])
+        values = self._run(*(feed[key] for key in self._feeds.values()))
+        outputs: dict[str, dict[str, Any]] = {}
+        for (name, key), value in zip(self._fetches, values):
+            outputs.setdefault(name, {})[key] = value
+        return {name: None if signature is None else (signature, outputs.get(name, {}))
+                for name, signature in self.signatures.items()}
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> TfServingLoad:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_like_tf_serving(directory: Path, feed: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Load `directory` as TF Serving does and run every signature on `feed` (see `TfServingLoad.run`)."""
+    with TfServingLoad(directory) as load:
+        return load.run(feed)
 
 
 @dataclass(frozen=True)
@@ -128,8 +174,9 @@ def reference_outputs(assembly: Assembly, probe: Sequence[np.ndarray]) -> Refere
     return Reference(tuple(spec.name for spec in assembly.input_signature), tuple(probe), outputs)
 
 
-def verify(directory: Path, reference: Reference) -> VerificationReport:
-    """Load `directory` as TF Serving would and check every signature against the in-memory reference.
+def verify(written: Path | TfServingLoad, reference: Reference) -> VerificationReport:
+    """Load the SavedModel as TF Serving would (a directory, or a `TfServingLoad` whose graph half is done) and check
+    every signature against the in-memory reference.
 
     Raises:
         VerificationError: A signature is missing, the signatures disagree on inputs or outputs, the batch dimension
@@ -138,7 +185,8 @@ def verify(directory: Path, reference: Reference) -> VerificationReport:
     names = list(reference.input_names)
     probe = reference.probe
     expected = reference.outputs
-    served = run_like_tf_serving(directory, dict(zip(names, probe)))
+    feed = dict(zip(names, probe))
+    served = run_like_tf_serving(written, feed) if isinstance(written, Path) else written.run(feed)
 
     problems: list[str] = []
     checks: list[OutputCheck] = []
