@@ -66,14 +66,17 @@ class BalancedShards(tf.train.experimental.ShardingCallback):
         return [shard for shard in shards if shard]
 
 
-def write_savedmodel(assembly: Assembly, directory: Path, graph_written: Callable[[], None] = lambda: None) -> None:
+def write_savedmodel(assembly: Assembly, directory: Path, graph_written: Callable[[], None] = lambda: None,
+                     writers: int | None = None) -> None:
     """Save the export root with its signatures into `directory` (which exists and is empty).
 
     The files are those `tf.saved_model.save(root, directory, signatures)` writes, in another order:
     `saved_model.pb` first (with `serving_default` aliased, below), then `graph_written()` is called, so verification
     can import the graph and build its executors while the variables are written, then the variables and
     `fingerprint.pb`. Large variables are written by several `SaveV2` ops at once (`writers_for`), as shards of one
-    checkpoint (`variables.data-0000i-of-0000n`), which TF Serving and `tf.saved_model.load` read like one.
+    checkpoint (`variables.data-0000i-of-0000n`), which TF Serving and `tf.saved_model.load` read like one; `writers`
+    overrides that choice. The object graph, which TensorFlow places apart from the variables inside a function,
+    gets a small shard of its own, so `n` is one more than the writers.
 
     `serving_default` is not saved as a third function, the way Keras's export passes the same concrete function
     twice (keras/src/export/saved_model_export_archive.py:271-284 at 3422977a5e38): TensorFlow's
@@ -89,7 +92,7 @@ def write_savedmodel(assembly: Assembly, directory: Path, graph_written: Callabl
     alias_in(parts.saved_model.meta_graphs[0], SIGNATURE_DEFAULT, DEFAULT_ARMS[assembly.default_arm])
     parts.write_graph(directory)
     graph_written()
-    writers = writers_for(assembly.variable_bytes)
+    writers = writers or writers_for(assembly.variable_bytes)
     parts.write_variables(directory, BalancedShards(writers) if writers > 1 else None)
 
 

@@ -5,18 +5,26 @@ When an upgrade moves one of them, this test fails first and names it; the acces
 """
 
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras
 
 from ema_export.private_apis import (
+    _TF_ASSETS,
+    _TF_FINGERPRINT_WRITER,
     _TF_FINGERPRINTING,
+    _TF_LOADER,
+    _TF_SAVE,
     PrivateApiError,
+    SavedModelInParts,
     _module_with,
     built_averages,
     fresh_fingerprint,
     keras_saving_lib,
     optimizer_averages,
+    saved_model_loader,
+    session_callable,
     tf_keras_saving_lib,
 )
 
@@ -70,3 +78,46 @@ def test_a_moved_tensorflow_interface_is_one_error_naming_it_and_the_tested_rele
     with pytest.raises(PrivateApiError, match="no CreateFingerprintDef_moved; .*fingerprint.pb") as raised:
         _module_with(_TF_FINGERPRINTING[0], ("CreateFingerprintDef_moved",), "it rewrites fingerprint.pb")
     assert "tensorflow 2.16-2.21" in raised.value.hint
+
+
+def test_tensorflow_s_save_and_load_internals_are_present():
+    for name, attributes in (_TF_SAVE, _TF_ASSETS, _TF_FINGERPRINT_WRITER, _TF_LOADER):
+        assert all(callable(getattr(_module_with(name, attributes), attribute)) for attribute in attributes), name
+
+
+def _scaling_module() -> tf.Module:
+    module = tf.Module()
+    module.scale = tf.Variable(2.0)
+    module.serve = tf.function(lambda x: {"y": x * module.scale}, input_signature=[tf.TensorSpec([None], tf.float32)])
+    return module
+
+
+def test_a_savedmodel_written_in_parts_loads_like_one_tf_saved_model_save_wrote(tmp_path):
+    module = _scaling_module()
+    parts = SavedModelInParts(module, {"serve": module.serve.get_concrete_function()})
+    assert "serve" in parts.saved_model.meta_graphs[0].signature_def
+    parts.write_graph(tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["assets", "saved_model.pb"]
+    parts.write_variables(tmp_path)
+    written = sorted(path.name for path in tmp_path.iterdir())
+    assert written == ["assets", "fingerprint.pb", "saved_model.pb", "variables"]
+    loaded = tf.saved_model.load(str(tmp_path))
+    assert float(loaded.signatures["serve"](tf.constant([1.5]))["y"][0]) == 3.0
+
+
+def test_a_session_callable_is_built_at_once_and_the_loader_imports_without_restoring(tmp_path):
+    module = _scaling_module()
+    tf.saved_model.save(module, str(tmp_path), signatures={"serve": module.serve.get_concrete_function()})
+    with tf.compat.v1.Session(graph=tf.Graph()) as session:
+        loader = saved_model_loader(tmp_path)
+        saver, _ = loader.load_graph(session.graph, ["serve"])
+        with pytest.raises(tf.errors.InvalidArgumentError):  # a missing tensor is found now, not on the first run
+            session_callable(session, [], ["no_such_tensor:0"], [])
+        saver_def = saver.saver_def
+        restore = session_callable(session, [saver_def.filename_tensor_name], [], [saver_def.restore_op_name])
+        signature = loader.get_meta_graph_def_from_tags(["serve"]).signature_def["serve"]
+        run = session_callable(session, [signature.inputs["x"].name], [signature.outputs["y"].name], [])
+        restore(str(tmp_path / "variables" / "variables").encode())
+        assert list(run(np.array([1.5], np.float32))[0]) == [3.0]
+    with pytest.raises(PrivateApiError, match="_make_callable_from_options"):
+        session_callable(object(), [], [], [])

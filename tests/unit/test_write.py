@@ -1,0 +1,143 @@
+"""The write stage on a tiny model of each family: the files `tf.saved_model.save` writes, the graph before the
+variables, large variables as shards written at once, and verification's TF Serving-style load in its two halves.
+
+The model is `y = x @ w + b` with known weights (tests/unit/test_adapters.py); the EMA arm reads an averaged `w`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+
+from ema_export.assemble import assemble
+from ema_export.contracts import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
+from ema_export.private_apis import fresh_fingerprint
+from ema_export.verify import TfServingLoad
+from ema_export.write import (
+    MAX_WRITERS,
+    PARALLEL_WRITE_MIN_BYTES,
+    PARALLEL_WRITE_MIN_MEAN_BYTES,
+    BalancedShards,
+    alias_signature,
+    write_savedmodel,
+    writers_for,
+)
+from tests.unit.test_adapters import BIAS, FAMILIES, INPUTS, KERNEL, _fresh
+from tests.unit.test_assemble import AVERAGED_KERNEL, _restored
+
+EXPECTED = {SIGNATURE_LIVE: INPUTS @ KERNEL + BIAS, SIGNATURE_EMA: INPUTS @ AVERAGED_KERNEL + BIAS,
+            SIGNATURE_DEFAULT: INPUTS @ AVERAGED_KERNEL + BIAS}
+
+
+def _assembly(factory=FAMILIES[0][1]):
+    return assemble(_restored(_fresh(factory)), {0: tf.Variable(AVERAGED_KERNEL)})
+
+
+def _feed(assembly) -> dict[str, np.ndarray]:
+    return {assembly.input_signature[0].name: INPUTS}
+
+
+def _checkpoint(directory) -> dict[str, np.ndarray]:
+    reader = tf.train.load_checkpoint(str(directory / "variables" / "variables"))
+    return {key: reader.get_tensor(key) for key in reader.get_variable_to_shape_map()}
+
+
+def _meta_graph(directory):
+    return saved_model_pb2.SavedModel.FromString((directory / "saved_model.pb").read_bytes()).meta_graphs[0]
+
+
+def _files(directory) -> set[str]:
+    return {str(path.relative_to(directory)) for path in directory.rglob("*") if path.is_file()}
+
+
+def _served(directory, assembly) -> dict[str, np.ndarray]:
+    with TfServingLoad(directory) as load:
+        served = load.run(_feed(assembly))
+    return {name: outputs["output_0"] for name, (_, outputs) in served.items()}
+
+
+def test_the_files_and_values_are_those_tf_saved_model_save_writes(tmp_path):
+    assembly = _assembly()
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    ours.mkdir()
+    write_savedmodel(assembly, ours)
+    arms = {name: function for name, function in assembly.signatures.items() if name != SIGNATURE_DEFAULT}
+    tf.saved_model.save(assembly.root, str(theirs), signatures=arms)
+    alias_signature(theirs, SIGNATURE_DEFAULT, SIGNATURE_EMA)
+
+    assert _files(ours) == _files(theirs)
+    ours_values, theirs_values = _checkpoint(ours), _checkpoint(theirs)
+    assert ours_values.keys() == theirs_values.keys()
+    for key, value in theirs_values.items():
+        if key != "_CHECKPOINTABLE_OBJECT_GRAPH":
+            np.testing.assert_array_equal(ours_values[key], value, err_msg=key)
+    ours_graph, theirs_graph = (_meta_graph(ours), _meta_graph(theirs))
+    assert dict(ours_graph.signature_def) == dict(theirs_graph.signature_def)
+    assert [node.WhichOneof("kind") for node in ours_graph.object_graph_def.nodes] == [
+        node.WhichOneof("kind") for node in theirs_graph.object_graph_def.nodes]
+    fingerprint = tf.saved_model.experimental.read_fingerprint(str(ours))  # written after the variables it checksums
+    assert fingerprint == tf.saved_model.experimental.Fingerprint.from_proto(fresh_fingerprint(ours))
+
+
+@pytest.mark.parametrize(("name", "factory"), FAMILIES, ids=[name for name, _ in FAMILIES])
+def test_verification_loads_the_graph_while_the_variables_are_not_yet_written(name, factory, tmp_path):
+    assembly = _assembly(factory)
+    loads = []
+
+    def graph_written():
+        assert (tmp_path / "saved_model.pb").exists() and not (tmp_path / "variables").exists()
+        loads.append(TfServingLoad(tmp_path))
+
+    write_savedmodel(assembly, tmp_path, graph_written)
+    with loads[0] as load:
+        served = load.run(_feed(assembly))
+    for signature, expected in EXPECTED.items():
+        np.testing.assert_allclose(served[signature][1]["output_0"], expected, err_msg=signature)
+
+
+def test_large_variables_are_shards_of_one_checkpoint_that_tf_serving_and_tf_load_read(tmp_path):
+    assembly = _assembly()
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    sharded.mkdir(), single.mkdir()
+    write_savedmodel(assembly, sharded, writers=2)
+    write_savedmodel(assembly, single, writers=1)
+
+    data = sorted(path.name for path in (sharded / "variables").glob("variables.data-*"))
+    assert data == [f"variables.data-0000{i}-of-00003" for i in range(3)]  # two writers and the object graph's
+    assert sorted(path.name for path in (single / "variables").glob("variables.data-*")) == [
+        "variables.data-00000-of-00001"]
+    sharded_values, single_values = _checkpoint(sharded), _checkpoint(single)
+    assert sharded_values.keys() == single_values.keys()
+    for key, value in single_values.items():
+        if key != "_CHECKPOINTABLE_OBJECT_GRAPH":
+            np.testing.assert_array_equal(sharded_values[key], value, err_msg=key)
+    for signature, output in _served(sharded, assembly).items():
+        np.testing.assert_allclose(output, EXPECTED[signature], err_msg=signature)
+    loaded = tf.saved_model.load(str(sharded)).signatures[SIGNATURE_EMA]
+    np.testing.assert_allclose(loaded(**{assembly.input_signature[0].name: tf.constant(INPUTS)})["output_0"],
+                               EXPECTED[SIGNATURE_EMA])
+
+
+def test_shards_are_balanced_by_bytes_largest_first():
+    sizes = [40, 10, 30, 20, 20]  # float32 elements: 160, 40, 120, 80 and 80 bytes
+    tensors = [tf.train.experimental.ShardableTensor(
+        _tensor_save_spec=None, tensor=tf.zeros([n]), dtype=tf.float32, device="/cpu:0", name=f"t{i}",
+        shape=tf.TensorShape([n]), slice_spec="", checkpoint_key=f"t{i}", trackable=None) for i, n in enumerate(sizes)]
+    shards = BalancedShards(2)(tensors)
+    loads = sorted(sum(next(iter(slices.values())).shape[0] for slices in shard.values()) for shard in shards)
+    assert loads == [60, 60]  # 40 + 20 and 30 + 20 + 10
+    assert sorted(key for shard in shards for key in shard) == [f"t{i}" for i in range(5)]
+    assert len(BalancedShards(8)(tensors)) == 5  # never an empty shard
+
+
+def test_writers_are_one_per_cpu_only_for_large_variables_that_are_few():
+    large = [PARALLEL_WRITE_MIN_BYTES // 4] * 4
+    assert writers_for(large, cpus=2) == 2
+    assert writers_for(large, cpus=64) == MAX_WRITERS
+    assert writers_for(large, cpus=1) == 1
+    assert writers_for([PARALLEL_WRITE_MIN_BYTES // 4] * 3, cpus=2) == 1  # too little in all
+    many = PARALLEL_WRITE_MIN_BYTES // (PARALLEL_WRITE_MIN_MEAN_BYTES // 2)
+    assert writers_for([PARALLEL_WRITE_MIN_MEAN_BYTES // 2] * many, cpus=2) == 1  # enough, but in small pieces
+    assert writers_for(large) >= 1
