@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from ema_export.errors import FoldError
 from ema_export.layouts import Shadow, ShadowMatch
+from ema_export.memory import read_ahead
 from ema_export.restored import RestoredModel, RestoredVariable
 
 KEPT_NON_TRAINABLE = "non-trainable: both arms share the live value"
@@ -156,6 +157,35 @@ def _checked_value(variable: RestoredVariable, shadow: Shadow) -> tuple[tf.Tenso
     return value, None
 
 
+@dataclass
+class _Inspected:
+    """A shadow read and checked against its variable: its value (unless it has a problem) and what folding reports."""
+
+    value: tf.Tensor | None
+    problem: str | None
+    relative_l2: float = 0.0
+    all_zero: bool = True
+
+    def take_value(self) -> tf.Tensor:
+        """The value, released from this record, so a variable created from it is its only holder."""
+        value, self.value = self.value, None
+        assert value is not None
+        return value
+
+
+def _inspect(item: tuple[int, RestoredVariable, Shadow]) -> _Inspected:
+    """Read a shadow and check it (shape, dtype, NaN/Inf), then measure its drift from the live value.
+
+    The numpy views end with this call, so the variable that later adopts the value's memory is its only holder.
+    """
+    _, variable, shadow = item
+    value, problem = _checked_value(variable, shadow)
+    if problem:
+        return _Inspected(None, problem)
+    average, live = _view(value), _view(variable.variable)  # views: no copy of either
+    return _Inspected(value, None, relative_l2(live, average), not np.any(average))  # the views end here
+
+
 def _view(value: Any) -> np.ndarray:
     """A numpy view of a tensor's or variable's current value, without a copy.
 
@@ -194,6 +224,7 @@ def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_
     missing: list[str] = []
     averaged: set[int] = set()  # indices of the variables folded
     all_zero = True
+    to_read: list[tuple[int, RestoredVariable, Shadow]] = []
     for index, variable in enumerate(restored.variables):
         shadow = match.matched.get(index)
         if shadow is None:
@@ -201,24 +232,23 @@ def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_
                 missing.append(variable.name)
             kept.append(KeptVariable(variable.name, variable.path,
                                      KEPT_NO_SHADOW if variable.trainable else KEPT_NON_TRAINABLE))
-            continue
-        if not variable.trainable and bn_stats == "live":
+        elif not variable.trainable and bn_stats == "live":
             kept.append(KeptVariable(variable.name, variable.path, KEPT_STATS_LIVE))
+        else:
+            to_read.append((index, variable, shadow))
+    # Shadows are read and checked two at a time in worker threads (TensorFlow's restore op and numpy release the
+    # GIL), in order; each is adopted by its variable here before the next is taken.
+    for (index, variable, shadow), inspected in zip(to_read, read_ahead(_inspect, to_read)):
+        if inspected.problem:
+            problems.append(inspected.problem)
             continue
-        value, problem = _checked_value(variable, shadow)
-        if problem:
-            problems.append(problem)
-            continue
-        assert value is not None
-        average, live = _view(value), _view(variable.variable)  # views: no copy of either
         folded.append(FoldedVariable(variable.name, variable.path, variable.shape, variable.dtype.name,
-                                     shadow.checkpoint_key, relative_l2(live, average)))
-        all_zero = all_zero and not np.any(average)
-        del average, live  # before the variable adopts the shadow's memory
+                                     shadow.checkpoint_key, inspected.relative_l2))
+        all_zero = all_zero and inspected.all_zero
         averaged.add(index)
         if keep_values:
-            values[index] = averaged_variable(variable, value)
-        del value  # before the next shadow is read: one shadow outside the saved variables at a time
+            values[index] = averaged_variable(variable, inspected.take_value())
+        del inspected  # before the next shadow is taken: its memory is the variable's now, or freed
     if missing and not allow_missing:
         problems.append(f"missing shadow for {len(missing)} trainable variables: {', '.join(missing)}")
     if match.unmatched:

@@ -1,4 +1,5 @@
-"""Memory handling for an export, kept out of the stages: the garbage collector's scope and when it runs.
+"""Memory handling for an export, kept out of the stages: the garbage collector's scope and when it runs, and
+reading ahead with a bounded number of values in flight.
 
 An export holds a model several times over (live, averaged, the copy reloaded for verification); these helpers keep
 the peak down without the pipeline code knowing how.
@@ -7,8 +8,15 @@ the peak down without the pipeline code knowing how.
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @contextmanager
@@ -31,3 +39,21 @@ def collect_only_new_objects() -> Iterator[None]:
 def release() -> None:
     """Free what the caller just dropped (the in-memory models hold reference cycles), before the next large load."""
     gc.collect()
+
+
+def read_ahead(function: Callable[[T], R], items: Iterable[T], ahead: int = 2) -> Iterator[R]:
+    """`function(item)` for each item, in order, computed by `ahead` worker threads up to `ahead` items ahead.
+
+    For reads that spend their time in TensorFlow ops and numpy, which release the GIL: on two cores two values are
+    read at once. At most `ahead` results exist beyond the one being consumed, which bounds the memory in flight.
+    """
+    remaining = iter(items)
+    with ThreadPoolExecutor(max_workers=ahead) as pool:
+        pending = deque(pool.submit(function, item) for item in itertools.islice(remaining, ahead))
+        while pending:
+            done = pending.popleft()
+            for item in itertools.islice(remaining, 1):
+                pending.append(pool.submit(function, item))
+            yield done.result()
+            del done
+
