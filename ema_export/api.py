@@ -12,7 +12,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,15 +271,21 @@ def _assemble(prepared: _Prepared, default_signature: str) -> tuple[Assembly, _A
     return assembly, facts, probe_inputs(prepared.fresh.input_signature)
 
 
-def _write(assembly: Assembly, staging: Path, probe: list[Any]) -> tuple[Reference, Future[TfServingLoad]]:
-    """Write the SavedModel and its warmup records. Meanwhile, in two worker threads (TensorFlow releases the GIL in
-    all three jobs), compute the in-memory reference answers and, as soon as `saved_model.pb` is written, load the
-    graph half of verification; its future is returned, for the verify stage to wait on."""
-    pool = ThreadPoolExecutor(max_workers=2)
+def _write(assembly: Assembly, staging: Path, probe: list[Any],
+           pool: Executor) -> tuple[Reference, Future[TfServingLoad]]:
+    """Write the SavedModel and its warmup records. Meanwhile, in `pool`'s worker threads (TensorFlow releases the GIL
+    in all of it), compute the in-memory reference answers and, as soon as `saved_model.pb` is written, load the graph
+    half of verification (`TfServingLoad`); its future is returned, for the verify stage."""
     loads: list[Future[TfServingLoad]] = []
+
+    def load_graph() -> TfServingLoad:
+        load = TfServingLoad(staging)
+        load.prepare_run(pool)
+        return load
+
     try:
         reference = pool.submit(reference_outputs, assembly, probe)
-        write_savedmodel(assembly, staging, graph_written=lambda: loads.append(pool.submit(TfServingLoad, staging)))
+        write_savedmodel(assembly, staging, graph_written=lambda: loads.append(pool.submit(load_graph)))
         write_warmup(assembly, staging, probe)
         return reference.result(), loads[0]
     except BaseException:
@@ -287,8 +293,6 @@ def _write(assembly: Assembly, staging: Path, probe: list[Any]) -> tuple[Referen
             if pending.exception() is None:
                 pending.result().close()
         raise
-    finally:
-        pool.shutdown(wait=False)
 
 
 def _export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model: str | ModelFactory | None,
@@ -301,12 +305,14 @@ def _export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model:
     skew = skew_warning(options.serving_version, tf.__version__)
     with staging_directory(output_dir) as staging:
         step(STAGES[6])
-        reference, loading = _write(assembly, staging, probe)
-        del assembly  # the in-memory models go before the written copy loads: its memory does not stack on theirs
-        release()
-        step(STAGES[7])
-        with loading.result() as load:
-            verification = verify(load, reference)
+        with ThreadPoolExecutor(max_workers=3) as pool:  # the reference, the graph's load, the signatures' executor
+            reference, loading = _write(assembly, staging, probe, pool)
+            del assembly  # the in-memory models go before the written copy loads: its memory does not stack on theirs
+            release()
+            step(STAGES[7])
+            with loading.result() as load:
+                load.restore()  # while the signatures' executor may still be building
+                verification = verify(load, reference)
         manifest = build_manifest(
             sources=assembled.sources, model_source=assembled.model_source, attachment=assembled.attachment,
             report=assembled.report, assembly=assembled.facts, policies=_policies(options, assembled.sources),

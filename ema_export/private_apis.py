@@ -18,7 +18,8 @@ No public API does these jobs:
   Its parts are `save._build_meta_graph` (the MetaGraph and the object saver that writes the variables),
   `builder_impl.copy_assets_to_destination_dir` and `fingerprinting_utils.write_fingerprint`.
 - Loading a SavedModel in TF Serving's steps with the graph ready before the variables exist: `loader_impl`'s
-  `SavedModelLoader` (what `tf.compat.v1.saved_model.load` runs, split into import, restore and init op) and
+  `SavedModelLoader`, `get_init_op` and `get_asset_tensors` (what `tf.compat.v1.saved_model.load` runs: import,
+  restore, init op), and
   `Session._make_callable_from_options`, which builds a run's executor (pruning, Grappler) when asked rather than on
   the first run.
 
@@ -47,7 +48,7 @@ _TF_FINGERPRINTING = ("tensorflow.python.saved_model.pywrap_saved_model.fingerpr
 _TF_SAVE = ("tensorflow.python.saved_model.save", ("_build_meta_graph",))
 _TF_ASSETS = ("tensorflow.python.saved_model.builder_impl", ("copy_assets_to_destination_dir",))
 _TF_FINGERPRINT_WRITER = ("tensorflow.python.saved_model.fingerprinting_utils", ("write_fingerprint",))
-_TF_LOADER = ("tensorflow.python.saved_model.loader_impl", ("SavedModelLoader",))
+_TF_LOADER = ("tensorflow.python.saved_model.loader_impl", ("SavedModelLoader", "get_init_op", "get_asset_tensors"))
 _SESSION_CALLABLE = "_make_callable_from_options"
 _READS_KERAS_FILES = "ema-export reads Keras files through it"
 _WRITES_IN_PARTS = "ema-export writes a SavedModel's graph before its variables through it"
@@ -187,9 +188,10 @@ class SavedModelInParts:
         self._fingerprints.write_fingerprint(str(directory))
 
 
-def saved_model_loader(directory: Path) -> Any:
-    """`loader_impl.SavedModelLoader` for `directory`: `tf.compat.v1.saved_model.load`'s steps, callable one by one."""
-    return _module_with(*_TF_LOADER, _LOADS_IN_STEPS).SavedModelLoader(str(directory))
+def tf1_loader() -> Any:
+    """TensorFlow's `loader_impl`: `SavedModelLoader` (`tf.compat.v1.saved_model.load`'s steps, callable one by one),
+    `get_init_op` and `get_asset_tensors` (the init op it runs after restoring, and that op's asset feeds)."""
+    return _module_with(*_TF_LOADER, _LOADS_IN_STEPS)
 
 
 def session_callable(session: Any, feeds: list[str], fetches: list[str], targets: list[str]) -> Any:

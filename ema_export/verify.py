@@ -10,6 +10,7 @@ so a client can switch arms by signature name alone. Every failure is collected,
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import tensorflow as tf
 from ema_export.assemble import Assembly
 from ema_export.contracts import DEFAULT_ARMS, SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
 from ema_export.errors import VerificationError
-from ema_export.private_apis import saved_model_loader, session_callable
+from ema_export.private_apis import session_callable, tf1_loader
 
 SIGNATURES = (SIGNATURE_LIVE, SIGNATURE_EMA, SIGNATURE_DEFAULT)
 
@@ -79,57 +80,86 @@ def _signature_interface(signature: Any) -> tuple[dict[str, tuple], dict[str, tu
 
 
 class TfServingLoad:
-    """A SavedModel loaded the way TF Serving loads it, in two halves.
+    """A SavedModel loaded the way TF Serving loads it, in steps that can start before the variables are written.
 
-    TF Serving's loader (tensorflow_serving/servables/tensorflow/saved_model_bundle_factory.cc, through TensorFlow's
-    cc/saved_model/loader.cc) imports the MetaGraph into a session, runs the saver's restore op on
-    `variables/variables`, runs the init op, then feeds and fetches the tensors each SignatureDef names. Constructing
-    this object does the half that needs only `saved_model.pb`: the import, and the executors (pruned,
-    Grappler-optimized graphs) of the restore run and of one run of every signature, which a session otherwise
-    builds on the first run. `run` does the rest once the variables are written. The graphs are the ones TF Serving
-    builds; only when they are built differs.
+    TF Serving's loader (TensorFlow's cc/saved_model/loader.cc, `LoadSavedModelInternal`) imports the MetaGraph into
+    a session, runs the saver's restore op on `variables/variables`, runs the init op, and then each request feeds and
+    fetches the tensors its SignatureDef names; a session builds each run's executor (the pruned, Grappler-optimized
+    graph) on that run's first call. Here the executors are built ahead: constructing this object imports the graph
+    and builds the restore and init runs' executors (only `saved_model.pb` is read), `prepare_run` builds the one run
+    of every signature (in a worker thread, if given a pool), `restore` runs the restore and init ops, `run` the
+    signatures. The graphs are the ones TF Serving builds; only when they are built differs.
     """
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.session = tf.compat.v1.Session(graph=tf.Graph())
+        self.session = tf.compat.v1.Session(graph=tf.Graph(), config=tf.compat.v1.ConfigProto())  # not the caller's
+        self._restored = False
+        self._run: Any = None
+        self._run_ready: Future[Any] | None = None
         logger = tf.get_logger()
         level = logger.level
         logger.setLevel("ERROR")  # the v1 loader announces its own deprecation on every call
         try:
-            self._loader = saved_model_loader(directory)
-            saver, _ = self._loader.load_graph(self.session.graph, [tf.saved_model.SERVING])
-            meta_graph = self._loader.get_meta_graph_def_from_tags([tf.saved_model.SERVING])
+            loader = tf1_loader()
+            saved_model = loader.SavedModelLoader(str(directory))
+            saver, _ = saved_model.load_graph(self.session.graph, [tf.saved_model.SERVING])
+            meta_graph = saved_model.get_meta_graph_def_from_tags([tf.saved_model.SERVING])
             self.signatures = {name: meta_graph.signature_def.get(name) for name in SIGNATURES}
             self._restore = None if saver is None else session_callable(
                 self.session, [meta_graph.saver_def.filename_tensor_name], [], [meta_graph.saver_def.restore_op_name])
-            self._feeds: dict[str, str] = {}  # tensor name -> input key
-            self._fetches: list[tuple[str, str]] = []  # (signature, output key), in fetch order
-            fetch_names = []
-            for name, signature in self.signatures.items():
-                if signature is not None:
-                    self._feeds.update({info.name: key for key, info in signature.inputs.items()})
-                    for key, info in signature.outputs.items():
-                        self._fetches.append((name, key))
-                        fetch_names.append(info.name)
-            # One run for all signatures: graph optimization of a large model dominates, and is paid once.
-            self._run = session_callable(self.session, list(self._feeds), fetch_names, [])
+            with self.session.graph.as_default():
+                init_op = loader.get_init_op(meta_graph)
+                assets = loader.get_asset_tensors(str(directory), meta_graph)
+            self._init = None if init_op is None else session_callable(self.session, list(assets), [], [init_op.name])
+            self._asset_paths = [np.array(tf.compat.as_bytes(path)) for path in assets.values()]
         except BaseException:
             self.session.close()
             raise
         finally:
             logger.setLevel(level)
 
-    def run(self, feed: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Restore the variables, run the init op, and run every signature on `feed` (input key -> array).
+    def prepare_run(self, pool: Executor | None = None) -> None:
+        """Build the executor of one run of every signature, now or (given `pool`) in a worker thread."""
+        if pool is not None:
+            self._run_ready = pool.submit(self.prepare_run)
+            return
+        self._feeds: dict[str, str] = {}  # tensor name -> input key
+        self._fetches: list[tuple[str, str]] = []  # (signature, output key), in fetch order
+        fetch_names = []
+        for name, signature in self.signatures.items():
+            if signature is not None:
+                self._feeds.update({info.name: key for key, info in signature.inputs.items()})
+                for key, info in signature.outputs.items():
+                    self._fetches.append((name, key))
+                    fetch_names.append(info.name)
+        # One run for all signatures: graph optimization of a large model dominates, and is paid once.
+        self._run = session_callable(self.session, list(self._feeds), fetch_names, [])
 
-        Returns:
-            signature name -> (SignatureDef, {output name: array}); a missing signature maps to None.
+    def restore(self) -> None:
+        """Run the restore op on `variables/variables`, then the init op with the assets' paths (TF Serving's order).
+
+        It may run while the signatures' executor is still being built: a session runs and builds concurrently.
         """
         prefix = self.directory / tf.saved_model.VARIABLES_DIRECTORY / tf.saved_model.VARIABLES_FILENAME
         if self._restore is not None:
             self._restore(np.array(str(prefix).encode()))
-        self._loader.run_init_ops(self.session, [tf.saved_model.SERVING])
+        if self._init is not None:
+            self._init(*self._asset_paths)
+        self._restored = True
+
+    def run(self, feed: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Run every signature on `feed` (input key -> array), restoring and preparing first where not yet done.
+
+        Returns:
+            signature name -> (SignatureDef, {output name: array}); a missing signature maps to None.
+        """
+        if not self._restored:
+            self.restore()
+        if self._run_ready is not None:
+            self._run_ready.result()
+        if self._run is None:
+            self.prepare_run()
         values = self._run(*(feed[key] for key in self._feeds.values()))
         outputs: dict[str, dict[str, Any]] = {}
         for (name, key), value in zip(self._fetches, values):
@@ -138,6 +168,9 @@ class TfServingLoad:
                 for name, signature in self.signatures.items()}
 
     def close(self) -> None:
+        """Close the session, once a run's executor being built in a worker thread is done."""
+        if self._run_ready is not None:
+            self._run_ready.exception()
         self.session.close()
 
     def __enter__(self) -> TfServingLoad:

@@ -23,8 +23,8 @@ from ema_export.private_apis import (
     fresh_fingerprint,
     keras_saving_lib,
     optimizer_averages,
-    saved_model_loader,
     session_callable,
+    tf1_loader,
     tf_keras_saving_lib,
 )
 
@@ -109,7 +109,7 @@ def test_a_session_callable_is_built_at_once_and_the_loader_imports_without_rest
     module = _scaling_module()
     tf.saved_model.save(module, str(tmp_path), signatures={"serve": module.serve.get_concrete_function()})
     with tf.compat.v1.Session(graph=tf.Graph()) as session:
-        loader = saved_model_loader(tmp_path)
+        loader = tf1_loader().SavedModelLoader(str(tmp_path))
         saver, _ = loader.load_graph(session.graph, ["serve"])
         with pytest.raises(tf.errors.InvalidArgumentError):  # a missing tensor is found now, not on the first run
             session_callable(session, [], ["no_such_tensor:0"], [])

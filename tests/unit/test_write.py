@@ -6,6 +6,8 @@ The model is `y = x @ w + b` with known weights (tests/unit/test_adapters.py); t
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -13,7 +15,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from ema_export.assemble import assemble
 from ema_export.contracts import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
-from ema_export.private_apis import fresh_fingerprint
+from ema_export.private_apis import SavedModelInParts, fresh_fingerprint
 from ema_export.verify import TfServingLoad
 from ema_export.write import (
     MAX_WRITERS,
@@ -141,3 +143,29 @@ def test_writers_are_one_per_cpu_only_for_large_variables_that_are_few():
     many = PARALLEL_WRITE_MIN_BYTES // (PARALLEL_WRITE_MIN_MEAN_BYTES // 2)
     assert writers_for([PARALLEL_WRITE_MIN_MEAN_BYTES // 2] * many, cpus=2) == 1  # enough, but in small pieces
     assert writers_for(large) >= 1
+
+
+def test_a_table_s_vocabulary_is_copied_and_its_init_op_runs_while_the_signatures_executor_is_built(tmp_path):
+    """An asset (a lookup table's vocabulary file) goes into the export, and verification's load runs the init op
+    that reads it, with the asset's path fed as TF Serving feeds it, before the signatures run."""
+    vocabulary = tmp_path / "vocabulary.txt"
+    vocabulary.write_text("ema\nlive\n")
+    module = tf.Module()
+    module.table = tf.lookup.StaticHashTable(tf.lookup.TextFileInitializer(
+        str(vocabulary), tf.string, tf.lookup.TextFileIndex.WHOLE_LINE, tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER),
+        default_value=-1)
+    module.serve = tf.function(lambda words: {"ids": module.table.lookup(words)},
+                               input_signature=[tf.TensorSpec([None], tf.string, name="words")])
+    export = tmp_path / "export"
+    export.mkdir()
+    parts = SavedModelInParts(module, {SIGNATURE_LIVE: module.serve.get_concrete_function()})
+    parts.write_graph(export)
+    parts.write_variables(export)
+    vocabulary.unlink()  # the export reads its own copy
+    assert (export / "assets" / "vocabulary.txt").read_text() == "ema\nlive\n"
+    with ThreadPoolExecutor(max_workers=1) as pool, TfServingLoad(export) as load:
+        load.prepare_run(pool)
+        load.restore()
+        served = load.run({"words": np.array([b"live", b"ema", b"other"], object)})
+    assert served[SIGNATURE_EMA] is None
+    assert served[SIGNATURE_LIVE][1]["ids"].tolist() == [1, 0, -1]
