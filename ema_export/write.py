@@ -12,7 +12,7 @@ import tensorflow as tf
 from ema_export.assemble import Assembly
 from ema_export.contracts import (ARM_SIGNATURES, ASSETS_EXTRA_DIR, DEFAULT_ARMS, DEFAULT_MODEL_NAME,
                                   SIGNATURE_DEFAULT, WARMUP_FILENAME)
-from ema_export.private_apis import SavedModelInParts, fresh_fingerprint
+from ema_export.private_apis import PrivateApiError, SavedModelInParts, fresh_fingerprint
 
 FINGERPRINT_FILENAME = "fingerprint.pb"
 """Where `tf.saved_model.save` writes the fingerprint (TensorFlow exports no constant for the name)."""
@@ -88,12 +88,25 @@ def write_savedmodel(assembly: Assembly, directory: Path, graph_written: Callabl
     exact alias" has the measured cost of the other way.
     """
     arms = {name: function for name, function in assembly.signatures.items() if name != SIGNATURE_DEFAULT}
-    parts = SavedModelInParts(assembly.root, arms)
+    try:
+        parts = SavedModelInParts(assembly.root, arms)
+    except PrivateApiError:  # a TensorFlow release that moved save's internals: the same files, in one call
+        write_savedmodel_whole(assembly, directory)
+        graph_written()
+        return
     alias_in(parts.saved_model.meta_graphs[0], SIGNATURE_DEFAULT, DEFAULT_ARMS[assembly.default_arm])
     parts.write_graph(directory)
     graph_written()
     writers = writers or writers_for(assembly.variable_bytes)
     parts.write_variables(directory, BalancedShards(writers) if writers > 1 else None)
+
+
+def write_savedmodel_whole(assembly: Assembly, directory: Path) -> None:
+    """`write_savedmodel` through `tf.saved_model.save` alone: the same files, the variables in one shard, written
+    before `saved_model.pb`, which is then edited for the alias (and `fingerprint.pb` recomputed)."""
+    arms = {name: function for name, function in assembly.signatures.items() if name != SIGNATURE_DEFAULT}
+    tf.saved_model.save(assembly.root, str(directory), signatures=arms)
+    alias_signature(directory, SIGNATURE_DEFAULT, DEFAULT_ARMS[assembly.default_arm])
 
 
 def alias_in(meta_graph: Any, alias: str, target: str) -> None:
