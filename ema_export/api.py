@@ -273,9 +273,9 @@ def _assemble(prepared: _Prepared, default_signature: str) -> tuple[Assembly, _A
 
 def _write(assembly: Assembly, staging: Path, probe: list[Any],
            pool: Executor) -> tuple[Reference, Future[TfServingLoad]]:
-    """Write the SavedModel and its warmup records. Meanwhile, in `pool`'s worker threads (TensorFlow releases the GIL
-    in all of it), compute the in-memory reference answers and, as soon as `saved_model.pb` is written, load the graph
-    half of verification (`TfServingLoad`); its future is returned, for the verify stage."""
+    """Write the SavedModel and its warmup records. Meanwhile, in worker threads (TensorFlow releases the GIL in all of
+    it), compute the in-memory reference answers and, in `pool`, as soon as `saved_model.pb` is written, load the
+    graph half of verification (`TfServingLoad`); its future is returned, for the verify stage."""
     loads: list[Future[TfServingLoad]] = []
 
     def load_graph() -> TfServingLoad:
@@ -284,10 +284,13 @@ def _write(assembly: Assembly, staging: Path, probe: list[Any],
         return load
 
     try:
-        reference = pool.submit(reference_outputs, assembly, probe)
-        write_savedmodel(assembly, staging, graph_written=lambda: loads.append(pool.submit(load_graph)))
-        write_warmup(assembly, staging, probe)
-        return reference.result(), loads[0]
+        # A thread of its own, ended before this returns: a worker that ran the in-memory models would keep
+        # TensorFlow's per-thread state about them alive past their release.
+        with ThreadPoolExecutor(max_workers=1) as reference_pool:
+            reference = reference_pool.submit(reference_outputs, assembly, probe)
+            write_savedmodel(assembly, staging, graph_written=lambda: loads.append(pool.submit(load_graph)))
+            write_warmup(assembly, staging, probe)
+            return reference.result(), loads[0]
     except BaseException:
         for pending in loads:  # no session outlives a failed write
             if pending.exception() is None:
@@ -305,7 +308,7 @@ def _export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model:
     skew = skew_warning(options.serving_version, tf.__version__)
     with staging_directory(output_dir) as staging:
         step(STAGES[6])
-        with ThreadPoolExecutor(max_workers=3) as pool:  # the reference, the graph's load, the signatures' executor
+        with ThreadPoolExecutor(max_workers=2) as pool:  # the graph's load, then the signatures' executor
             reference, loading = _write(assembly, staging, probe, pool)
             del assembly  # the in-memory models go before the written copy loads: its memory does not stack on theirs
             release()

@@ -46,7 +46,11 @@ def read_ahead(function: Callable[[T], R], items: Iterable[T], ahead: int = 2) -
 
     For reads that spend their time in TensorFlow ops and numpy, which release the GIL: on two cores two values are
     read at once. At most `ahead` results exist beyond the one being consumed, which bounds the memory in flight.
+    With `ahead` 1 the calls run in this thread, one by one.
     """
+    if ahead <= 1:
+        yield from map(function, items)  # in this thread: no worker's memory arena holds what it read
+        return
     remaining = iter(items)
     with ThreadPoolExecutor(max_workers=ahead) as pool:
         pending = deque(pool.submit(function, item) for item in itertools.islice(remaining, ahead))
