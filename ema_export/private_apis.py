@@ -143,7 +143,7 @@ class SavedModelInParts:
         built = save._build_meta_graph(root, signatures, tf.saved_model.SaveOptions(),
                                        self.saved_model.meta_graphs.add())
         try:
-            _, _, self._saver, assets, _, _ = built
+            _, self._exported_graph, self._saver, assets, _, _ = built
             self._asset_files = assets.asset_filename_map
         except (TypeError, ValueError, AttributeError) as error:
             raise PrivateApiError(f"{_TF_SAVE[0]}._build_meta_graph no longer returns (meta_graph_def, graph, saver, "
@@ -186,6 +186,8 @@ class SavedModelInParts:
 
             write()
         self._fingerprints.write_fingerprint(str(directory))
+        # save.py keeps the exported graph (and the constants it captured) until the variables are written
+        self._exported_graph = None
 
 
 def tf1_loader() -> Any:
