@@ -9,6 +9,7 @@ so a client can switch arms by signature name alone. Every failure is collected,
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
@@ -93,7 +94,9 @@ class TfServingLoad:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.session = tf.compat.v1.Session(graph=tf.Graph(), config=tf.compat.v1.ConfigProto())  # not the caller's
+        # A default ConfigProto, not the caller's global one: graph optimization (Grappler) on, as TF Serving runs it,
+        # so the optimized graph is the one whose answers are checked.
+        self.session = tf.compat.v1.Session(graph=tf.Graph(), config=tf.compat.v1.ConfigProto())
         self._restored = False
         self._run: Any = None
         self._run_ready: Future[Any] | None = None
@@ -143,7 +146,7 @@ class TfServingLoad:
         """
         prefix = self.directory / tf.saved_model.VARIABLES_DIRECTORY / tf.saved_model.VARIABLES_FILENAME
         if self._restore is not None:
-            self._restore(np.array(str(prefix).encode()))
+            self._restore(np.array(os.fsencode(prefix)))
         if self._init is not None:
             self._init(*self._asset_paths)
         self._restored = True
