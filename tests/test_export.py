@@ -283,3 +283,24 @@ def test_an_average_the_serving_function_never_reads_is_a_manifest_warning(tmp_p
         "1 averaged variable(s) are not read by the serving function, so their averages change no answer: scale"]
     np.testing.assert_allclose(serve(result.version_dir, SIGNATURE_EMA, X), tm.linear_numpy(X, tm.EMA_W, tm.EMA_B),
                                rtol=1e-6)
+
+
+def test_an_export_whose_variables_are_written_by_two_writers_verifies_and_serves(seed_ckpt, tmp_path, monkeypatch):
+    """The parallel write end to end: the saver traced in a function while verification imports the graph in a
+    worker thread, a sharded checkpoint, TF Serving's load of it, and the same answers as a one-shard export."""
+    import ema_export.write as write
+
+    single = ema_export.export(seed_ckpt, tmp_path / "single", model=tm.LinearModule)
+    monkeypatch.setattr(write, "writers_for", lambda sizes, cpus=None: 2)  # a tiny model, written as a large one
+    sharded = ema_export.export(seed_ckpt, tmp_path / "sharded", model=tm.LinearModule)
+
+    names = sorted(path.name for path in (sharded.version_dir / "variables").iterdir())
+    assert names == ["variables.data-00000-of-00003", "variables.data-00001-of-00003",
+                     "variables.data-00002-of-00003", "variables.index"]
+    assert sharded.verification.passed
+    loaded, reference = (tf.saved_model.load(str(result.version_dir)) for result in (sharded, single))
+    inputs = tf.constant(np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4))
+    for signature in (SIGNATURE_LIVE, SIGNATURE_EMA, SIGNATURE_DEFAULT):
+        ours, theirs = (model.signatures[signature] for model in (loaded, reference))
+        key = next(iter(ours.structured_input_signature[1]))
+        np.testing.assert_array_equal(ours(**{key: inputs})["output_0"], theirs(**{key: inputs})["output_0"])
