@@ -83,6 +83,31 @@ def test_full_disk_during_write_names_the_file_and_publishes_nothing(ckpt, tmp_p
         assert os.statvfs(disk).f_bfree == os.statvfs(disk).f_blocks, "the staging directory was removed"
 
 
+def test_full_disk_inside_a_tensorflow_function_is_reported_by_its_reason(tmp_path):
+    """Large variables are written from inside a `tf.function` (several writers at once), whose errors begin with
+    "Graph execution error:"; the message quotes TensorFlow's line that names the file and the reason instead."""
+    import tensorflow as tf
+
+    from ema_export.out_dir import output_write_error
+
+    with tmpfs(tmp_path / "small", "16k") as disk:
+        staging = disk / "temp-export"
+        staging.mkdir()
+
+        @tf.function
+        def write() -> None:
+            tf.raw_ops.SaveV2(prefix=str(staging / "variables" / "variables"), tensor_names=["weights"],
+                              shape_and_slices=[""], tensors=[tf.zeros([256, 256])])
+
+        with pytest.raises(tf.errors.OpError) as raised:
+            write()
+        assert str(raised.value).startswith("Graph execution error")
+        message = str(output_write_error(raised.value, disk, staging))
+    assert "Writing variables/variables" in message and "of the export failed: no space left" in message
+    received = message.split("Received: ", 1)[1]
+    assert received.startswith(str(staging)) and "No space left on device" in received, message
+
+
 def test_full_disk_is_noticed_before_restore(ckpt, tmp_path):
     with tmpfs(tmp_path / "full", "16k") as disk:
         (disk / "filler").write_bytes(b"\0" * 16 * 1024)  # tmpfs refuses the rest: the disk is now full
