@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from ema_export.contracts import DEFAULT_ARMS, SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE, output_name
 from ema_export.fold import Averages
+from ema_export.memory import tensor_bytes
 from ema_export.restored import RestoredModel
 
 
@@ -92,6 +93,5 @@ def assemble(restored: RestoredModel, averages: Averages, default_arm: str = "em
     concrete[SIGNATURE_DEFAULT] = concrete[DEFAULT_ARMS[default_arm]]
     functions[SIGNATURE_DEFAULT] = functions[DEFAULT_ARMS[default_arm]]
     saved = [item.variable for item in restored.variables] + [averages[index] for index in sorted(averages)]
-    sizes = tuple((tf.TensorShape(variable.shape).num_elements() or 0) * tf.as_dtype(variable.dtype).size
-                  for variable in saved)
+    sizes = tuple(tensor_bytes(variable.shape, variable.dtype) for variable in saved)
     return Assembly(root, concrete, functions, fresh.input_signature, default_arm, unread, sizes)

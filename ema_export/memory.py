@@ -13,7 +13,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import tensorflow as tf
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -39,6 +41,11 @@ def collect_only_new_objects() -> Iterator[None]:
 def release() -> None:
     """Free what the caller just dropped (the in-memory models hold reference cycles), before the next large load."""
     gc.collect()
+
+
+def tensor_bytes(shape: Any, dtype: Any) -> int:
+    """Bytes a tensor of `shape` and `dtype` holds, for planning reads and writes (a string element counts as one)."""
+    return (tf.TensorShape(shape).num_elements() or 0) * max(tf.as_dtype(dtype).size, 1)
 
 
 def read_ahead(function: Callable[[T], R], items: Iterable[T], ahead: int = 2) -> Iterator[R]:

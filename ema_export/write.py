@@ -12,6 +12,7 @@ import tensorflow as tf
 from ema_export.assemble import Assembly
 from ema_export.contracts import (ARM_SIGNATURES, ASSETS_EXTRA_DIR, DEFAULT_ARMS, DEFAULT_MODEL_NAME,
                                   SIGNATURE_DEFAULT, WARMUP_FILENAME)
+from ema_export.memory import tensor_bytes
 from ema_export.private_apis import PrivateApiError, SavedModelInParts, fresh_fingerprint
 
 FINGERPRINT_FILENAME = "fingerprint.pb"
@@ -55,7 +56,7 @@ class BalancedShards(tf.train.experimental.ShardingCallback):
 
     def __call__(self, shardable_tensors: Sequence[Any]) -> list[dict[str, dict[str, tf.Tensor]]]:
         def size(item: Any) -> int:
-            return (item.tensor.shape.num_elements() or 0) * (1 if item.dtype == tf.string else item.dtype.size)
+            return tensor_bytes(item.tensor.shape, item.dtype)
 
         shards: list[dict[str, dict[str, tf.Tensor]]] = [{} for _ in range(self.count)]
         loads = [0] * self.count
