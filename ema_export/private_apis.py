@@ -51,6 +51,7 @@ _TF_FINGERPRINT_WRITER = ("tensorflow.python.saved_model.fingerprinting_utils", 
 _TF_LOADER = ("tensorflow.python.saved_model.loader_impl", ("SavedModelLoader", "get_init_op", "get_asset_tensors"))
 _SESSION_CALLABLE = "_make_callable_from_options"
 _READS_KERAS_FILES = "ema-export reads Keras files through it"
+_READS_AVERAGES = "ema-export reads the optimizer's averages through them"
 _WRITES_IN_PARTS = "ema-export writes a SavedModel's graph before its variables through it"
 _LOADS_IN_STEPS = "ema-export verifies an export by loading it in TF Serving's steps through it"
 _WRITES_FINGERPRINTS = "ema-export rewrites fingerprint.pb through it after aliasing serving_default"
@@ -97,12 +98,12 @@ def built_averages(optimizer: Any) -> list[Any]:
     return list(getattr(optimizer, _AVERAGES_LIST) or [])
 
 
-def _require_attributes(optimizer: Any, attributes: tuple[str, ...]) -> None:
-    missing = [attribute for attribute in attributes if not hasattr(optimizer, attribute)]
+def _require_attributes(obj: Any, attributes: tuple[str, ...], purpose: str = _READS_AVERAGES,
+                        release: str = "a Keras release") -> None:
+    missing = [attribute for attribute in attributes if not hasattr(obj, attribute)]
     if missing:
-        raise PrivateApiError(f"{type(optimizer).__name__} has no {', '.join(missing)}; ema-export reads the "
-                              "optimizer's averages through them",
-                              hint=f"Install a Keras release tested with ema-export ({TESTED_WITH})")
+        raise PrivateApiError(f"{type(obj).__name__} has no {', '.join(missing)}; {purpose}",
+                              hint=f"Install {release} tested with ema-export ({TESTED_WITH})")
 
 
 def fresh_fingerprint(directory: Path) -> bytes:
@@ -204,8 +205,6 @@ def session_callable(session: Any, feeds: list[str], fetches: list[str], targets
     """
     from tensorflow.core.protobuf import config_pb2
 
-    if not hasattr(session, _SESSION_CALLABLE):
-        raise PrivateApiError(f"{type(session).__name__} has no {_SESSION_CALLABLE}; {_LOADS_IN_STEPS}",
-                              hint=f"Install a release tested with ema-export ({TESTED_WITH})")
+    _require_attributes(session, (_SESSION_CALLABLE,), _LOADS_IN_STEPS, release="a release")
     options = config_pb2.CallableOptions(feed=feeds, fetch=fetches, target=targets)
     return getattr(session, _SESSION_CALLABLE)(options)
