@@ -81,3 +81,15 @@ def name_list(names: list[str], limit: int = 8) -> str:
     """`a, b, c and 4 more`: offenders in a one-line message."""
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def received_line(error: BaseException, reason: str = "") -> str:
+    """The line of a (TensorFlow) error worth quoting after "Received:": the first that names `reason` when given
+    (TensorFlow's errors from inside a function begin with "Graph execution error:" and name the file further down),
+    else the first; without the `{{function_node ...}}` prefix TensorFlow puts on op errors, which says nothing to a
+    user."""
+    lines = str(error).strip().splitlines()
+    first = lines[0] if lines else type(error).__name__
+    line = next((line.strip() for line in lines if reason and reason in line), first)
+    return line.split("}}", 1)[-1].strip() if line.startswith("{{function_node") else line
+

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ema_export.contracts import TEMP_VERSION_PREFIX
-from ema_export.errors import EmaExportError, OutputDirError, OutputWriteError
+from ema_export.errors import EmaExportError, OutputDirError, OutputWriteError, received_line
 
 _PROBE_BYTES = 4096  # one page: enough for a full disk to refuse it
 
@@ -104,7 +104,7 @@ def output_write_error(error: BaseException, base: Path, staging: Path | None = 
     if code is None:
         return None
     where = file or _describe_file(_path_of(error), staging)
-    received = f"Received: {_first_line(error, os.strerror(code))}"
+    received = f"Received: {received_line(error, os.strerror(code))}"
     if code in (errno.ENOSPC, errno.EDQUOT):
         what = "no space left on the device" if code == errno.ENOSPC else "the disk quota is exhausted"
         return OutputWriteError(f"Writing {where} failed: {what} holding OUT_DIR {base}; nothing was published. "
@@ -157,12 +157,3 @@ def _describe_file(path: str | None, staging: Path | None) -> str:
 def _file_size_limit() -> str:
     soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
     return "unlimited" if soft == resource.RLIM_INFINITY else f"RLIMIT_FSIZE {soft} bytes"
-
-
-def _first_line(error: BaseException, reason: str = "") -> str:
-    """The line of `error` that says what failed: the first naming `reason` (TensorFlow's errors from inside a function
-    begin with "Graph execution error:" and name the file further down), else the first."""
-    lines = str(error).strip().splitlines()
-    first = lines[0] if lines else type(error).__name__
-    line = next((line.strip() for line in lines if reason and reason in line), first)
-    return line.split("}}", 1)[-1].strip() if line.startswith("{{function_node") else line

@@ -33,7 +33,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from ema_export.checkpoint_graph import node_paths, read_object_graph
-from ema_export.errors import CheckpointReadError
+from ema_export.errors import CheckpointReadError, received_line
 
 if TYPE_CHECKING:
     from ema_export.locate import CheckpointSources
@@ -226,7 +226,7 @@ def reading(prefix: str | os.PathLike, role: str) -> Iterator[None]:
 
 def checkpoint_read_error(prefix: str, role: str, error: BaseException) -> CheckpointReadError:
     """The one-line error for a failed read of the `role` checkpoint at `prefix`, from TensorFlow's `error`."""
-    detail = _first_line(error)
+    detail = received_line(error).removesuffix(" [Op:RestoreV2]")
     index = prefix + ".index"
     data = _data_files(prefix)
     fix = (f"Copy the {role} checkpoint again from where training wrote it, or export another step with --step N "
@@ -252,11 +252,3 @@ def checkpoint_read_error(prefix: str, role: str, error: BaseException) -> Check
 def _data_files(prefix: str) -> str:
     found = sorted(glob.glob(glob.escape(prefix) + ".data-*"))
     return ", ".join(found) if found else f"{prefix}.data-*"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    # TensorFlow prefixes op errors with the function node that ran them, which says nothing to a user.
-    if text.startswith("{{function_node"):
-        text = text.split("}}", 1)[-1].strip()
-    return text.removesuffix(" [Op:RestoreV2]")
