@@ -183,12 +183,6 @@ class TfServingLoad:
         self.close()
 
 
-def run_like_tf_serving(directory: Path, feed: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Load `directory` as TF Serving does and run every signature on `feed` (see `TfServingLoad.run`)."""
-    with TfServingLoad(directory) as load:
-        return load.run(feed)
-
-
 @dataclass(frozen=True)
 class Reference:
     """What the in-memory models answer on the probe batch: everything verification needs from them.
@@ -210,8 +204,8 @@ def reference_outputs(assembly: Assembly, probe: Sequence[np.ndarray]) -> Refere
     return Reference(tuple(spec.name for spec in assembly.input_signature), tuple(probe), outputs)
 
 
-def verify(written: Path | TfServingLoad, reference: Reference) -> VerificationReport:
-    """Load the SavedModel as TF Serving would (a directory, or a `TfServingLoad` whose graph half is done) and check
+def verify(load: TfServingLoad, reference: Reference) -> VerificationReport:
+    """Finish loading the SavedModel as TF Serving would (`load`, whose graph half may be done already) and check
     every signature against the in-memory reference.
 
     Raises:
@@ -221,8 +215,7 @@ def verify(written: Path | TfServingLoad, reference: Reference) -> VerificationR
     names = list(reference.input_names)
     probe = reference.probe
     expected = reference.outputs
-    feed = dict(zip(names, probe))
-    served = run_like_tf_serving(written, feed) if isinstance(written, Path) else written.run(feed)
+    served = load.run(dict(zip(names, probe)))
 
     problems: list[str] = []
     checks: list[OutputCheck] = []
