@@ -88,9 +88,8 @@ def write_savedmodel(assembly: Assembly, directory: Path, graph_written: Callabl
     `tf.saved_model.load` reads) are made to name exactly what the default arm's do. README's "serving_default is an
     exact alias" has the measured cost of the other way.
     """
-    arms = {name: function for name, function in assembly.signatures.items() if name != SIGNATURE_DEFAULT}
     try:
-        parts = SavedModelInParts(assembly.root, arms)
+        parts = SavedModelInParts(assembly.root, _arms(assembly))
     except PrivateApiError:  # a TensorFlow release that moved save's internals: the same files, in one call
         write_savedmodel_whole(assembly, directory)
         graph_written()
@@ -105,9 +104,13 @@ def write_savedmodel(assembly: Assembly, directory: Path, graph_written: Callabl
 def write_savedmodel_whole(assembly: Assembly, directory: Path) -> None:
     """`write_savedmodel` through `tf.saved_model.save` alone: the same files, the variables in one shard, written
     before `saved_model.pb`, which is then edited for the alias (and `fingerprint.pb` recomputed)."""
-    arms = {name: function for name, function in assembly.signatures.items() if name != SIGNATURE_DEFAULT}
-    tf.saved_model.save(assembly.root, str(directory), signatures=arms)
+    tf.saved_model.save(assembly.root, str(directory), signatures=_arms(assembly))
     alias_signature(directory, SIGNATURE_DEFAULT, DEFAULT_ARMS[assembly.default_arm])
+
+
+def _arms(assembly: Assembly) -> dict[str, Any]:
+    """The signatures saved as functions: every one but `serving_default`, which is aliased to its arm after."""
+    return {name: function for name, function in assembly.signatures.items() if name != SIGNATURE_DEFAULT}
 
 
 def alias_in(meta_graph: Any, alias: str, target: str) -> None:
