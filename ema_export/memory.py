@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,11 @@ def release() -> None:
 def tensor_bytes(shape: Any, dtype: Any) -> int:
     """Bytes a tensor of `shape` and `dtype` holds, for planning reads and writes (a string element counts as one)."""
     return (tf.TensorShape(shape).num_elements() or 0) * max(tf.as_dtype(dtype).size, 1)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def read_ahead(function: Callable[[T], R], items: Iterable[T], ahead: int = 2) -> Iterator[R]:

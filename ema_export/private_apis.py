@@ -17,6 +17,10 @@ No public API does these jobs:
   (tensorflow/python/saved_model/save.py, `save_and_return_nodes`: MetaGraph, then variables, then saved_model.pb).
   Its parts are `save._build_meta_graph` (the MetaGraph and the object saver that writes the variables),
   `builder_impl.copy_assets_to_destination_dir` and `fingerprinting_utils.write_fingerprint`.
+- Whether an object of a model saves values other than variables (a lookup table, Python state): only its overriding
+  `Trackable._serialize_to_tensors` or `_gather_saveables_for_checkpoint` tells (`saves_state_of_its_own`), which is
+  what `tf.train.Checkpoint` itself asks (tensorflow/python/training/saving/saveable_object_util.py,
+  `trackable_has_serialize_to_tensor`, at 2.21). The restore stage reads a model made of variables only in parallel.
 - Loading a SavedModel in TF Serving's steps with the graph ready before the variables exist: `loader_impl`'s
   `SavedModelLoader`, `get_init_op` and `get_asset_tensors` (what `tf.compat.v1.saved_model.load` runs: import,
   restore, init op), and
@@ -104,6 +108,21 @@ def _require_attributes(obj: Any, attributes: tuple[str, ...], purpose: str = _R
     if missing:
         raise PrivateApiError(f"{type(obj).__name__} has no {', '.join(missing)}; {purpose}",
                               hint=f"Install {release} tested with ema-export ({TESTED_WITH})")
+
+
+def saves_state_of_its_own(obj: Any) -> bool:
+    """Whether `tf.train.Checkpoint` would save or restore values of `obj` itself (not of its children): a lookup
+    table, a Python state, a variable. Unknown objects count as saving state, so a caller never skips them."""
+    import tensorflow as tf
+
+    trackable = tf.__internal__.tracking.Trackable
+    if not isinstance(obj, trackable):
+        return False
+    try:
+        return (type(obj)._serialize_to_tensors is not trackable._serialize_to_tensors
+                or bool(obj._gather_saveables_for_checkpoint()))
+    except Exception:  # noqa: BLE001 - whatever a release changed, the answer that skips nothing
+        return True
 
 
 def fresh_fingerprint(directory: Path) -> bytes:

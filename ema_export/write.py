@@ -12,7 +12,7 @@ import tensorflow as tf
 from ema_export.assemble import Assembly
 from ema_export.contracts import (ARM_SIGNATURES, ASSETS_EXTRA_DIR, DEFAULT_ARMS, DEFAULT_MODEL_NAME,
                                   SIGNATURE_DEFAULT, WARMUP_FILENAME)
-from ema_export.memory import tensor_bytes
+from ema_export.memory import tensor_bytes, usable_cpus
 from ema_export.private_apis import PrivateApiError, SavedModelInParts, fresh_fingerprint
 
 FINGERPRINT_FILENAME = "fingerprint.pb"
@@ -39,8 +39,7 @@ def writers_for(variable_bytes: Sequence[int], cpus: int | None = None) -> int:
     total = sum(variable_bytes)
     if total < PARALLEL_WRITE_MIN_BYTES or total < PARALLEL_WRITE_MIN_MEAN_BYTES * len(variable_bytes):
         return 1
-    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
+    cpus = cpus if cpus is not None else usable_cpus()
     return max(1, min(MAX_WRITERS, cpus))
 
 

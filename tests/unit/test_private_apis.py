@@ -121,3 +121,16 @@ def test_a_session_callable_is_built_at_once_and_the_loader_imports_without_rest
         assert list(run(np.array([1.5], np.float32))[0]) == [3.0]
     with pytest.raises(PrivateApiError, match="_make_callable_from_options"):
         session_callable(object(), [], [], [])
+
+
+def test_which_objects_save_state_of_their_own_is_what_tf_train_checkpoint_asks():
+    import keras
+
+    from ema_export.private_apis import saves_state_of_its_own
+
+    layer = keras.layers.Dense(2)
+    layer.build((None, 3))
+    assert saves_state_of_its_own(layer.kernel) and saves_state_of_its_own(tf.Variable(1.0))
+    assert not saves_state_of_its_own(layer) and not saves_state_of_its_own(tf.Module())
+    assert saves_state_of_its_own(tf.lookup.experimental.MutableHashTable(tf.string, tf.int64, -1))
+    assert not saves_state_of_its_own(object())
