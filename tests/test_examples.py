@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from ema_export.manifest import read_manifest
-from support.exporting import default_sigint
+from support.exporting import launched
 
 pytestmark = pytest.mark.slow  # each runs an example end to end: train, export, serve, compare
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,8 +79,8 @@ def test_digits_demo_trains_exports_serves_compares_and_writes_the_report(tmp_pa
 
 
 def test_digits_demo_stops_the_server_on_ctrl_c(tmp_path):
-    demo = subprocess.Popen([sys.executable, str(DIGITS_DEMO), str(tmp_path), "--steps", "100"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    demo = subprocess.Popen(launched([sys.executable, str(DIGITS_DEMO), str(tmp_path), "--steps", "100"],
+                                     sigint_default=True), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     try:
         for line in demo.stdout:  # wait until the server runs and the demo polls it

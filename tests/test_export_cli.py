@@ -15,7 +15,7 @@ import pytest
 
 from ema_export.names import TEMP_VERSION_PREFIX
 from support import models as tm
-from support.exporting import SEED_MODEL, default_sigint, run_export
+from support.exporting import SEED_MODEL, launched, run_export
 
 pytestmark = pytest.mark.slow  # exports through the CLI, some in a child process
 MODEL = SEED_MODEL
@@ -103,8 +103,8 @@ def test_help_documents_every_option():
 def _start_export(ckpt: Path, out: Path) -> subprocess.Popen:
     code = "import sys; from ema_export.cli import main; sys.argv[0] = 'ema-export'; main()"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
-    return subprocess.Popen([sys.executable, "-c", code, str(ckpt), str(out), "--model", MODEL], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=default_sigint)
+    return subprocess.Popen(launched([sys.executable, "-c", code, str(ckpt), str(out), "--model", MODEL],
+                                     sigint_default=True), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _wait_for_staging(out: Path, process: subprocess.Popen, timeout: float = 60.0) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 import ema_export
 from ema_export.errors import CheckpointReadError, OutputDirError, OutputWriteError
 from support import models as tm
-from support.exporting import SEED_MODEL, run_export
+from support.exporting import SEED_MODEL, launched, run_export
 
 MODEL = SEED_MODEL
 
@@ -121,13 +120,10 @@ def test_full_disk_is_noticed_before_restore(ckpt, tmp_path):
 # --- File-size limit: EFBIG, in a subprocess with RLIMIT_FSIZE -------------------------------------------------
 
 def _export_with_file_size_limit(ckpt: Path, out: Path, limit: int) -> subprocess.CompletedProcess:
-    def limit_file_size() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
     code = "import sys; from ema_export.cli import main; sys.argv[0] = 'ema-export'; main()"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), PYTHONDONTWRITEBYTECODE="1")
-    return subprocess.run([sys.executable, "-c", code, str(ckpt), str(out), "--model", MODEL], env=env,
-                          preexec_fn=limit_file_size, capture_output=True, text=True, timeout=180,
+    return subprocess.run(launched([sys.executable, "-c", code, str(ckpt), str(out), "--model", MODEL],
+                                   file_size_limit=limit), env=env, capture_output=True, text=True, timeout=180,
                           check=False)
 
 

@@ -1,6 +1,6 @@
 """Fixtures and helpers the exporter's command-line tests share: the seed checkpoints and a CliRunner call."""
 
-import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,10 @@ def run_export(*args: object) -> Result:
     return CliRunner().invoke(cli, [str(arg) for arg in args])
 
 
-def default_sigint() -> None:
-    """`preexec_fn` for a child that a test interrupts with SIGINT: a shell running the suite as a background job
-    starts it with SIGINT ignored, which the child would inherit (and then never see Ctrl-C)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def launched(command: list[str], *, sigint_default: bool = False, file_size_limit: int | None = None) -> list[str]:
+    """`command` started through `launch.py`, which first resets SIGINT to its default (for a child a test interrupts
+    with SIGINT) or sets RLIMIT_FSIZE, instead of a `preexec_fn` (launch.py says why)."""
+    options = ["--sigint-default"] if sigint_default else []
+    if file_size_limit is not None:
+        options += ["--file-size-limit", str(file_size_limit)]
+    return [sys.executable, str(Path(__file__).with_name("launch.py")), *options, "--", *command]
