@@ -121,7 +121,9 @@ def restore_live(fresh: FreshModel, checkpoint: CheckpointFiles, index: Checkpoi
 
     Raises:
         RestoreError: The checkpoint is name-based, or some model variable has no entry at any attachment point,
-            or a value read back differs from its checkpoint entry.
+            or an entry's shape differs from its variable's, or (restoring through `tf.train.Checkpoint`) part of
+            the model matched nothing in the checkpoint.
+        CheckpointReadError: TensorFlow could not read an entry (a truncated or corrupt file, another dtype).
     """
     reader, graph = index.reader, index.graph
     if graph is None:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tensorflow as tf
 
 import ema_export
 from ema_export.errors import CheckpointReadError, OutputDirError, OutputWriteError
@@ -182,6 +183,30 @@ def test_out_dir_under_a_file_is_refused(ckpt, tmp_path):
 
 def _prefix(ckpt: Path, role: str) -> Path:
     return ckpt / "ckpt-1" if role == "training" else ckpt / "ema" / "ckpt-1"
+
+
+def test_corrupt_data_read_in_parts_is_the_same_one_line_error(ckpt, tmp_path, monkeypatch):
+    """The restore's parallel read (here of a tiny model, a part per variable) fails on a damaged weight exactly as
+    tf.train.Checkpoint's read does: one line naming the checkpoint and the file, nothing published."""
+    import ema_export.restore_by_graph as restore_by_graph
+
+    for name, value in (("IN_PARTS_MIN_BYTES", 0), ("IN_PARTS_MIN_MEAN_BYTES", 0), ("PART_BYTES", 1)):
+        monkeypatch.setattr(restore_by_graph, name, value)
+    reads = []
+    monkeypatch.setattr(restore_by_graph, "restore_in_parts", lambda *args, _read=restore_by_graph.restore_in_parts,
+                        **kwargs: (reads.append(args[0]), _read(*args, **kwargs))[1])
+    prefix = _prefix(ckpt, "training")
+    data = Path(f"{prefix}.data-00000-of-00001")
+    reader = tf.train.load_checkpoint(str(prefix))
+    kernel = "weights/.ATTRIBUTES/VARIABLE_VALUE"  # the seed checkpoint's root holds the module's variables
+    stored = data.read_bytes()
+    at = stored.index(reader.get_tensor(kernel).tobytes())  # the kernel's bytes, and only the kernel's, are damaged
+    data.write_bytes(stored[:at] + bytes([stored[at] ^ 0xFF]) + stored[at + 1:])
+    message = one_line_error(run(ckpt, tmp_path / "models", "--model", MODEL))
+    assert f"The training checkpoint {prefix} cannot be read" in message
+    assert f"its data file {data} is corrupt: the stored bytes fail their checksum" in message
+    assert reads == [str(_prefix(ckpt, "training"))]  # the parallel read is what failed
+    assert_nothing_left(tmp_path / "models")
 
 
 @pytest.mark.parametrize("role", ["training", "EMA"])
