@@ -97,16 +97,7 @@ def _untracked_state(model: Any, variables: list[Any]) -> set[int]:
     plain Python object, so its `seed_generator_state` variable is in `model.variables` but never in a TensorFlow
     checkpoint. It does not affect inference; both arms keep the fresh value.
     """
-    reachable: set[int] = set()
-    seen: set[int] = set()
-    stack = [model]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        reachable.add(variable_identity(obj))
-        stack.extend(children_of(obj).values())
+    reachable = {variable_identity(obj) for obj in _objects(model)}
     return {variable_identity(v) for v in variables if not v.trainable and variable_identity(v) not in reachable}
 
 

@@ -300,12 +300,7 @@ def test_an_export_whose_live_values_are_restored_in_parts_gives_the_same_answer
     in_parts = ema_export.export(seed_ckpt, tmp_path / "parts", model=tm.LinearModule)
 
     assert parts == [2] and in_parts.verification.passed
-    loaded, reference = (tf.saved_model.load(str(result.version_dir)) for result in (in_parts, whole))
-    inputs = tf.constant(np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4))
-    for signature in (SIGNATURE_LIVE, SIGNATURE_EMA, SIGNATURE_DEFAULT):
-        ours, theirs = (model.signatures[signature] for model in (loaded, reference))
-        key = next(iter(ours.structured_input_signature[1]))
-        np.testing.assert_array_equal(ours(**{key: inputs})["output_0"], theirs(**{key: inputs})["output_0"])
+    _assert_same_answers(in_parts, whole)
 
 
 def test_an_export_whose_variables_are_written_by_two_writers_verifies_and_serves(seed_ckpt, tmp_path, monkeypatch):
@@ -321,9 +316,14 @@ def test_an_export_whose_variables_are_written_by_two_writers_verifies_and_serve
     assert names == ["variables.data-00000-of-00003", "variables.data-00001-of-00003",
                      "variables.data-00002-of-00003", "variables.index"]
     assert sharded.verification.passed
-    loaded, reference = (tf.saved_model.load(str(result.version_dir)) for result in (sharded, single))
+    _assert_same_answers(sharded, single)
+
+
+def _assert_same_answers(ours, theirs) -> None:
+    """Every signature of two exports of the seed module answers a batch identically (through tf.saved_model.load)."""
+    loaded, reference = (tf.saved_model.load(str(result.version_dir)) for result in (ours, theirs))
     inputs = tf.constant(np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4))
     for signature in (SIGNATURE_LIVE, SIGNATURE_EMA, SIGNATURE_DEFAULT):
-        ours, theirs = (model.signatures[signature] for model in (loaded, reference))
-        key = next(iter(ours.structured_input_signature[1]))
-        np.testing.assert_array_equal(ours(**{key: inputs})["output_0"], theirs(**{key: inputs})["output_0"])
+        served, expected = (model.signatures[signature] for model in (loaded, reference))
+        key = next(iter(served.structured_input_signature[1]))
+        np.testing.assert_array_equal(served(**{key: inputs})["output_0"], expected(**{key: inputs})["output_0"])
