@@ -47,14 +47,28 @@ def _objects(root: Any) -> list[Any]:
     return found
 
 
-def in_parts(model: Any, variables: list[Any]) -> bool:
-    """Whether the model is restored in parts (`restore_in_parts`): its variables are large and few enough, and
-    variables are all it saves (no lookup table or other object whose state only `tf.train.Checkpoint` restores)."""
-    sizes = [tensor_bytes(variable.shape, variable.dtype) for variable in variables]
+def in_parts(model: Any, entries: dict[int, tuple[Any, str]], shapes: dict[str, Any]) -> list[tuple[Any, str]] | None:
+    """What `restore_in_parts` should restore, or None when `tf.train.Checkpoint` must restore the model.
+
+    `entries` maps each model object the object graph matched to a variable entry (by `variable_identity`) to
+    (object, checkpoint key); `shapes` is the checkpoint's shape map. The model is read in parts when everything it
+    saves is a variable (no lookup table or other object whose state only `tf.train.Checkpoint` restores), every such
+    variable (the model's own, and those of an optimizer it tracks, as a compiled KerasHub task does) has an entry of
+    its shape, and the variables are large and few enough. That is the check `assert_existing_objects_matched` makes
+    after `tf.train.Checkpoint` restores: every object with saved state was given a value.
+    """
+    targets = []
+    for obj in _objects(model):
+        if not saves_state_of_its_own(obj):
+            continue
+        entry = entries.get(variable_identity(obj))
+        if entry is None or not hasattr(obj, "assign") or tuple(shapes.get(entry[1], ())) != tuple(obj.shape):
+            return None
+        targets.append(entry)
+    sizes = [tensor_bytes(variable.shape, variable.dtype) for variable, _ in targets]
     if sum(sizes) < IN_PARTS_MIN_BYTES or sum(sizes) < IN_PARTS_MIN_MEAN_BYTES * len(sizes):
-        return False
-    owned = {variable_identity(variable) for variable in variables}
-    return not any(saves_state_of_its_own(obj) for obj in _objects(model) if variable_identity(obj) not in owned)
+        return None
+    return targets
 
 
 def restore_in_parts(prefix: str, targets: list[tuple[Any, str]], workers: int | None = None,
@@ -153,12 +167,12 @@ def restore_live(fresh: FreshModel, checkpoint: CheckpointFiles, index: Checkpoi
     raise_for_shapes(checkpoint.prefix, [(entry.full_name or "/".join(entry.path), tuple(wanted[identity].shape),
                                           tuple(shapes.get(entry.checkpoint_key, ())))
                                          for identity, entry in found.items()])
-    if in_parts(fresh.model, list(wanted.values())):
-        # Every variable found its entry above and variables are all the model saves: the check
-        # assert_existing_objects_matched makes below already holds
+    entries = {variable_identity(matched[entry.node_id][0]): (matched[entry.node_id][0], entry.checkpoint_key)
+               for entry in iter_variables(graph, node_id) if entry.node_id in matched}
+    targets = in_parts(fresh.model, entries, shapes)
+    if targets is not None:
         with reading(checkpoint.prefix, ROLE_TRAINING):
-            restore_in_parts(checkpoint.prefix,
-                             [(variable, found[identity].checkpoint_key) for identity, variable in wanted.items()])
+            restore_in_parts(checkpoint.prefix, targets)
     else:
         _restore_by_checkpoint(fresh.model, checkpoint.prefix, node_id, label)
     restored = [

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import ema_export.restore_by_graph as restore_by_graph
-from ema_export.checkpoint_graph import iter_variables, match_objects, read_object_graph
+from ema_export.checkpoint_graph import iter_variables, match_objects, read_object_graph, variable_identity
 from ema_export.fresh_model import build_fresh_model
 from ema_export.private_apis import saves_state_of_its_own
 from ema_export.restore_by_graph import in_parts, restore_in_parts
@@ -52,16 +52,20 @@ def test_an_entry_of_another_dtype_fails_as_in_tensorflow_s_restore(tmp_path):
         restore_in_parts(prefix, [(wrong, kernel_key)], workers=2)
 
 
-def test_only_large_models_of_variables_alone_are_read_in_parts(monkeypatch):
-    fresh = _fresh(FAMILIES[2][1])
-    variables = list(fresh.adapter.variables(fresh.model))
-    assert not in_parts(fresh.model, variables)  # 12 bytes: one RestoreV2 through tf.train.Checkpoint
+def test_only_large_models_of_variables_alone_each_with_its_entry_are_read_in_parts(tmp_path, monkeypatch):
+    prefix = _saved(tmp_path, FAMILIES[2][1])
+    fresh = build_fresh_model(".", model=FAMILIES[2][1])
+    shapes = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+    entries = {variable_identity(variable): (variable, key) for variable, key in _targets(fresh.model, prefix)}
+    assert in_parts(fresh.model, entries, shapes) is None  # 12 bytes: one RestoreV2 through tf.train.Checkpoint
     monkeypatch.setattr(restore_by_graph, "IN_PARTS_MIN_BYTES", 0)
     monkeypatch.setattr(restore_by_graph, "IN_PARTS_MIN_MEAN_BYTES", 0)
-    assert in_parts(fresh.model, variables)
+    planned = in_parts(fresh.model, entries, shapes)
+    assert sorted(key for _, key in planned) == sorted(key for _, key in entries.values())
+    assert in_parts(fresh.model, dict(list(entries.items())[:1]), shapes) is None  # a variable without its entry
     fresh.model.static = tf.lookup.StaticHashTable(
         tf.lookup.KeyValueTensorInitializer([b"a"], [1], tf.string, tf.int64), -1)
-    assert in_parts(fresh.model, variables)  # rebuilt from its initializer: nothing in a checkpoint
+    assert in_parts(fresh.model, entries, shapes) is not None  # rebuilt from its initializer: nothing in a checkpoint
     fresh.model.table = tf.lookup.experimental.MutableHashTable(tf.string, tf.int64, -1)
     assert saves_state_of_its_own(fresh.model.table) and not saves_state_of_its_own(fresh.model.static)
-    assert not in_parts(fresh.model, variables)  # its keys and values only tf.train.Checkpoint restores
+    assert in_parts(fresh.model, entries, shapes) is None  # its keys and values only tf.train.Checkpoint restores
