@@ -83,8 +83,8 @@ def restore_in_parts(prefix: str, targets: list[tuple[Any, str]], workers: int |
     model. `RestoreV2` is given each variable's dtype, so an entry of another dtype fails as it does in TensorFlow's
     restore.
     """
-    parts: list[list[tuple[Any, str]]] = [[]]
-    size = 0
+    parts: list[list[tuple[Any, str]]] = []
+    size = part_bytes
     for variable, key in targets:
         if size >= part_bytes:
             parts.append([])

@@ -14,7 +14,7 @@ import ema_export.restore_by_graph as restore_by_graph
 from ema_export.checkpoint_graph import iter_variables, match_objects, read_object_graph, variable_identity
 from ema_export.fresh_model import build_fresh_model
 from ema_export.private_apis import saves_state_of_its_own
-from ema_export.restore_by_graph import in_parts, restore_in_parts
+from ema_export.restore_by_graph import PART_BYTES, in_parts, restore_in_parts
 from tests.unit.test_adapters import BIAS, FAMILIES, KERNEL, _fresh
 
 
@@ -31,13 +31,15 @@ def _targets(model, prefix):
             for entry in iter_variables(graph, node) if entry.node_id in matched]
 
 
+@pytest.mark.parametrize("part_bytes", [1, PART_BYTES], ids=["a-part-each", "one-part"])
 @pytest.mark.parametrize(("name", "factory"), FAMILIES, ids=[name for name, _ in FAMILIES])
-def test_each_variable_gets_its_checkpoint_value_with_a_part_each_read_two_at_once(tmp_path, name, factory):
+def test_each_variable_gets_its_checkpoint_value_read_in_parts_two_at_once(tmp_path, name, factory, part_bytes):
     prefix = _saved(tmp_path, factory)
     fresh = build_fresh_model(".", model=factory)  # initializer values
     targets = _targets(fresh.model, prefix)
     assert len(targets) == 2
-    restore_in_parts(prefix, targets, workers=2, part_bytes=1)
+    restore_in_parts(prefix, targets, workers=2, part_bytes=part_bytes)
+    restore_in_parts(prefix, [], workers=2)  # nothing to read: no op at all
     kernel, bias = fresh.adapter.variables(fresh.model)
     np.testing.assert_array_equal(np.asarray(kernel), KERNEL)
     np.testing.assert_array_equal(np.asarray(bias), BIAS)
