@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from ema_export.errors import FoldError
 from ema_export.layouts import Shadow, ShadowMatch
-from ema_export.memory import read_ahead, tensor_bytes
+from ema_export.memory import large_enough, read_ahead, tensor_bytes
 from ema_export.restored import RestoredModel, RestoredVariable
 
 KEPT_NON_TRAINABLE = "non-trainable: both arms share the live value"
@@ -244,7 +244,7 @@ def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_
     # Large shadows are read and checked two at a time in worker threads (TensorFlow's restore op and numpy release
     # the GIL), in order; each is adopted by its variable here before the next is taken.
     sizes = [tensor_bytes(shadow.shape, shadow.dtype) for _, _, shadow in to_read]
-    ahead = 2 if sizes and sum(sizes) >= READ_AHEAD_MIN_MEAN_BYTES * len(sizes) else 1
+    ahead = 2 if large_enough(sizes, 0, READ_AHEAD_MIN_MEAN_BYTES) else 1
     for (index, variable, shadow), inspected in zip(to_read, read_ahead(_inspect, to_read, ahead)):
         if inspected.problem:
             problems.append(inspected.problem)

@@ -49,6 +49,13 @@ def tensor_bytes(shape: Any, dtype: Any) -> int:
     return (tf.TensorShape(shape).num_elements() or 0) * max(tf.as_dtype(dtype).size, 1)
 
 
+def large_enough(sizes: list[int], min_bytes: int, min_mean_bytes: int) -> bool:
+    """Whether tensors of these byte `sizes` are worth splitting work over threads: at least `min_bytes` in all and
+    `min_mean_bytes` each on average (per-op costs outweigh the gain on many small tensors)."""
+    total = sum(sizes)
+    return bool(sizes) and total >= min_bytes and total >= min_mean_bytes * len(sizes)
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity, where the platform has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

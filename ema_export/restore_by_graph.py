@@ -13,11 +13,11 @@ from typing import Any
 
 import tensorflow as tf
 
-from ema_export.checkpoint_graph import children_of, iter_variables, match_objects, variable_identity
+from ema_export.checkpoint_graph import GraphVariable, children_of, iter_variables, match_objects, variable_identity
 from ema_export.errors import RestoreError, name_list
 from ema_export.fresh_model import FreshModel
 from ema_export.locate import CheckpointFiles
-from ema_export.memory import read_ahead, tensor_bytes, usable_cpus
+from ema_export.memory import large_enough, read_ahead, tensor_bytes, usable_cpus
 from ema_export.private_apis import saves_state_of_its_own
 from ema_export.read import ROLE_TRAINING, CheckpointIndex, reading
 from ema_export.restored import RestoredModel, RestoredVariable, raise_for_shapes
@@ -47,26 +47,31 @@ def _objects(root: Any) -> list[Any]:
     return found
 
 
-def in_parts(model: Any, entries: dict[int, tuple[Any, str]], shapes: dict[str, Any]) -> list[tuple[Any, str]] | None:
+def in_parts(objects: list[Any], entries: dict[int, tuple[Any, GraphVariable]],
+             shapes: dict[str, Any]) -> list[tuple[Any, str]] | None:
     """What `restore_in_parts` should restore, or None when `tf.train.Checkpoint` must restore the model.
 
-    `entries` maps each model object the object graph matched to a variable entry (by `variable_identity`) to
-    (object, checkpoint key); `shapes` is the checkpoint's shape map. The model is read in parts when everything it
-    saves is a variable (no lookup table or other object whose state only `tf.train.Checkpoint` restores), every such
-    variable (the model's own, and those of an optimizer it tracks, as a compiled KerasHub task does) has an entry of
-    its shape, and the variables are large and few enough. That is the check `assert_existing_objects_matched` makes
-    after `tf.train.Checkpoint` restores: every object with saved state was given a value.
+    `objects` are the model's (`_objects`); `entries` maps each model object the object graph matched to a variable
+    entry (by `variable_identity`) to (object, entry); `shapes` is the checkpoint's shape map. The model is read in
+    parts when everything it saves is a variable (no lookup table or other object whose state only
+    `tf.train.Checkpoint` restores), every such variable (the model's own, and those of an optimizer it tracks, as a
+    compiled KerasHub task does) has an entry of its shape, and the variables are large and few enough. That is the
+    check `assert_existing_objects_matched` makes after `tf.train.Checkpoint` restores: every object with saved state
+    was given a value.
     """
     targets = []
-    for obj in _objects(model):
+    for obj in objects:
         if not saves_state_of_its_own(obj):
             continue
-        entry = entries.get(variable_identity(obj))
-        if entry is None or not hasattr(obj, "assign") or tuple(shapes.get(entry[1], ())) != tuple(obj.shape):
+        matched = entries.get(variable_identity(obj))
+        if matched is None or not hasattr(obj, "assign"):
             return None
-        targets.append(entry)
-    sizes = [tensor_bytes(variable.shape, variable.dtype) for variable, _ in targets]
-    if sum(sizes) < IN_PARTS_MIN_BYTES or sum(sizes) < IN_PARTS_MIN_MEAN_BYTES * len(sizes):
+        key = matched[1].checkpoint_key
+        if tuple(shapes.get(key, ())) != tuple(obj.shape):
+            return None
+        targets.append((obj, key))
+    if not large_enough([tensor_bytes(variable.shape, variable.dtype) for variable, _ in targets],
+                        IN_PARTS_MIN_BYTES, IN_PARTS_MIN_MEAN_BYTES):
         return None
     return targets
 
@@ -78,7 +83,7 @@ def restore_in_parts(prefix: str, targets: list[tuple[Any, str]], workers: int |
 
     TensorFlow's restore reads all the model's tensors in one `RestoreV2`, one after another except for tensors above
     16M elements (tensorflow/core/kernels/save_restore_tensor.cc, `kLargeShapeThreshold`); a 2 GiB model of 4096 x
-    4096 kernels is read in 0.7-1.6 s that way, in 0.4 s in parts on two cores (README, "Export cost"). Each part's
+    4096 kernels is read in 0.7-1.6 s that way, in 0.4 s in parts on two cores (README, "Benchmarks"). Each part's
     values are copied into the variables' buffers and dropped, so the memory in flight is a few parts, not a second
     model. `RestoreV2` is given each variable's dtype, so an entry of another dtype fails as it does in TensorFlow's
     restore.
@@ -104,14 +109,14 @@ def restore_in_parts(prefix: str, targets: list[tuple[Any, str]], workers: int |
         pass
 
 
-def _untracked_state(model: Any, variables: list[Any]) -> set[int]:
+def _untracked_state(objects: list[Any], variables: list[Any]) -> set[int]:
     """Non-trainable variables no `tf.train.Checkpoint` can save, because no trackable object holds them.
 
     Keras 3's `SeedGenerator` (the random state of Dropout and friends, `keras/src/random/seed_generator.py`) is a
     plain Python object, so its `seed_generator_state` variable is in `model.variables` but never in a TensorFlow
     checkpoint. It does not affect inference; both arms keep the fresh value.
     """
-    reachable = {variable_identity(obj) for obj in _objects(model)}
+    reachable = {variable_identity(obj) for obj in objects}
     return {variable_identity(v) for v in variables if not v.trainable and variable_identity(v) not in reachable}
 
 
@@ -137,22 +142,22 @@ def restore_live(fresh: FreshModel, checkpoint: CheckpointFiles, index: Checkpoi
             hint="Save the training state with tf.train.Checkpoint, or pass --layout for a name-based layout",
         )
     variables = fresh.variables()
-    unsaved = _untracked_state(fresh.model, variables)
+    objects = _objects(fresh.model)
+    unsaved = _untracked_state(objects, variables)
     wanted = {variable_identity(v): v for v in variables if variable_identity(v) not in unsaved}
     candidates = [(0, "checkpoint root")] + [(c.node_id, c.local_name) for c in graph.nodes[0].children]
-    best: tuple[int, str, dict[int, Any], dict] | None = None
+    best: tuple[int, str, dict[int, Any], dict, dict[int, tuple[Any, GraphVariable]]] | None = None
     for node_id, label in candidates:
         matched = match_objects(graph, node_id, fresh.model)
-        found = {}
+        entries: dict[int, tuple[Any, GraphVariable]] = {}  # every matched object with a variable entry: its first
         for entry in iter_variables(graph, node_id):
             if entry.node_id in matched:
-                identity = variable_identity(matched[entry.node_id][0])
-                if identity in wanted and identity not in found:
-                    found[identity] = entry
+                entries.setdefault(variable_identity(matched[entry.node_id][0]), (matched[entry.node_id][0], entry))
+        found = {identity: entry for identity, (_, entry) in entries.items() if identity in wanted}
         if best is None or len(found) > len(best[2]):
-            best = (node_id, label, found, matched)
+            best = (node_id, label, found, matched, entries)
     assert best is not None
-    node_id, label, found, matched = best
+    node_id, label, found, matched, entries = best
     missing = [getattr(v, "path", None) or v.name for identity, v in wanted.items() if identity not in found]
     if missing:
         roots = ", ".join(c.local_name for c in graph.nodes[0].children) or "(nothing)"
@@ -167,9 +172,7 @@ def restore_live(fresh: FreshModel, checkpoint: CheckpointFiles, index: Checkpoi
     raise_for_shapes(checkpoint.prefix, [(entry.full_name or "/".join(entry.path), tuple(wanted[identity].shape),
                                           tuple(shapes.get(entry.checkpoint_key, ())))
                                          for identity, entry in found.items()])
-    entries = {variable_identity(matched[entry.node_id][0]): (matched[entry.node_id][0], entry.checkpoint_key)
-               for entry in iter_variables(graph, node_id) if entry.node_id in matched}
-    targets = in_parts(fresh.model, entries, shapes)
+    targets = in_parts(objects, entries, shapes)
     if targets is not None:
         with reading(checkpoint.prefix, ROLE_TRAINING):
             restore_in_parts(checkpoint.prefix, targets)

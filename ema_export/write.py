@@ -12,7 +12,7 @@ import tensorflow as tf
 from ema_export.assemble import Assembly
 from ema_export.contracts import (ARM_SIGNATURES, ASSETS_EXTRA_DIR, DEFAULT_ARMS, DEFAULT_MODEL_NAME,
                                   SIGNATURE_DEFAULT, WARMUP_FILENAME)
-from ema_export.memory import tensor_bytes, usable_cpus
+from ema_export.memory import large_enough, tensor_bytes, usable_cpus
 from ema_export.private_apis import PrivateApiError, SavedModelInParts, fresh_fingerprint
 
 FINGERPRINT_FILENAME = "fingerprint.pb"
@@ -34,10 +34,9 @@ def writers_for(variable_bytes: Sequence[int], cpus: int | None = None) -> int:
     model whose variables are large and few enough, else one.
 
     Writing is copying into the page cache; on this project's 2-core machine two writers halve the time of writing
-    1.5 GB (README, "Export cost").
+    1.5 GB (README, "Benchmarks").
     """
-    total = sum(variable_bytes)
-    if total < PARALLEL_WRITE_MIN_BYTES or total < PARALLEL_WRITE_MIN_MEAN_BYTES * len(variable_bytes):
+    if not large_enough(list(variable_bytes), PARALLEL_WRITE_MIN_BYTES, PARALLEL_WRITE_MIN_MEAN_BYTES):
         return 1
     cpus = cpus if cpus is not None else usable_cpus()
     return max(1, min(MAX_WRITERS, cpus))

@@ -14,7 +14,7 @@ import ema_export.restore_by_graph as restore_by_graph
 from ema_export.checkpoint_graph import iter_variables, match_objects, read_object_graph, variable_identity
 from ema_export.fresh_model import build_fresh_model
 from ema_export.private_apis import saves_state_of_its_own
-from ema_export.restore_by_graph import PART_BYTES, in_parts, restore_in_parts
+from ema_export.restore_by_graph import PART_BYTES, _objects, in_parts, restore_in_parts
 from tests.unit.test_adapters import BIAS, FAMILIES, KERNEL, _fresh
 
 
@@ -22,13 +22,19 @@ def _saved(tmp_path, factory) -> str:
     return tf.train.Checkpoint(model=_fresh(factory).model).write(str(tmp_path / "ckpt"))
 
 
-def _targets(model, prefix):
-    """(variable, checkpoint key) for each variable of `model`, matched through the checkpoint's object graph."""
+def _entries(model, prefix):
+    """variable_identity -> (variable, graph entry) for each variable of `model`, matched through the checkpoint's
+    object graph (as the restore stage matches them)."""
     graph = read_object_graph(tf.train.load_checkpoint(prefix))
     node = next(child.node_id for child in graph.nodes[0].children if child.local_name == "model")
     matched = match_objects(graph, node, model)
-    return [(matched[entry.node_id][0], entry.checkpoint_key)
-            for entry in iter_variables(graph, node) if entry.node_id in matched]
+    return {variable_identity(matched[entry.node_id][0]): (matched[entry.node_id][0], entry)
+            for entry in iter_variables(graph, node) if entry.node_id in matched}
+
+
+def _targets(model, prefix):
+    """(variable, checkpoint key) for each variable of `model`."""
+    return [(variable, entry.checkpoint_key) for variable, entry in _entries(model, prefix).values()]
 
 
 @pytest.mark.parametrize("part_bytes", [1, PART_BYTES], ids=["a-part-each", "one-part"])
@@ -58,16 +64,20 @@ def test_only_large_models_of_variables_alone_each_with_its_entry_are_read_in_pa
     prefix = _saved(tmp_path, FAMILIES[2][1])
     fresh = build_fresh_model(".", model=FAMILIES[2][1])
     shapes = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
-    entries = {variable_identity(variable): (variable, key) for variable, key in _targets(fresh.model, prefix)}
-    assert in_parts(fresh.model, entries, shapes) is None  # 12 bytes: one RestoreV2 through tf.train.Checkpoint
+    entries = _entries(fresh.model, prefix)
+
+    def plan(chosen):
+        return in_parts(_objects(fresh.model), chosen, shapes)  # the objects walked afresh: tables are added below
+
+    assert plan(entries) is None  # 12 bytes: one RestoreV2 through tf.train.Checkpoint
     monkeypatch.setattr(restore_by_graph, "IN_PARTS_MIN_BYTES", 0)
     monkeypatch.setattr(restore_by_graph, "IN_PARTS_MIN_MEAN_BYTES", 0)
-    planned = in_parts(fresh.model, entries, shapes)
-    assert sorted(key for _, key in planned) == sorted(key for _, key in entries.values())
-    assert in_parts(fresh.model, dict(list(entries.items())[:1]), shapes) is None  # a variable without its entry
+    planned = plan(entries)
+    assert sorted(key for _, key in planned) == sorted(entry.checkpoint_key for _, entry in entries.values())
+    assert plan(dict(list(entries.items())[:1])) is None  # a variable without its entry
     fresh.model.static = tf.lookup.StaticHashTable(
         tf.lookup.KeyValueTensorInitializer([b"a"], [1], tf.string, tf.int64), -1)
-    assert in_parts(fresh.model, entries, shapes) is not None  # rebuilt from its initializer: nothing in a checkpoint
+    assert plan(entries) is not None  # rebuilt from its initializer: nothing in a checkpoint
     fresh.model.table = tf.lookup.experimental.MutableHashTable(tf.string, tf.int64, -1)
     assert saves_state_of_its_own(fresh.model.table) and not saves_state_of_its_own(fresh.model.static)
-    assert in_parts(fresh.model, entries, shapes) is None  # its keys and values only tf.train.Checkpoint restores
+    assert plan(entries) is None  # its keys and values only tf.train.Checkpoint restores
