@@ -314,7 +314,7 @@ def _export(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, model:
             release()
             step(STAGES[7])
             with loading.result() as load:
-                load.restore()  # while the signatures' executor may still be building
+                load.restore()  # waits for the signatures' executor if it is still being built
                 verification = verify(load, reference)
         manifest = build_manifest(
             sources=assembled.sources, model_source=assembled.model_source, attachment=assembled.attachment,

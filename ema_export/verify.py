@@ -142,7 +142,8 @@ class TfServingLoad:
     def restore(self) -> None:
         """Run the restore op on `variables/variables`, then the init op with the assets' paths (TF Serving's order).
 
-        It may run while the signatures' executor is still being built: a session runs and builds concurrently.
+        Called while the signatures' executor is still being built, it waits for that build: a session's runs and
+        builds take one lock (`DirectSession::CheckGraphCreated` and `CreateGraphs`, direct_session.h and .cc).
         """
         prefix = self.directory / tf.saved_model.VARIABLES_DIRECTORY / tf.saved_model.VARIABLES_FILENAME
         if self._restore is not None:
