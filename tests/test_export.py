@@ -23,6 +23,7 @@ from ema_export.names import (
 from ema_export.private_apis import fresh_fingerprint
 from ema_export.write import alias_signature
 from support import models as tm
+from support.exporting import read_in_parts
 
 pytestmark = pytest.mark.slow  # every test runs a full export
 X = np.array([[1.0, -2.0, 0.5, 3.0], [0.0, 1.0, -1.0, 2.0], [4.0, 0.25, -0.5, -1.0]], np.float32)
@@ -288,18 +289,11 @@ def test_an_average_the_serving_function_never_reads_is_a_manifest_warning(tmp_p
 def test_an_export_whose_live_values_are_restored_in_parts_gives_the_same_answers(seed_ckpt, tmp_path, monkeypatch):
     """The restore stage's parallel read end to end, on a tiny model read as a large one (a part per variable): the
     export verifies and every signature answers exactly as an export restored through tf.train.Checkpoint."""
-    import ema_export.restore_by_graph as restore_by_graph
-
     whole = ema_export.export(seed_ckpt, tmp_path / "whole", model=tm.LinearModule)
-    parts = []
-    monkeypatch.setattr(restore_by_graph, "IN_PARTS_MIN_BYTES", 0)
-    monkeypatch.setattr(restore_by_graph, "IN_PARTS_MIN_MEAN_BYTES", 0)
-    monkeypatch.setattr(restore_by_graph, "PART_BYTES", 1)
-    monkeypatch.setattr(restore_by_graph, "restore_in_parts", lambda *args, _restore=restore_by_graph.restore_in_parts,
-                        **kwargs: (parts.append(len(args[1])), _restore(*args, **kwargs))[1])
+    reads = read_in_parts(monkeypatch)
     in_parts = ema_export.export(seed_ckpt, tmp_path / "parts", model=tm.LinearModule)
 
-    assert parts == [2] and in_parts.verification.passed
+    assert [variables for _, variables in reads] == [2] and in_parts.verification.passed
     _assert_same_answers(in_parts, whole)
 
 

@@ -20,7 +20,7 @@ import tensorflow as tf
 import ema_export
 from ema_export.errors import CheckpointReadError, OutputDirError, OutputWriteError
 from support import models as tm
-from support.exporting import SEED_MODEL, launched, run_export
+from support.exporting import SEED_MODEL, launched, read_in_parts, run_export
 
 MODEL = SEED_MODEL
 
@@ -188,13 +188,7 @@ def _prefix(ckpt: Path, role: str) -> Path:
 def test_corrupt_data_read_in_parts_is_the_same_one_line_error(ckpt, tmp_path, monkeypatch):
     """The restore's parallel read (here of a tiny model, a part per variable) fails on a damaged weight exactly as
     tf.train.Checkpoint's read does: one line naming the checkpoint and the file, nothing published."""
-    import ema_export.restore_by_graph as restore_by_graph
-
-    for name, value in (("IN_PARTS_MIN_BYTES", 0), ("IN_PARTS_MIN_MEAN_BYTES", 0), ("PART_BYTES", 1)):
-        monkeypatch.setattr(restore_by_graph, name, value)
-    reads = []
-    monkeypatch.setattr(restore_by_graph, "restore_in_parts", lambda *args, _read=restore_by_graph.restore_in_parts,
-                        **kwargs: (reads.append(args[0]), _read(*args, **kwargs))[1])
+    reads = read_in_parts(monkeypatch)
     prefix = _prefix(ckpt, "training")
     data = Path(f"{prefix}.data-00000-of-00001")
     reader = tf.train.load_checkpoint(str(prefix))
@@ -205,7 +199,7 @@ def test_corrupt_data_read_in_parts_is_the_same_one_line_error(ckpt, tmp_path, m
     message = one_line_error(run(ckpt, tmp_path / "models", "--model", MODEL))
     assert f"The training checkpoint {prefix} cannot be read" in message
     assert f"its data file {data} is corrupt: the stored bytes fail their checksum" in message
-    assert reads == [str(_prefix(ckpt, "training"))]  # the parallel read is what failed
+    assert [prefix for prefix, _ in reads] == [str(_prefix(ckpt, "training"))]  # the parallel read is what failed
     assert_nothing_left(tmp_path / "models")
 
 

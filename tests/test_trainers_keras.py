@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 import ema_export
+from support.exporting import read_in_parts
 
 keras_hub = pytest.importorskip("keras_hub")
 
@@ -87,16 +88,10 @@ def test_kerashub_dict_inputs_export_and_serve_by_name(bert_run, tmp_path):
 def test_kerashub_model_restored_in_parts_serves_the_same(bert_run, tmp_path, monkeypatch):
     """The restore's parallel read on a real Keras 3 model written by fit (BERT read as if it were large, a part per
     variable): every weight gets its value, both arms serve what the trained model computed."""
-    import ema_export.restore_by_graph as restore_by_graph
-
     run, raw, averaged, probe = bert_run
-    for name, value in (("IN_PARTS_MIN_BYTES", 0), ("IN_PARTS_MIN_MEAN_BYTES", 0), ("PART_BYTES", 1)):
-        monkeypatch.setattr(restore_by_graph, name, value)
-    read = []
-    monkeypatch.setattr(restore_by_graph, "restore_in_parts", lambda *args, _read=restore_by_graph.restore_in_parts,
-                        **kwargs: (read.append(len(args[1])), _read(*args, **kwargs))[1])
+    reads = read_in_parts(monkeypatch)
     result = ema_export.export(run, tmp_path / "out", model=bert_classifier)
-    assert len(read) == 1 and read[0] > 20  # every weight of the model, each in a part of its own
+    assert len(reads) == 1 and reads[0][1] > 20  # every weight of the model, each in a part of its own
     np.testing.assert_allclose(serve(result.version_dir, "serve_live", probe), raw, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(serve(result.version_dir, "serve_ema", probe), averaged, rtol=1e-5, atol=1e-5)
 

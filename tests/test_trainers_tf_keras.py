@@ -18,6 +18,7 @@ import tensorflow as tf
 import ema_export
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
 from support import models as tm
+from support.exporting import read_in_parts
 
 tf_keras = pytest.importorskip("tf_keras")
 
@@ -136,16 +137,10 @@ def test_tf_keras_file_with_a_keras_3_model_names_the_saver(run, tmp_path):
 def test_model_checkpoint_saved_model_directory_restored_in_parts_serves_both_arms(run, tmp_path, monkeypatch):
     """The restore's parallel read on what tf-keras fit() wrote (the MLP read as if it were large, a part per
     variable): the same answers as the one-op restore."""
-    import ema_export.restore_by_graph as restore_by_graph
-
-    for name, value in (("IN_PARTS_MIN_BYTES", 0), ("IN_PARTS_MIN_MEAN_BYTES", 0), ("PART_BYTES", 1)):
-        monkeypatch.setattr(restore_by_graph, name, value)
-    read = []
-    monkeypatch.setattr(restore_by_graph, "restore_in_parts", lambda *args, _read=restore_by_graph.restore_in_parts,
-                        **kwargs: (read.append(len(args[1])), _read(*args, **kwargs))[1])
+    reads = read_in_parts(monkeypatch)
 
     result = ema_export.export(run.directory / "savedmodel-2", tmp_path / "out", model=build_mlp)
 
-    assert read == [len(build_mlp().variables)]  # every variable of the model, each in a part of its own
+    assert [variables for _, variables in reads] == [len(build_mlp().variables)]  # each in a part of its own
     np.testing.assert_allclose(served(result.version_dir, SIGNATURE_LIVE), run.raw[1], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(served(result.version_dir, SIGNATURE_EMA), run.averaged[1], rtol=1e-5, atol=1e-5)

@@ -32,3 +32,25 @@ def launched(command: list[str], *, sigint_default: bool = False, file_size_limi
     if file_size_limit is not None:
         options += ["--file-size-limit", str(file_size_limit)]
     return [sys.executable, str(Path(__file__).with_name("launch.py")), *options, "--", *command]
+
+
+def read_in_parts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Make the restore stage read any model's training checkpoint as it reads a large model's: in parts, one
+    `RestoreV2` per variable. Returns the list it records each such read in, as (checkpoint prefix, variables read).
+
+    `restore_in_parts` is called with its default part size, which Python bound when the function was defined, so
+    patching `PART_BYTES` alone would leave one part for a small model: the size is passed here instead.
+    """
+    import ema_export.restore_by_graph as restore_by_graph
+
+    monkeypatch.setattr(restore_by_graph, "IN_PARTS_MIN_BYTES", 0)
+    monkeypatch.setattr(restore_by_graph, "IN_PARTS_MIN_MEAN_BYTES", 0)
+    reads: list[tuple[str, int]] = []
+    restore_in_parts = restore_by_graph.restore_in_parts
+
+    def recorded(prefix: str, targets: list, workers: int | None = None, part_bytes: int = 1) -> None:
+        reads.append((prefix, len(targets)))
+        restore_in_parts(prefix, targets, workers, part_bytes=1)
+
+    monkeypatch.setattr(restore_by_graph, "restore_in_parts", recorded)
+    return reads
