@@ -17,6 +17,9 @@ No public API does these jobs:
   (tensorflow/python/saved_model/save.py, `save_and_return_nodes`: MetaGraph, then variables, then saved_model.pb).
   Its parts are `save._build_meta_graph` (the MetaGraph and the object saver that writes the variables),
   `builder_impl.copy_assets_to_destination_dir` and `fingerprinting_utils.write_fingerprint`.
+- Writing those variables other than through the saver (`SavedModelInParts.saved_tensors`, for `bundle.write_bundle`):
+  only `TrackableSaver._gather_serialized_tensors` lists what the saver writes, with the object graph, and only
+  `saveable_object.SaveSpec` tells a value read when saved from a tensor.
 - Whether an object of a model saves values other than variables (a lookup table, Python state): only its overriding
   `Trackable._serialize_to_tensors` or `_gather_saveables_for_checkpoint` tells (`saves_state_of_its_own`), which is
   what `tf.train.Checkpoint` itself asks (tensorflow/python/training/saving/saveable_object_util.py,
@@ -35,9 +38,10 @@ names the missing attribute and the versions this was tested with, instead of an
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 from ema_export.errors import EmaExportError
 
@@ -52,13 +56,23 @@ _TF_FINGERPRINTING = ("tensorflow.python.saved_model.pywrap_saved_model.fingerpr
 _TF_SAVE = ("tensorflow.python.saved_model.save", ("_build_meta_graph",))
 _TF_ASSETS = ("tensorflow.python.saved_model.builder_impl", ("copy_assets_to_destination_dir",))
 _TF_FINGERPRINT_WRITER = ("tensorflow.python.saved_model.fingerprinting_utils", ("write_fingerprint",))
+_TF_SAVE_SPEC = ("tensorflow.python.training.saving.saveable_object", ("SaveSpec",))
 _TF_LOADER = ("tensorflow.python.saved_model.loader_impl", ("SavedModelLoader", "get_init_op", "get_asset_tensors"))
 _SESSION_CALLABLE = "_make_callable_from_options"
+_SERIALIZED_TENSORS = "_gather_serialized_tensors"
 _READS_KERAS_FILES = "ema-export reads Keras files through it"
 _READS_AVERAGES = "ema-export reads the optimizer's averages through them"
 _WRITES_IN_PARTS = "ema-export writes a SavedModel's graph before its variables through it"
 _LOADS_IN_STEPS = "ema-export verifies an export by loading it in TF Serving's steps through it"
 _WRITES_FINGERPRINTS = "ema-export rewrites fingerprint.pb through it after aliasing serving_default"
+
+
+class SavedTensor(NamedTuple):
+    """One tensor a checkpoint saves: its key, its slice spec ("" for a whole tensor) and its value (eager)."""
+
+    key: str
+    slice_spec: str
+    tensor: Any
 
 
 class PrivateApiError(EmaExportError):
@@ -181,33 +195,60 @@ class SavedModelInParts:
         except OSError as error:  # write() errors name no file; the export's error message names it
             raise OSError(error.errno, error.strerror, str(path)) from error
 
-    def write_variables(self, directory: Path, sharding: Any = None) -> None:
+    def write_variables(self, directory: Path, writer: Callable[[str, list[SavedTensor]], None] | None = None
+                        ) -> None:
         """Write the variables (`variables/variables.*`), then `fingerprint.pb` (which checksums them too).
 
-        Without `sharding` the saver runs eagerly, as `tf.saved_model.save` runs it: one `SaveV2` per shard, one after
-        another. With a `tf.train.experimental.ShardingCallback`, the saver runs inside a `tf.function`, so the
-        shards' `SaveV2` ops, which do not depend on each other, run at once on TensorFlow's inter-op threads.
+        Without `writer` the saver writes them, as `tf.saved_model.save` runs it: eagerly, one `SaveV2` per shard.
+        With one, `writer(prefix, tensors)` is given what that saver would write (`saved_tensors`) and must leave the
+        checkpoint `prefix`; when a release moved what `saved_tensors` reads, or the model has a saver registered
+        for its own objects, the saver writes them after all.
         """
         import tensorflow as tf
 
         prefix = str(directory / tf.saved_model.VARIABLES_DIRECTORY / tf.saved_model.VARIABLES_FILENAME)
         (directory / tf.saved_model.VARIABLES_DIRECTORY).mkdir(exist_ok=True)
-        if sharding is None:
+        tensors = None
+        if writer is not None:
+            try:
+                tensors = self.saved_tensors()
+            except PrivateApiError:
+                tensors = None
+        if writer is None or tensors is None:
             self._saver.save(prefix)
         else:
-            options = tf.train.CheckpointOptions(experimental_sharding_callback=sharding)
-            device = tf.config.list_logical_devices("CPU")[0].name
-
-            @tf.function(autograph=False)
-            def write() -> None:
-                # One device name for every tensor, the object graph's included, so the callback splits one set
-                with tf.device(device):
-                    self._saver.save(prefix, options=options)
-
-            write()
+            writer(prefix, tensors)
         self._fingerprints.write_fingerprint(str(directory))
         # save.py keeps the exported graph (and the constants it captured) until the variables are written
         self._exported_graph = None
+
+    def saved_tensors(self) -> list[SavedTensor]:
+        """What the object saver writes into the checkpoint, eagerly: each (checkpoint key, slice spec, tensor), the
+        object graph (a string scalar under `_CHECKPOINTABLE_OBJECT_GRAPH`) included.
+
+        It is what `TrackableSaver.save` hands `functional_saver.MultiDeviceSaver`
+        (tensorflow/python/checkpoint/checkpoint.py, `_gather_serialized_tensors` and
+        `_save_cached_when_graph_building`, at 2.21), each `SaveSpec` read as that saver reads it: a variable by
+        `read_value_no_copy`, its own buffer (resource_variable_ops.py, `_serialize_to_tensors`).
+
+        Raises:
+            PrivateApiError: The saver has no `_gather_serialized_tensors`, or the model registers a saver of its own
+                (`registration.register_checkpoint_saver`), which only TensorFlow's saver knows how to run.
+        """
+        save_spec = _module_with(*_TF_SAVE_SPEC, _WRITES_IN_PARTS).SaveSpec
+        _require_attributes(self._saver, (_SERIALIZED_TENSORS,), _WRITES_IN_PARTS, release="a release")
+        serialized, _, registered, _ = getattr(self._saver, _SERIALIZED_TENSORS)()
+        if registered:
+            raise PrivateApiError(f"the model registers savers of its own ({', '.join(registered)}); "
+                                  f"{_WRITES_IN_PARTS}", hint="TensorFlow's saver writes it")
+        saved = []
+        for tensor_dict in serialized.values():
+            for key, slices in tensor_dict.items():
+                for spec, value in (slices if isinstance(slices, dict) else {"": slices}).items():
+                    tensor = value.tensor if isinstance(value, save_spec) else value
+                    if tensor is not None:  # None: recorded in the object graph, no value saved
+                        saved.append(SavedTensor(key, spec.strip() if isinstance(spec, str) else spec, tensor))
+        return saved
 
 
 def tf1_loader() -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -12,57 +13,71 @@ import tensorflow as tf
 from ema_export.assemble import Assembly
 from ema_export.contracts import (ARM_SIGNATURES, ASSETS_EXTRA_DIR, DEFAULT_ARMS, DEFAULT_MODEL_NAME,
                                   SIGNATURE_DEFAULT, WARMUP_FILENAME)
-from ema_export.memory import large_enough, tensor_bytes, usable_cpus
-from ema_export.private_apis import PrivateApiError, SavedModelInParts, fresh_fingerprint
+from ema_export import bundle
+from ema_export.memory import tensor_bytes, usable_cpus
+from ema_export.private_apis import PrivateApiError, SavedModelInParts, SavedTensor, fresh_fingerprint
 
 FINGERPRINT_FILENAME = "fingerprint.pb"
 """Where `tf.saved_model.save` writes the fingerprint (TensorFlow exports no constant for the name)."""
 
 
 PARALLEL_WRITE_MIN_BYTES = 256 * 2**20
-"""Below this many bytes of variables, the export writes them as `tf.saved_model.save` does: one shard, eagerly."""
-
-PARALLEL_WRITE_MIN_MEAN_BYTES = 4 * 2**20
-"""Nor when the variables average less than this: the traced save costs about 0.7 ms more per variable than the eager
-one (ResNet50's 1068 saved tensors: 1.25 s against 0.5 s), more than writing 200 MB at once saves."""
+"""Below this many bytes of variables, the export writes them as `tf.saved_model.save` does: one shard, by TensorFlow's
+saver (the same files, and a write that takes well under a second)."""
 
 MAX_WRITERS = 4
 
 
 def writers_for(variable_bytes: Sequence[int], cpus: int | None = None) -> int:
-    """How many `SaveV2` ops should write the variables at once: one per usable CPU (at most `MAX_WRITERS`) for a
-    model whose variables are large and few enough, else one.
+    """How many threads should write the variables at once: one per usable CPU (at most `MAX_WRITERS`) for a model
+    with `PARALLEL_WRITE_MIN_BYTES` of variables or more, else 0 (TensorFlow's saver writes them).
 
-    Writing is copying into the page cache; on this project's 2-core machine two writers halve the time of writing
-    1.5 GB (README, "Benchmarks").
+    Writing is copying into the page cache; on this project's 2-core machine two writers write 2 GiB in 0.27-0.45 s
+    where one takes about 0.5 s (README, "Benchmarks").
     """
-    if not large_enough(list(variable_bytes), PARALLEL_WRITE_MIN_BYTES, PARALLEL_WRITE_MIN_MEAN_BYTES):
-        return 1
+    if sum(variable_bytes) < PARALLEL_WRITE_MIN_BYTES:
+        return 0
     cpus = cpus if cpus is not None else usable_cpus()
     return max(1, min(MAX_WRITERS, cpus))
 
 
-class BalancedShards(tf.train.experimental.ShardingCallback):
-    """Split a checkpoint's tensors into `count` shards of about equal bytes: largest first, each into the lightest."""
+def balanced(tensors: Sequence[SavedTensor], count: int) -> list[list[SavedTensor]]:
+    """Split tensors into at most `count` shards of about equal bytes, none empty: largest first, each into the
+    lightest shard, each shard in the order its tensors were added."""
+    shards: list[list[SavedTensor]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for item in sorted(tensors, key=lambda item: tensor_bytes(item.tensor.shape, item.tensor.dtype), reverse=True):
+        lightest = loads.index(min(loads))
+        shards[lightest].append(item)
+        loads[lightest] += tensor_bytes(item.tensor.shape, item.tensor.dtype)
+    return [shard for shard in shards if shard]
 
-    def __init__(self, count: int) -> None:
-        self.count = count
 
-    @property
-    def description(self) -> str:
-        return f"{self.count} shards of about equal bytes"
+def write_in_shards(prefix: str, tensors: Sequence[SavedTensor], writers: int) -> None:
+    """Write `tensors` as the checkpoint `prefix` in shards, `writers` of them at once, as TensorFlow's sharded save
+    does (tensorflow/python/checkpoint/functional_saver.py, `MultiDeviceSaver.save`, at 2.21): each shard a bundle
+    `PREFIX_temp/part-0000i-of-0000n`, then TensorFlow's `MergeV2Checkpoints` renames their data files to
+    `PREFIX.data-0000i-of-0000n`, writes the one index `PREFIX.index` and removes `PREFIX_temp`.
 
-    def __call__(self, shardable_tensors: Sequence[Any]) -> list[dict[str, dict[str, tf.Tensor]]]:
-        def size(item: Any) -> int:
-            return tensor_bytes(item.tensor.shape, item.dtype)
-
-        shards: list[dict[str, dict[str, tf.Tensor]]] = [{} for _ in range(self.count)]
-        loads = [0] * self.count
-        for item in sorted(shardable_tensors, key=size, reverse=True):
-            lightest = loads.index(min(loads))
-            shards[lightest].setdefault(item.checkpoint_key, {})[item.slice_spec] = item.tensor
-            loads[lightest] += size(item)
-        return [shard for shard in shards if shard]
+    Tensors of numbers are written by `bundle.write_bundle` (the same bytes as `SaveV2`, in small writes), balanced
+    over `writers` threads; the rest (the object graph, a string; slices; strings and variants of the model) by
+    TensorFlow's `SaveV2` in one more shard, meanwhile. So `n` is one more than the writers.
+    """
+    ours = [item for item in tensors if bundle.writable(item.tensor.dtype, item.slice_spec)]
+    theirs = [item for item in tensors if not bundle.writable(item.tensor.dtype, item.slice_spec)]
+    shards: list[list[SavedTensor]] = balanced(ours, writers)
+    count = len(shards) + (1 if theirs else 0)
+    prefixes = [f"{prefix}_temp/part-{index:05d}-of-{count:05d}" for index in range(count)]
+    with ThreadPoolExecutor(max_workers=max(1, len(shards)), thread_name_prefix="ema-export-write") as pool:
+        written = [pool.submit(bundle.write_bundle, shard_prefix, [(item.key, item.tensor) for item in shard])
+                   for shard_prefix, shard in zip(prefixes, shards)]
+        if theirs:
+            tf.raw_ops.SaveV2(prefix=prefixes[-1], tensor_names=[item.key for item in theirs],
+                              shape_and_slices=[item.slice_spec for item in theirs],
+                              tensors=[item.tensor for item in theirs])
+        for shard_written in written:
+            shard_written.result()
+    tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=prefixes, destination_prefix=prefix, delete_old_dirs=True)
 
 
 def write_savedmodel(assembly: Assembly, directory: Path, graph_written: Callable[[], None] = lambda: None,
@@ -72,10 +87,10 @@ def write_savedmodel(assembly: Assembly, directory: Path, graph_written: Callabl
     The files are those `tf.saved_model.save(root, directory, signatures)` writes, in another order:
     `saved_model.pb` first (with `serving_default` aliased, below), then `graph_written()` is called, so verification
     can import the graph and build its executors while the variables are written, then the variables and
-    `fingerprint.pb`. Large variables are written by several `SaveV2` ops at once (`writers_for`), as shards of one
-    checkpoint (`variables.data-0000i-of-0000n`), which TF Serving and `tf.saved_model.load` read like one; `writers`
-    overrides that choice. The object graph, which TensorFlow places apart from the variables inside a function,
-    gets a small shard of its own, so `n` is one more than the writers.
+    `fingerprint.pb`. Large variables are written by several threads at once (`writers_for`, `write_in_shards`), as
+    shards of one checkpoint (`variables.data-0000i-of-0000n`), which TF Serving and `tf.saved_model.load` read like
+    one; `writers` overrides that choice (0: TensorFlow's saver, one shard). The object graph gets a small shard of
+    its own, so `n` is one more than the writers.
 
     `serving_default` is not saved as a third function, the way Keras's export passes the same concrete function
     twice (keras/src/export/saved_model_export_archive.py:271-284 at 3422977a5e38): TensorFlow's
@@ -95,8 +110,9 @@ def write_savedmodel(assembly: Assembly, directory: Path, graph_written: Callabl
     alias_in(parts.saved_model.meta_graphs[0], SIGNATURE_DEFAULT, DEFAULT_ARMS[assembly.default_arm])
     parts.write_graph(directory)
     graph_written()
-    writers = writers or writers_for(assembly.variable_bytes)
-    parts.write_variables(directory, BalancedShards(writers) if writers > 1 else None)
+    count = writers_for(assembly.variable_bytes) if writers is None else writers
+    parts.write_variables(directory, (lambda prefix, tensors: write_in_shards(prefix, tensors, count))
+                          if count > 0 else None)
 
 
 def write_savedmodel_whole(assembly: Assembly, directory: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -83,29 +84,25 @@ def test_full_disk_during_write_names_the_file_and_publishes_nothing(ckpt, tmp_p
         assert os.statvfs(disk).f_bfree == os.statvfs(disk).f_blocks, "the staging directory was removed"
 
 
-def test_full_disk_inside_a_tensorflow_function_is_reported_by_its_reason(tmp_path):
-    """Large variables are written from inside a `tf.function` (several writers at once), whose errors begin with
-    "Graph execution error:"; the message quotes TensorFlow's line that names the file and the reason instead."""
-    import tensorflow as tf
-
+def test_full_disk_while_large_variables_are_written_in_shards_names_the_shard(tmp_path):
+    """Large variables are written by ema-export's own writer threads (`write.write_in_shards`), whose Python
+    write errors carry no file name, beside TensorFlow's `SaveV2` writing the object graph's shard; whichever fails
+    first, the message names the shard's file and the reason."""
     from ema_export.out_dir import output_write_error
+    from ema_export.private_apis import SavedTensor
+    from ema_export.write import write_in_shards
 
-    with tmpfs(tmp_path / "small", "16k") as disk:
+    with tmpfs(tmp_path / "small", "64k") as disk:
         staging = disk / "temp-export"
-        staging.mkdir()
-
-        @tf.function
-        def write() -> None:
-            tf.raw_ops.SaveV2(prefix=str(staging / "variables" / "variables"), tensor_names=["weights"],
-                              shape_and_slices=[""], tensors=[tf.zeros([256, 256])])
-
-        with pytest.raises(tf.errors.OpError) as raised:
-            write()
-        assert str(raised.value).startswith("Graph execution error")
+        (staging / "variables").mkdir(parents=True)
+        with pytest.raises((OSError, tf.errors.OpError)) as raised:
+            write_in_shards(str(staging / "variables" / "variables"),
+                            [SavedTensor("weights", "", tf.zeros([256, 256])),  # 256 KiB
+                             SavedTensor("_CHECKPOINTABLE_OBJECT_GRAPH", "", tf.constant(b"graph"))], writers=1)
         message = str(output_write_error(raised.value, disk, staging))
-    assert "Writing variables/variables" in message and "of the export failed: no space left" in message
-    received = message.split("Received: ", 1)[1]
-    assert received.startswith(str(staging)) and "No space left on device" in received, message
+    assert re.search(r"Writing variables/variables_temp/part-0000[01]-of-00002\.data-00000-of-00001\S* of the export "
+                     r"failed: no space left", message), message
+    assert "No space left on device" in message.split("Received: ", 1)[1], message
 
 
 def test_full_disk_is_noticed_before_restore(ckpt, tmp_path):

@@ -105,6 +105,34 @@ def test_a_savedmodel_written_in_parts_loads_like_one_tf_saved_model_save_wrote(
     assert float(loaded.signatures["serve"](tf.constant([1.5]))["y"][0]) == 3.0
 
 
+def test_the_saved_tensors_are_what_the_saver_writes_and_a_writer_gets_them(tmp_path):
+    """`saved_tensors` lists exactly the keys TensorFlow's saver writes (the object graph included), each value the
+    variable's own buffer; a writer given them leaves the checkpoint."""
+    module = _scaling_module()
+    module.table = tf.lookup.experimental.MutableHashTable(tf.string, tf.int64, default_value=-1)
+    module.table.insert(tf.constant(["ema"]), tf.constant([1], tf.int64))
+    parts = SavedModelInParts(module, {"serve": module.serve.get_concrete_function()})
+    saved = parts.saved_tensors()
+    tf.saved_model.save(module, str(tmp_path / "reference"), signatures={"serve": module.serve.get_concrete_function()})
+    reference = tf.train.load_checkpoint(str(tmp_path / "reference" / "variables" / "variables"))
+    assert sorted(item.key for item in saved) == sorted(reference.get_variable_to_shape_map())
+    scale = next(item.tensor for item in saved if item.key.startswith("scale/"))
+    assert float(scale) == 2.0 and all(item.slice_spec == "" for item in saved)
+
+    received = []
+
+    def writer(prefix, tensors):
+        received.append(len(tensors))
+        tf.raw_ops.SaveV2(prefix=prefix, tensor_names=[item.key for item in tensors],
+                          shape_and_slices=[item.slice_spec for item in tensors],
+                          tensors=[item.tensor for item in tensors])
+
+    parts.write_graph(tmp_path / "ours")
+    parts.write_variables(tmp_path / "ours", writer)
+    assert received == [len(saved)]
+    assert float(tf.saved_model.load(str(tmp_path / "ours")).signatures["serve"](tf.constant([1.5]))["y"][0]) == 3.0
+
+
 def test_a_session_callable_is_built_at_once_and_the_loader_imports_without_restoring(tmp_path):
     module = _scaling_module()
     tf.saved_model.save(module, str(tmp_path), signatures={"serve": module.serve.get_concrete_function()})

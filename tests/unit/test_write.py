@@ -15,13 +15,12 @@ from tensorflow.core.protobuf import saved_model_pb2
 
 from ema_export.assemble import assemble
 from ema_export.contracts import SIGNATURE_DEFAULT, SIGNATURE_EMA, SIGNATURE_LIVE
-from ema_export.private_apis import SavedModelInParts, fresh_fingerprint
+from ema_export.private_apis import SavedModelInParts, SavedTensor, fresh_fingerprint
 from ema_export.verify import TfServingLoad
 from ema_export.write import (
     MAX_WRITERS,
     PARALLEL_WRITE_MIN_BYTES,
-    PARALLEL_WRITE_MIN_MEAN_BYTES,
-    BalancedShards,
+    balanced,
     write_savedmodel,
     write_savedmodel_whole,
     writers_for,
@@ -105,17 +104,20 @@ def test_large_variables_are_shards_of_one_checkpoint_that_tf_serving_and_tf_loa
     sharded, single = tmp_path / "sharded", tmp_path / "single"
     sharded.mkdir(), single.mkdir()
     write_savedmodel(assembly, sharded, writers=2)
-    write_savedmodel(assembly, single, writers=1)
+    write_savedmodel(assembly, single, writers=0)
 
-    data = sorted(path.name for path in (sharded / "variables").glob("variables.data-*"))
-    assert data == [f"variables.data-0000{i}-of-00003" for i in range(3)]  # two writers and the object graph's
-    assert sorted(path.name for path in (single / "variables").glob("variables.data-*")) == [
-        "variables.data-00000-of-00001"]
+    # two writers and the object graph's shard; the shards' temporary directory is gone
+    assert sorted(path.name for path in (sharded / "variables").iterdir()) == [
+        *(f"variables.data-0000{i}-of-00003" for i in range(3)), "variables.index"]
+    assert sorted(path.name for path in (single / "variables").iterdir()) == [
+        "variables.data-00000-of-00001", "variables.index"]
     sharded_values, single_values = _checkpoint(sharded), _checkpoint(single)
     assert sharded_values.keys() == single_values.keys()
-    for key, value in single_values.items():
-        if key != "_CHECKPOINTABLE_OBJECT_GRAPH":
-            np.testing.assert_array_equal(sharded_values[key], value, err_msg=key)
+    for key, value in single_values.items():  # the object graph included
+        np.testing.assert_array_equal(sharded_values[key], value, err_msg=key)
+    readers = [tf.train.load_checkpoint(str(directory / "variables" / "variables")) for directory in (sharded, single)]
+    assert readers[0].get_variable_to_dtype_map() == readers[1].get_variable_to_dtype_map()
+    assert readers[0].get_variable_to_shape_map() == readers[1].get_variable_to_shape_map()
     for signature, output in _served(sharded, assembly).items():
         np.testing.assert_allclose(output, EXPECTED[signature], err_msg=signature)
     loaded = tf.saved_model.load(str(sharded)).signatures[SIGNATURE_EMA]
@@ -125,24 +127,19 @@ def test_large_variables_are_shards_of_one_checkpoint_that_tf_serving_and_tf_loa
 
 def test_shards_are_balanced_by_bytes_largest_first():
     sizes = [40, 10, 30, 20, 20]  # float32 elements: 160, 40, 120, 80 and 80 bytes
-    tensors = [tf.train.experimental.ShardableTensor(
-        _tensor_save_spec=None, tensor=tf.zeros([n]), dtype=tf.float32, device="/cpu:0", name=f"t{i}",
-        shape=tf.TensorShape([n]), slice_spec="", checkpoint_key=f"t{i}", trackable=None) for i, n in enumerate(sizes)]
-    shards = BalancedShards(2)(tensors)
-    loads = sorted(sum(next(iter(slices.values())).shape[0] for slices in shard.values()) for shard in shards)
-    assert loads == [60, 60]  # 40 + 20 and 30 + 20 + 10
-    assert sorted(key for shard in shards for key in shard) == [f"t{i}" for i in range(5)]
-    assert len(BalancedShards(8)(tensors)) == 5  # never an empty shard
+    tensors = [SavedTensor(f"t{i}", "", tf.zeros([n])) for i, n in enumerate(sizes)]
+    shards = balanced(tensors, 2)
+    assert sorted([item.tensor.shape[0] for item in shard] for shard in shards) == [[30, 20, 10], [40, 20]]
+    assert len(balanced(tensors, 8)) == 5  # never an empty shard
 
 
-def test_writers_are_one_per_cpu_only_for_large_variables_that_are_few():
+def test_writers_are_one_per_cpu_only_for_large_variables():
     large = [PARALLEL_WRITE_MIN_BYTES // 4] * 4
     assert writers_for(large, cpus=2) == 2
     assert writers_for(large, cpus=64) == MAX_WRITERS
     assert writers_for(large, cpus=1) == 1
-    assert writers_for([PARALLEL_WRITE_MIN_BYTES // 4] * 3, cpus=2) == 1  # too little in all
-    many = PARALLEL_WRITE_MIN_BYTES // (PARALLEL_WRITE_MIN_MEAN_BYTES // 2)
-    assert writers_for([PARALLEL_WRITE_MIN_MEAN_BYTES // 2] * many, cpus=2) == 1  # enough, but in small pieces
+    assert writers_for([PARALLEL_WRITE_MIN_BYTES // 4] * 3, cpus=2) == 0  # too little in all: TensorFlow's saver
+    assert writers_for([PARALLEL_WRITE_MIN_BYTES // 4096] * 4096, cpus=2) == 2  # many small variables too
     assert writers_for(large) >= 1
 
 
