@@ -298,8 +298,9 @@ def test_an_export_whose_live_values_are_restored_in_parts_gives_the_same_answer
 
 
 def test_an_export_whose_variables_are_written_by_two_writers_verifies_and_serves(seed_ckpt, tmp_path, monkeypatch):
-    """The parallel write end to end: the saver traced in a function while verification imports the graph in a
-    worker thread, a sharded checkpoint, TF Serving's load of it, and the same answers as a one-shard export."""
+    """The parallel write end to end: the variables written by ema-export's own writer threads while verification
+    imports the graph in a worker thread, a sharded checkpoint, TF Serving's load of it, and the same answers as a
+    one-shard export."""
     import ema_export.write as write
 
     single = ema_export.export(seed_ckpt, tmp_path / "single", model=tm.LinearModule)
