@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 import ema_export
-from support.exporting import read_in_parts
+from support.exporting import read_in_parts, written_in_shards
 
 keras_hub = pytest.importorskip("keras_hub")
 
@@ -85,13 +85,18 @@ def test_kerashub_dict_inputs_export_and_serve_by_name(bert_run, tmp_path):
         ema_export.export(run, tmp_path / "out2", model=bert_classifier, input_signature=["inputs:int32:[None,6]"])
 
 
-def test_kerashub_model_restored_in_parts_serves_the_same(bert_run, tmp_path, monkeypatch):
-    """The restore's parallel read on a real Keras 3 model written by fit (BERT read as if it were large, a part per
-    variable): every weight gets its value, both arms serve what the trained model computed."""
+def test_kerashub_model_restored_in_parts_and_written_in_shards_serves_the_same(bert_run, tmp_path, monkeypatch):
+    """The restore's parallel read and the write's own checkpoint writer on a real Keras 3 model written by fit
+    (BERT read and written as if it were large: a part per variable, two writer threads): every weight gets its
+    value, both arms serve what the trained model computed."""
     run, raw, averaged, probe = bert_run
     reads = read_in_parts(monkeypatch)
+    written = written_in_shards(monkeypatch)
     result = ema_export.export(run, tmp_path / "out", model=bert_classifier)
     assert len(reads) == 1 and reads[0][1] > 20  # every weight of the model, each in a part of its own
+    assert len(written) == 2 and sum(count for _, count in written) > 2 * 20  # both arms' weights, over two threads
+    data = sorted(path.name for path in (result.version_dir / "variables").glob("variables.data-*"))
+    assert data == [f"variables.data-0000{i}-of-00003" for i in range(3)]
     np.testing.assert_allclose(serve(result.version_dir, "serve_live", probe), raw, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(serve(result.version_dir, "serve_ema", probe), averaged, rtol=1e-5, atol=1e-5)
 

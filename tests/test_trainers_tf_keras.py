@@ -18,7 +18,7 @@ import tensorflow as tf
 import ema_export
 from ema_export.names import SIGNATURE_EMA, SIGNATURE_LIVE
 from support import models as tm
-from support.exporting import read_in_parts
+from support.exporting import read_in_parts, written_in_shards
 
 tf_keras = pytest.importorskip("tf_keras")
 
@@ -135,12 +135,17 @@ def test_tf_keras_file_with_a_keras_3_model_names_the_saver(run, tmp_path):
 
 
 def test_model_checkpoint_saved_model_directory_restored_in_parts_serves_both_arms(run, tmp_path, monkeypatch):
-    """The restore's parallel read on what tf-keras fit() wrote (the MLP read as if it were large, a part per
-    variable): the same answers as the one-op restore."""
+    """The restore's parallel read and the write's own checkpoint writer on what tf-keras fit() wrote (the MLP read
+    and written as if it were large: a part per variable, two writer threads): the same answers as the one-op
+    restore."""
     reads = read_in_parts(monkeypatch)
+    written = written_in_shards(monkeypatch)
 
     result = ema_export.export(run.directory / "savedmodel-2", tmp_path / "out", model=build_mlp)
 
     assert [variables for _, variables in reads] == [len(build_mlp().variables)]  # each in a part of its own
+    model = build_mlp()  # every variable once, and an average of each trainable one (BatchNorm statistics are shared)
+    assert len(written) == 2 and sum(count for _, count in written) == len(model.variables) + len(
+        model.trainable_variables)
     np.testing.assert_allclose(served(result.version_dir, SIGNATURE_LIVE), run.raw[1], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(served(result.version_dir, SIGNATURE_EMA), run.averaged[1], rtol=1e-5, atol=1e-5)

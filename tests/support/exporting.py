@@ -54,3 +54,22 @@ def read_in_parts(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
 
     monkeypatch.setattr(restore_by_graph, "restore_in_parts", recorded)
     return reads
+
+
+def written_in_shards(monkeypatch: pytest.MonkeyPatch, writers: int = 2) -> list[tuple[str, int]]:
+    """Make the write stage write any model's variables as it writes a large model's: ema-export's own checkpoint
+    writer (`bundle.write_bundle`) on `writers` threads, the object graph in a shard of its own. Returns the list it
+    records each bundle written in, as (bundle prefix, tensors written)."""
+    import ema_export.bundle as bundle
+    import ema_export.write as write
+
+    monkeypatch.setattr(write, "writers_for", lambda sizes, cpus=None: writers)
+    written: list[tuple[str, int]] = []
+    write_bundle = bundle.write_bundle
+
+    def recorded(prefix: str, tensors: list) -> None:
+        written.append((prefix, len(tensors)))
+        write_bundle(prefix, tensors)
+
+    monkeypatch.setattr(bundle, "write_bundle", recorded)
+    return written
