@@ -21,6 +21,7 @@ from ema_export.write import (
     MAX_WRITERS,
     PARALLEL_WRITE_MIN_BYTES,
     balanced,
+    write_in_shards,
     write_savedmodel,
     write_savedmodel_whole,
     writers_for,
@@ -123,6 +124,42 @@ def test_large_variables_are_shards_of_one_checkpoint_that_tf_serving_and_tf_loa
     loaded = tf.saved_model.load(str(sharded)).signatures[SIGNATURE_EMA]
     np.testing.assert_allclose(loaded(**{assembly.input_signature[0].name: tf.constant(INPUTS)})["output_0"],
                                EXPECTED[SIGNATURE_EMA])
+
+
+def test_state_that_is_not_numbers_goes_to_tensorflow_s_shard_and_every_value_matches_tf_saved_model_save(tmp_path):
+    """A module with variables of several dtypes and a mutable lookup table (string keys): the numbers are written by
+    the writer threads, the table's strings and the object graph by `SaveV2`, and the merged checkpoint holds every
+    key, dtype, shape and value `tf.saved_model.save` writes."""
+    module = tf.Module()
+    module.kernel = tf.Variable(np.arange(12, dtype=np.float32).reshape(3, 4))
+    module.half = tf.Variable(tf.constant([0.5, -1.5], tf.bfloat16))
+    module.step = tf.Variable(tf.constant(41, tf.int64))
+    module.table = tf.lookup.experimental.MutableHashTable(tf.string, tf.int64, default_value=-1)
+    module.table.insert(tf.constant(["ema", "live"]), tf.constant([1, 2], tf.int64))
+    module.serve = tf.function(lambda x: {"y": tf.matmul(x, module.kernel)},
+                               input_signature=[tf.TensorSpec([None, 3], tf.float32)])
+    signatures = {"serve": module.serve.get_concrete_function()}
+    tf.saved_model.save(module, str(tmp_path / "reference"), signatures=signatures)
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    parts = SavedModelInParts(module, signatures)
+    parts.write_graph(ours)
+    given = []
+    parts.write_variables(ours, lambda prefix, tensors: (given.append(len(tensors)),
+                                                         write_in_shards(prefix, tensors, writers=2)))
+
+    assert given, "the writer was given the tensors"
+    assert sorted(path.name for path in (ours / "variables").glob("variables.data-*")) == [
+        f"variables.data-0000{i}-of-00003" for i in range(3)]
+    readers = [tf.train.load_checkpoint(str(directory / "variables" / "variables"))
+               for directory in (ours, tmp_path / "reference")]
+    assert readers[0].get_variable_to_dtype_map() == readers[1].get_variable_to_dtype_map()
+    assert readers[0].get_variable_to_shape_map() == readers[1].get_variable_to_shape_map()
+    for key in readers[1].get_variable_to_shape_map():
+        np.testing.assert_array_equal(readers[0].get_tensor(key), readers[1].get_tensor(key), err_msg=key)
+    table = {key: readers[0].get_tensor(key) for key in readers[0].get_variable_to_shape_map() if "table" in key}
+    assert sorted(value.dtype.kind for value in table.values()) == ["O", "i"]  # the keys (strings) and the values
+    assert int(tf.saved_model.load(str(ours)).step) == 41
 
 
 def test_shards_are_balanced_by_bytes_largest_first():
