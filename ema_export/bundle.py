@@ -27,6 +27,8 @@ from typing import Any
 import google_crc32c
 import numpy as np
 
+from ema_export.errors import naming_the_file
+
 CHUNK_BYTES = 256 * 1024
 """Bytes per write() call: small enough that the page cache takes small folios, large enough that calls are few."""
 
@@ -79,7 +81,7 @@ def write_bundle(prefix: str, tensors: Sequence[tuple[str, Any]]) -> None:
     entries: dict[bytes, bytes] = {}
     offset = 0
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
-    with _named_errors(data_filename(prefix)), open(data_filename(prefix), "wb", buffering=0) as data:
+    with naming_the_file(data_filename(prefix)), open(data_filename(prefix), "wb", buffering=0) as data:
         for key, tensor in tensors:
             raw = _bytes_of(tensor)
             crc = 0
@@ -99,7 +101,7 @@ def write_bundle(prefix: str, tensors: Sequence[tuple[str, Any]]) -> None:
     header = tensor_bundle_pb2.BundleHeaderProto(
         num_shards=1, endianness=tensor_bundle_pb2.BundleHeaderProto.LITTLE,
         version=versions_pb2.VersionDef(producer=_TENSOR_BUNDLE_VERSION))
-    with _named_errors(index_filename(prefix)), open(index_filename(prefix), "wb") as index:
+    with naming_the_file(index_filename(prefix)), open(index_filename(prefix), "wb") as index:
         index.write(table([(b"", header.SerializeToString()), *sorted(entries.items())]))
 
 
@@ -115,20 +117,6 @@ def _write_all(file: Any, chunk: np.ndarray) -> None:
     view = chunk.data
     while view:
         view = view[file.write(view):]
-
-
-class _named_errors:  # noqa: N801 - used as a statement: `with _named_errors(path):`
-    """Re-raise an OSError of a write with `path` as its file name."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, error: BaseException | None, traceback: Any) -> None:
-        if isinstance(error, OSError) and error.filename is None:
-            raise OSError(error.errno, error.strerror, self.path) from error
 
 
 # --- The index: a table in LevelDB's format (tsl/lib/io/table_builder.cc, block_builder.cc, format.cc) ----------

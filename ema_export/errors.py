@@ -8,12 +8,16 @@ and what was received. The CLI prints `str(error)` as one line; `hint` is shown 
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from ema_export.contracts import HintedError
 
 __all__ = [
     "CheckpointNotFoundError", "CheckpointReadError", "EmaExportError", "FoldError", "HintedError", "LayoutError",
     "ModelLoadError", "OptionsError", "OutputDirError", "OutputWriteError", "RestoreError", "ServingVersionError",
-    "VerificationError", "VersionExistsError", "VersionServedError",
+    "VerificationError", "VersionExistsError", "VersionServedError", "naming_the_file",
 ]
 
 
@@ -93,3 +97,14 @@ def received_line(error: BaseException, reason: str = "") -> str:
     line = next((line.strip() for line in lines if reason and reason in line), first)
     return line.split("}}", 1)[-1].strip() if line.startswith("{{function_node") else line
 
+
+@contextmanager
+def naming_the_file(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Re-raise an OSError that names no file (Python's write() errors do not) as the same error naming `path`, so
+    the export's error message can say which file failed."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from error

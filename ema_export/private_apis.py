@@ -43,7 +43,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
-from ema_export.errors import EmaExportError
+from ema_export.errors import EmaExportError, naming_the_file
 
 TESTED_WITH = "tensorflow 2.16-2.21, keras 3.8-3.15 and tf-keras 2.16-2.21"
 """The releases whose private interfaces these accessors were written against (pyproject.toml bounds them)."""
@@ -190,10 +190,8 @@ class SavedModelInParts:
 
         self._assets_module.copy_assets_to_destination_dir(self._asset_files, str(directory))
         path = directory / tf.saved_model.SAVED_MODEL_FILENAME_PB
-        try:
+        with naming_the_file(path):
             path.write_bytes(self.saved_model.SerializeToString(deterministic=True))
-        except OSError as error:  # write() errors name no file; the export's error message names it
-            raise OSError(error.errno, error.strerror, str(path)) from error
 
     def write_variables(self, directory: Path, writer: Callable[[str, list[SavedTensor]], None] | None = None
                         ) -> None:
