@@ -37,6 +37,7 @@ names the missing attribute and the versions this was tested with, instead of an
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable
 from pathlib import Path
@@ -208,10 +209,8 @@ class SavedModelInParts:
         (directory / tf.saved_model.VARIABLES_DIRECTORY).mkdir(exist_ok=True)
         tensors = None
         if writer is not None:
-            try:
+            with contextlib.suppress(PrivateApiError):
                 tensors = self.saved_tensors()
-            except PrivateApiError:
-                tensors = None
         if writer is None or tensors is None:
             self._saver.save(prefix)
         else:

@@ -46,10 +46,11 @@ def balanced(tensors: Sequence[SavedTensor], count: int) -> list[list[SavedTenso
     lightest shard, each shard in the order its tensors were added."""
     shards: list[list[SavedTensor]] = [[] for _ in range(count)]
     loads = [0] * count
-    for item in sorted(tensors, key=lambda item: tensor_bytes(item.tensor.shape, item.tensor.dtype), reverse=True):
+    sized = [(tensor_bytes(item.tensor.shape, item.tensor.dtype), item) for item in tensors]
+    for size, item in sorted(sized, key=lambda pair: pair[0], reverse=True):
         lightest = loads.index(min(loads))
         shards[lightest].append(item)
-        loads[lightest] += tensor_bytes(item.tensor.shape, item.tensor.dtype)
+        loads[lightest] += size
     return [shard for shard in shards if shard]
 
 
