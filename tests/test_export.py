@@ -23,7 +23,7 @@ from ema_export.names import (
 from ema_export.private_apis import fresh_fingerprint
 from ema_export.write import alias_signature
 from support import models as tm
-from support.exporting import read_in_parts
+from support.exporting import read_in_parts, written_in_shards
 
 pytestmark = pytest.mark.slow  # every test runs a full export
 X = np.array([[1.0, -2.0, 0.5, 3.0], [0.0, 1.0, -1.0, 2.0], [4.0, 0.25, -0.5, -1.0]], np.float32)
@@ -301,10 +301,8 @@ def test_an_export_whose_variables_are_written_by_two_writers_verifies_and_serve
     """The parallel write end to end: the variables written by ema-export's own writer threads while verification
     imports the graph in a worker thread, a sharded checkpoint, TF Serving's load of it, and the same answers as a
     one-shard export."""
-    import ema_export.write as write
-
     single = ema_export.export(seed_ckpt, tmp_path / "single", model=tm.LinearModule)
-    monkeypatch.setattr(write, "writers_for", lambda sizes, cpus=None: 2)  # a tiny model, written as a large one
+    written_in_shards(monkeypatch)  # a tiny model, written as a large one
     sharded = ema_export.export(seed_ckpt, tmp_path / "sharded", model=tm.LinearModule)
 
     names = sorted(path.name for path in (sharded.version_dir / "variables").iterdir())
