@@ -109,10 +109,13 @@ def _dry_run_data(planned: Any) -> dict[str, Any]:
     }
 
 
-def _fail(message: str, code: int, as_json: bool, kind: str) -> None:
+def _fail(message: str, code: int, as_json: bool, kind: str, line: str | None = None,
+          problems: list[str] | None = None) -> None:
+    """Exit with one error line on stderr (`line`, a shortened form of `message`, when given) and, with --json, the
+    whole message (and every problem) as JSON on stdout."""
     if as_json:
-        click.echo(json.dumps({"error": message, "type": kind}))
-    click.echo(f"Error: {message}", err=True)
+        click.echo(json.dumps({"error": message, "type": kind, **({"problems": problems} if problems else {})}))
+    click.echo(f"Error: {line or message}", err=True)
     sys.exit(code)
 
 
@@ -198,7 +201,8 @@ def cli(ckpt_dir: str, out_dir: str, ema_checkpoint: str | None, model_spec: str
             return
         result = export(ckpt_dir, out_dir, model=model_spec, options=options, progress=progress)
     except EmaExportError as error:
-        _fail(str(error), error.exit_code, as_json, type(error).__name__)
+        _fail(str(error), error.exit_code, as_json, type(error).__name__, None if verbose else error.summary(),
+              error.problems)
     except KeyboardInterrupt:
         _fail("Interrupted; nothing was published in OUT_DIR", EXIT_INTERRUPTED, as_json, "KeyboardInterrupt")
     except Exception as error:  # a bug or an unsupported model: still one line unless asked for more

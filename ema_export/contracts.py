@@ -72,6 +72,11 @@ DEFAULT_MODEL_NAME: Final = "model"
 # --- Errors -----------------------------------------------------------------------------------------------------
 
 
+SUMMARY_CHARACTERS: Final = 300
+"""How long a one-line error may get on a terminal before `HintedError.summary` shortens it."""
+_MORE_IN_FULL: Final = " (all of it: --verbose)"
+
+
 class HintedError(ValueError):
     """An error that says what happened, how to fix it, and every offender; the base of the project's errors.
 
@@ -94,6 +99,45 @@ class HintedError(ValueError):
         if self.hint:
             text = text.rstrip(".") + f". {self.hint}"
         return text
+
+    def summary(self, limit: int = SUMMARY_CHARACTERS) -> str:
+        """The error in about `limit` characters, for a terminal line: the message, as many problems as fit (the
+        first one always, up to 80 characters), the count of the rest, and the hint's fix. What is cut (long
+        problems, a long "Received: ..." list, text quoted from a library) stays in `str(error)`, which `--verbose`
+        and `--json` show whole.
+        """
+        whole = str(self)
+        if len(whole) <= limit:
+            return whole
+        fix, _, received = self.hint.partition("Received:")
+        fix = fix.strip().rstrip(".")
+        message = _clip(self.message, max(limit - len(fix) - 40, 120))
+        budget = limit - len(message) - len(fix) - len(_MORE_IN_FULL) - 4
+        shown: list[str] = []
+        for problem in self.problems:
+            clipped = _clip(problem, 120 if shown else max(budget - len(" and 999 more"), 80))
+            if shown and len("; ".join(shown + [clipped])) + len(" and 999 more") > budget:
+                break
+            shown.append(clipped)
+        text = message
+        if self.problems:
+            rest = len(self.problems) - len(shown)
+            text += " " + "; ".join(shown) + (f"{' and' if shown else ''} {rest} more" if rest else "")
+        received = received.strip()
+        room = limit - len(text) - len(fix) - len(_MORE_IN_FULL) - 14
+        if received and room >= 30:
+            fix = f"{fix}. Received: {_clip(received, room)}" if fix else f"Received: {_clip(received, room)}"
+        if fix:
+            text = (text + " " if text.endswith("…") else text.rstrip(".") + ". ") + fix
+        return text + _MORE_IN_FULL
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text`, or its first `limit` characters cut at a word boundary, with an ellipsis."""
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 1]
+    return (cut.rsplit(" ", 1)[0] if " " in cut[limit // 2:] else cut).rstrip(" ,;:(") + "…"
 
 
 # --- TF Serving's version-directory rule ------------------------------------------------------------------------

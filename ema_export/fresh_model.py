@@ -145,11 +145,17 @@ def _keras_config_factory(path: Path) -> ModelFactory:
             return model_from_json(config_text)
         except Exception as error:  # Keras raises many types for configs it cannot rebuild
             raise ModelLoadError(
-                f"Cannot rebuild the architecture in {path}: {error}",
-                hint="Custom layers need code: pass --model package.module:factory instead",
+                f"Cannot rebuild the architecture in {path}: {_first_sentence(str(error))}",
+                hint="Custom layers and models need their code: pass --model package.module:factory instead",
             ) from error
 
     return build
+
+
+def _first_sentence(text: str) -> str:
+    """Keras's own first sentence of an error ("Could not locate class 'Tower'"), without the whole serialized
+    config it goes on to paste."""
+    return re.split(r"(?<=[.!?])\s", text.strip(), maxsplit=1)[0].rstrip(".")
 
 
 _SPEC_PATTERN = re.compile(r"^(?P<name>[A-Za-z_][\w.\-]*):(?P<dtype>\w+):\[(?P<shape>[^\]]*)\]$")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
-from ema_export.errors import RestoreError, name_list
+from ema_export.errors import RestoreError
 
 if TYPE_CHECKING:  # only annotations: the adapters build RestoredVariables, and fresh_model imports the adapters
     from ema_export.fresh_model import FreshModel
@@ -69,7 +69,7 @@ def raise_for_shapes(source: str, entries: list[tuple[str, tuple[int, ...], tupl
                  for name, model, stored in entries if tuple(model) != tuple(stored)]
     if differing:
         raise RestoreError(
-            f"{len(differing)} of {len(entries)} model variables have another shape than in {source}: "
-            f"{name_list(differing, limit=3)}",
+            f"{len(differing)} of {len(entries)} model variables have another shape than in {source}:",
             hint="The model is not the architecture that was trained; pass the --model that was trained",
+            problems=differing,
         )

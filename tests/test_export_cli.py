@@ -161,3 +161,57 @@ def test_help_names_every_registered_layout():
     help_text = "".join(run("--help").output.split())  # click may wrap a name at its hyphens
     for name in LAYOUTS:
         assert name in help_text
+
+
+SUBCLASSED_MODULE = '''
+import keras
+
+@keras.saving.register_keras_serializable(package="mine")
+class Tower(keras.Model):
+    def __init__(self, units=8, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.hidden, self.head = keras.layers.Dense(units, activation="relu"), keras.layers.Dense(2)
+
+    def call(self, inputs):
+        return self.head(self.hidden(inputs))
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+'''
+
+
+def test_a_long_error_is_one_short_line_and_whole_in_json_and_verbose(tmp_path):
+    """A registered subclassed model's `.keras` without --model: Keras's message pastes the whole config (1.3 kB);
+    the terminal line names the class and the fix in at most 300 characters."""
+    import keras
+    import numpy as np
+
+    (tmp_path / "mine.py").write_text(SUBCLASSED_MODULE)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import mine
+    finally:
+        sys.path.remove(str(tmp_path))
+    model = mine.Tower()
+    model.compile(optimizer=keras.optimizers.Adam(0.05, use_ema=True), loss="mse")
+    model.train_on_batch(np.ones((4, 4), np.float32), np.ones((4, 2), np.float32))
+    model.save(tmp_path / "model.keras")
+    keras.saving.get_custom_objects().clear()  # a fresh process, as the command line is: nothing registered
+
+    result = run(tmp_path / "model.keras", tmp_path / "out", "--json")
+    assert_one_line_error(result, "Could not locate class 'Tower'", "pass --model package.module:factory")
+    line = result.stderr.strip()
+    assert len(line) <= len("Error: ") + 300, line
+    assert json.loads(result.stdout)["type"] == "ModelLoadError"
+
+
+def test_an_error_with_many_problems_shows_the_first_and_a_count(tmp_path):
+    from ema_export.errors import FoldError
+
+    error = FoldError("The EMA shadows in ckpt do not fit the model (40 problems):", hint="Check --model",
+                      problems=[f"missing shadow for layer_{i}/kernel, a variable of the model" for i in range(40)])
+    line = error.summary()
+    assert len(line) <= 300 and line.startswith(error.message + " missing shadow for layer_0/kernel")
+    assert re.search(r" and \d+ more\. Check --model \(all of it: --verbose\)$", line)
+    assert len(str(error)) > 1000  # --verbose and --json print it whole
