@@ -51,18 +51,37 @@ def _differs(variable: Any, weights: h5py.File, key: str) -> bool:
                                                   equal_nan=expected.dtype.kind == "f")
 
 
+def _refuse_unheld(path: str, writer: KerasWriter, unheld: list[str], computed: list[str]) -> RestoreError:
+    """The file does not hold the values of some trainable variables: their averages cannot be folded."""
+    cause = (f"{writer.label} saved {name_list(computed, 2)} as values computed on save" if computed
+             else "no entry of the file holds them")
+    if computed and any("lora_" in name.rsplit("/", 1)[-1] for name in unheld):
+        cause = f"{writer.label} saves LoRA layers with the adapters merged into the weights they adapt"
+    return RestoreError(
+        f"{path} does not hold the values of {len(unheld)} trainable variables ({name_list(unheld, 2)}): {cause}, "
+        "so their averages cannot be folded",
+        hint="Export a tf.train.Checkpoint(model=..., optimizer=...) saved during training instead",
+    )
+
+
 def restore_from_keras_file(fresh: FreshModel, checkpoint: CheckpointFiles) -> RestoredModel:
     """Restore the live values of a Keras model from a `.keras` or `.weights.h5` file, strictly.
 
+    Every trainable variable must have an entry of its own holding its value: a layer that saves something computed
+    in its place (Keras's LoRA layers merge the adapters into the kernel, `Dense.save_own_variables`) leaves a file
+    whose averaged variables have no live value in it, and folding their averages would serve a wrong `serve_ema`.
+
     Raises:
         RestoreError: The model is not a Keras model of the kind that saved the file, Keras cannot load the file
-            into it, or some variable's value differs from its entry in the file (or the file has layers the model
-            lacks).
+            into it, some trainable variable has no entry of its own, or some variable's value differs from its
+            entry in the file (or the file has layers the model lacks).
     """
     path = checkpoint.prefix
     writer = _writer_for(fresh, path)
     model, variables = fresh.model, fresh.variables()
-    paths = writer.weight_paths(model, variables)
+    saved = writer.weight_paths(model, variables)
+    paths = saved.paths
+    computed = [entry for entry in saved.computed if not entry.startswith(writer.skipped_state)]
     with open_weights(path) as weights:
         raise_for_shapes(path, [(key, tuple(variable.shape), tuple(weights[key].shape))
                                 for variable in variables
@@ -80,11 +99,11 @@ def restore_from_keras_file(fresh: FreshModel, checkpoint: CheckpointFiles) -> R
             if key and _differs(variable, weights, key):
                 differing.append(key)
             restored.append(name(variable, key, weights))
-        # Entries nothing loads mean layers the model lacks; unless some layer saves transformed values, which
-        # then have entries of their own that no variable maps to.
-        unmapped = any(not item.checkpoint_key for item in restored)
-        extra = [] if unmapped else sorted(key for key in stored - set(paths.values())
-                                           if not key.startswith(writer.skipped_state))
+        extra = sorted(key for key in stored - set(paths.values()) - set(computed)
+                       if not key.startswith(writer.skipped_state))
+    unheld = [item.name for item in restored if item.trainable and not item.checkpoint_key]
+    if unheld:
+        raise _refuse_unheld(path, writer, unheld, computed)
     if differing or extra:
         problems = ([f"{len(differing)} variables differ from their entries: {name_list(differing)}"] if differing
                     else []) + ([f"{len(extra)} entries belong to no model variable: {name_list(extra)}"] if extra

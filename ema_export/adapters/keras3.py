@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import tensorflow as tf
 
 from ema_export.adapters.keras_common import KerasAdapter
-from ema_export.adapters.keras_writer import KerasWriter, VariableNamer, compiled_optimizer
+from ema_export.adapters.keras_writer import KerasWriter, SavedLayout, VariableNamer, compiled_optimizer
 from ema_export.checkpoint_graph import variable_identity
 from ema_export.private_apis import keras_saving_lib
 from ema_export.restored import RestoredVariable
@@ -18,15 +18,19 @@ if TYPE_CHECKING:
     import h5py
 
 
-def _recording_store() -> Any:
+def _recording_store(variables: list[Any]) -> Any:
     store_class: Any = keras_saving_lib().H5IOStore
+    known = {variable_identity(variable) for variable in variables}
 
     class RecordingStore(store_class):
-        """Keras's own weights store, made to note where each variable would be written instead of writing it."""
+        """Keras's own weights store, made to note where each variable would be written instead of writing it, and
+        which entries would get a value that is none of the model's variables (Keras 3 layers store the variable
+        object itself, `Layer.save_own_variables`; anything else was computed on save)."""
 
         def __init__(self) -> None:
             super().__init__(io.BytesIO(), mode="w")
             self.paths: dict[int, str] = {}
+            self.computed: list[str] = []
             self._current = ""
 
         def make(self, path: str, metadata: dict | None = None) -> RecordingStore:
@@ -34,7 +38,12 @@ def _recording_store() -> Any:
             return self
 
         def __setitem__(self, key: str, value: Any) -> None:
-            self.paths.setdefault(variable_identity(value), "/".join(filter(None, (self._current, "vars", key))))
+            entry = "/".join(filter(None, (self._current, "vars", key)))
+            identity = variable_identity(value)
+            if identity in known:
+                self.paths.setdefault(identity, entry)
+            else:
+                self.computed.append(entry)
 
     return RecordingStore()
 
@@ -67,18 +76,18 @@ class Keras3Writer(KerasWriter):
     keras_major = "3"
     skipped_state = ("optimizer/",)
 
-    def weight_paths(self, model: Any, variables: list[Any]) -> dict[int, str]:
+    def weight_paths(self, model: Any, variables: list[Any]) -> SavedLayout:
         """Keras's own traversal (`saving_lib._save_state`, what `save_weights` runs) with a store that records
-        instead of writing, so the paths are exactly those of any file saved from this architecture. Layers that save
-        a transformed value (LoRA kernels merged on save) have no path; Keras's loader still restores them."""
+        instead of writing, so the paths are exactly those of any file saved from this architecture. A value a layer
+        computes on save (a LoRA kernel with its adapters merged in) is recorded as computed, not as a variable's."""
         saving_lib = keras_saving_lib()
-        store = _recording_store()
+        store = _recording_store(variables)
         optimizer = compiled_optimizer(model)
         try:
             saving_lib._save_state(model, store, None, "", {id(optimizer)} if optimizer is not None else set())
         finally:
             store.close()
-        return store.paths
+        return SavedLayout(store.paths, tuple(store.computed))
 
     def load(self, model: Any, path: str) -> None:
         saving_lib = keras_saving_lib()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -21,6 +22,21 @@ if TYPE_CHECKING:
 VariableNamer = Callable[[Any, str, "h5py.File"], "RestoredVariable"]
 """Describes one model variable restored from the entry at `key` ("" when the saving walk gave it none) of the
 open weights file."""
+
+
+@dataclass(frozen=True)
+class SavedLayout:
+    """Where a Keras's saving walk puts a model's values, learnt by running the walk over the model.
+
+    Attributes:
+        paths: Variable identity -> the entry (`layers/dense/vars/0`) that holds exactly that variable's value.
+        computed: Entries that hold a value computed on save, no variable's own: a LoRA layer's kernel with its
+            adapters merged in, a quantized kernel re-quantized after such a merge. A file holding them does not hold
+            the values of the variables they were computed from.
+    """
+
+    paths: dict[int, str]
+    computed: tuple[str, ...] = ()
 
 
 class KerasWriter(ABC):
@@ -37,9 +53,10 @@ class KerasWriter(ABC):
     are never served), so entries under them are not reported as belonging to no variable."""
 
     @abstractmethod
-    def weight_paths(self, model: Any, variables: list[Any]) -> dict[int, str]:
-        """Where this Keras's saving walk stores each of `model`'s variables (`layers/dense/vars/0`), by identity;
-        `variables` are the model's, as its adapter lists them. The optimizer is skipped: it is not exported."""
+    def weight_paths(self, model: Any, variables: list[Any]) -> SavedLayout:
+        """Where this Keras's saving walk stores each of `model`'s variables (`layers/dense/vars/0`), by identity,
+        and which entries it fills with computed values instead; `variables` are the model's, as its adapter lists
+        them. The optimizer is skipped: it is not exported."""
 
     @abstractmethod
     def load(self, model: Any, path: str) -> None:

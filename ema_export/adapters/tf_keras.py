@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from ema_export.adapters.keras_common import KerasAdapter
-from ema_export.adapters.keras_writer import KerasWriter, VariableNamer, compiled_optimizer
+from ema_export.adapters.keras_writer import KerasWriter, SavedLayout, VariableNamer, compiled_optimizer
 from ema_export.checkpoint_graph import children_of, variable_identity
 from ema_export.errors import ModelLoadError
 from ema_export.keras_files import WEIGHTS_MEMBER
@@ -49,17 +49,19 @@ class TfKerasWriter(KerasWriter):
     keras_major = "2"
     skipped_state = ("optimizer/", "metrics/")  # tf-keras also saves a compiled model's metrics
 
-    def weight_paths(self, model: Any, variables: list[Any]) -> dict[int, str]:
+    def weight_paths(self, model: Any, variables: list[Any]) -> SavedLayout:
         """tf-keras's saving walk (`tf_keras/src/saving/saving_lib.py` `_save_state`), recorded.
 
         tf-keras layers hand the store values, not variables (`Layer.save_own_variables` stores `v.numpy()`), so each
         variable is first filled with its own number, the walk records which number lands at which path, and the
-        values are put back. The restore loads every value from the file right after, and checks it.
+        values are put back. A numeric entry that is not wholly one variable's number was computed on save. The
+        restore loads every value from the file right after, and checks it.
         """
         saving_lib = tf_keras_saving_lib()
         originals = [variable.numpy() for variable in variables]
-        by_number: dict[int, int] = {}
+        by_number: dict[int, Any] = {}
         paths: dict[int, str] = {}
+        computed: list[str] = []
 
         class RecordingStore(dict):
             def __init__(self, current: str) -> None:
@@ -67,9 +69,15 @@ class TfKerasWriter(KerasWriter):
                 self.current = current
 
             def __setitem__(self, key: str, value: Any) -> None:
+                entry = f"{self.current}/vars/{key}".lstrip("/")
                 array = np.asarray(value)
-                if array.size and int(array.flat[0]) in by_number:
-                    paths.setdefault(by_number[int(array.flat[0])], f"{self.current}/vars/{key}".lstrip("/"))
+                if not array.size or array.dtype.kind not in "iuf":
+                    return  # nothing numbered can land here
+                owner = by_number.get(int(array.flat[0])) if np.all(array == array.flat[0]) else None
+                if owner is not None and tuple(array.shape) == tuple(owner.shape):
+                    paths.setdefault(variable_identity(owner), entry)
+                else:
+                    computed.append(entry)
 
         class Walk:
             def make(self, path: str) -> RecordingStore:
@@ -79,13 +87,13 @@ class TfKerasWriter(KerasWriter):
             for number, variable in enumerate(variables, start=1):
                 if variable.dtype.is_floating or variable.dtype.is_integer:
                     variable.assign(tf.fill(tf.shape(variable), tf.cast(number, variable.dtype)))
-                    by_number[number] = variable_identity(variable)
+                    by_number[number] = variable
             optimizer = compiled_optimizer(model)
             saving_lib._save_state(model, Walk(), None, "", {id(optimizer)} if optimizer is not None else set())
         finally:
             for variable, value in zip(variables, originals):
                 variable.assign(value)
-        return paths
+        return SavedLayout(paths, tuple(computed))
 
     def load(self, model: Any, path: str) -> None:
         """tf-keras's own loader (`saving_lib._load_state`, what `load_weights_only` runs) with the optimizer

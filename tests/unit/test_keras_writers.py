@@ -115,7 +115,8 @@ def test_weight_paths_are_where_the_file_keeps_each_variable(saved):
     writer.load(fresh.model, saved.archive)
     variables = fresh.variables()
     loaded = [variable.numpy() for variable in variables]
-    paths = writer.weight_paths(fresh.model, variables)
+    layout = writer.weight_paths(fresh.model, variables)
+    paths = layout.paths
     stored = _datasets(saved.archive)
     for variable, value in zip(variables, loaded):
         key = paths[variable_identity(variable)]
@@ -126,6 +127,8 @@ def test_weight_paths_are_where_the_file_keeps_each_variable(saved):
     others = set(stored) - set(paths.values())
     assert others and all(key.startswith(writer.skipped_state) for key in others)
     assert {key.split("/")[0] + "/" for key in others} == set(writer.skipped_state)
+    # No layer of this model computes what it saves; the training state the walk visits is all the writer skips.
+    assert all(entry.startswith(writer.skipped_state) for entry in layout.computed)
 
 
 @pytest.mark.parametrize("which", ["archive", "weights"])
