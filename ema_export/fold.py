@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from ema_export.errors import FoldError
+from ema_export.errors import FoldError, name_list
 from ema_export.layouts import Shadow, ShadowMatch
 from ema_export.memory import large_enough, read_ahead, tensor_bytes
 from ema_export.restored import RestoredModel, RestoredVariable
@@ -265,9 +265,13 @@ def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_
         )
     if problems:
         hint = "Check that --model is the architecture that was trained and that the EMA checkpoint is its own"
-        # Not when no trainable variable has a shadow: that is a misread checkpoint, and --allow-missing would
-        # serve the raw weights as "EMA".
-        if missing and not allow_missing and len(missing) < sum(1 for v in restored.variables if v.trainable):
+        # Not --allow-missing when shadows claim names several variables share (the shadows are there; dropping
+        # them would not help), nor when no trainable variable has a shadow: that is a misread checkpoint, and
+        # --allow-missing would serve the raw weights as "EMA".
+        if match.shared_names:
+            hint = ("Variables that share a name cannot be paired with their shadows by name: give them unique names "
+                    "in training (Keras layers: name=...)")
+        elif missing and not allow_missing and len(missing) < sum(1 for v in restored.variables if v.trainable):
             hint += "; --allow-missing keeps live values for variables without a shadow"
         raise FoldError(f"The EMA shadows in {match.source} do not fit the model ({len(problems)} problems):",
                         hint=hint, problems=problems)
@@ -277,6 +281,10 @@ def fold(restored: RestoredModel, match: ShadowMatch, layout_reason: str, allow_
             "every shadow equals its live value exactly: the EMA was never updated, or was saved as a copy of the "
             "weights (Keras fit() with use_ema=True overwrites the weights with the averages at its end)"
         )
+    statistics = [item.name for item in kept if item.reason == KEPT_STATS_LIVE]
+    if statistics:  # the checkpoint's producer averaged them (TF-Slim, Model Garden's trainable_weights_only=False)
+        warnings.append(f"{len(statistics)} non-trainable variables have averages too ({name_list(statistics, 3)}): "
+                        "both arms serve their live values; --bn-stats ema serves their averages in serve_ema")
     if bn_stats == "ema" and not any(not restored.variables[index].trainable for index in averaged):
         warnings.append("--bn-stats ema: the checkpoint has no averaged non-trainable statistics; both arms use the "
                         "live ones")

@@ -93,7 +93,9 @@ def test_an_average_whose_name_two_variables_share_is_an_error_listing_both(tmp_
     with pytest.raises(FoldError) as error:
         ema_export.dry_run(tmp_path / "ckpt", tmp_path / "models", model=TwoKernels)
     message = str(error.value)
-    assert message.count("is named 'kernel', the name of 2 variables (first, second)") == 2
+    # A tf.Module's trainable_variables are sorted by attribute, not in the order training gave the optimizer: the
+    # averages cannot be paired by position, and the shared name is one problem.
+    assert message.count("are named 'kernel', the name of 2 variables (first, second)") == 1
     assert "optimizer/_variables/1/" in message and "optimizer/_variables/2/" in message
 
 

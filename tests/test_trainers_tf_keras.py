@@ -149,3 +149,89 @@ def test_model_checkpoint_saved_model_directory_restored_in_parts_serves_both_ar
         model.trainable_variables)
     np.testing.assert_allclose(served(result.version_dir, SIGNATURE_LIVE), run.raw[1], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(served(result.version_dir, SIGNATURE_EMA), run.averaged[1], rtol=1e-5, atol=1e-5)
+
+
+# --- issue 23: two towers named alike, mixed precision ---------------------------------------------------------------
+
+
+def _tower(inputs, name: str):
+    """One tower, as a function called twice: tf-keras names its variables by layer only (`hidden/kernel` twice)."""
+    hidden = tf_keras.layers.Dense(8, activation="relu", name="hidden")(inputs)
+    return tf_keras.Model(inputs, tf_keras.layers.Dense(tm.NUM_CLASSES, name="out")(hidden), name=name)
+
+
+def build_towers():
+    tf_keras.utils.set_random_seed(5)
+    left, right = tf_keras.Input((tm.NUM_FEATURES,), name="left"), tf_keras.Input((tm.NUM_FEATURES,), name="right")
+    towers = [_tower(tf_keras.Input((tm.NUM_FEATURES,)), name) for name in ("tower_a", "tower_b")]
+    return tf_keras.Model([left, right], tf_keras.layers.Add()([towers[0](left), towers[1](right)]))
+
+
+def build_mixed_precision():
+    """Built under mixed_float16, as trained (`compile` then wraps the optimizer in a LossScaleOptimizerV3)."""
+    tf_keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        tf_keras.utils.set_random_seed(6)
+        inputs = tf_keras.Input((tm.NUM_FEATURES,), name="features")
+        hidden = tf_keras.layers.Dense(tm.HIDDEN, activation="relu")(inputs)
+        return tf_keras.Model(inputs, tf_keras.layers.Dense(tm.NUM_CLASSES, dtype="float32")(hidden))
+    finally:
+        tf_keras.mixed_precision.set_global_policy("float32")
+
+
+def _inputs_of(model) -> dict[str, np.ndarray]:
+    return {tensor.name.split(":")[0]: X for tensor in model.inputs}
+
+
+def _both_arms(model, inputs) -> tuple[np.ndarray, np.ndarray]:
+    optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)
+    raw_values = [variable.numpy() for variable in model.trainable_variables]
+    raw = np.asarray(model(inputs, training=False), np.float32)
+    for variable, average in zip(model.trainable_variables, optimizer._model_variables_moving_average):
+        variable.assign(average)
+    averaged = np.asarray(model(inputs, training=False), np.float32)
+    for variable, value in zip(model.trainable_variables, raw_values):
+        variable.assign(value)
+    return raw, averaged
+
+
+def _fit_and_checkpoint(build, directory: Path) -> tuple[np.ndarray, np.ndarray]:
+    """fit() for one epoch with tf-keras's ModelCheckpoint (a SavedModel directory) and a tf.train.Checkpoint saved
+    by a callback, both during training; the raw and averaged outputs computed by the model at that moment."""
+    model = build()
+    model.compile(optimizer=tf_keras.optimizers.Adam(0.05, use_ema=True, ema_momentum=0.5), loss="mse")
+    rng = np.random.default_rng(7)
+    x = [rng.standard_normal((32, tm.NUM_FEATURES)).astype(np.float32) for _ in model.inputs]
+    y = rng.standard_normal((32, tm.NUM_CLASSES)).astype(np.float32)
+    checkpoint = tf.train.CheckpointManager(tf.train.Checkpoint(model=model, optimizer=model.optimizer),
+                                            str(directory / "ckpt"), 1)
+    arms: list[tuple[np.ndarray, np.ndarray]] = []
+    model.fit(x if len(x) > 1 else x[0], y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[
+        tf_keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: (
+            arms.append(_both_arms(model, [X] * len(model.inputs) if len(model.inputs) > 1 else X)),
+            checkpoint.save())),
+        tf_keras.callbacks.ModelCheckpoint(str(directory / "savedmodel")),
+    ])
+    return arms[0]
+
+
+def _serve_all(version_dir, signature: str, names: list[str]) -> np.ndarray:
+    function = tf.saved_model.load(str(version_dir)).signatures[signature]
+    return np.asarray(function(**{name: tf.constant(X) for name in names})["output_0"], np.float32)
+
+
+@pytest.mark.parametrize("build, names, tolerance", [
+    (build_towers, ["left", "right"], 1e-5),
+    (build_mixed_precision, ["features"], 1e-2),
+], ids=["towers", "mixed_float16"])
+def test_tf_keras_checkpoints_pair_averages_by_position_and_serve_both_arms(build, names, tolerance, tmp_path):
+    raw, averaged = _fit_and_checkpoint(build, tmp_path)
+    assert not np.allclose(raw, averaged, atol=1e-3)
+    for source in ("ckpt", "savedmodel"):
+        result = ema_export.export(tmp_path / source, tmp_path / "out", model=build)
+        assert result.fold.layout == "tf-keras-use-ema"
+        assert len(result.fold.folded) == 8 if build is build_towers else 4
+        np.testing.assert_allclose(_serve_all(result.version_dir, SIGNATURE_LIVE, names), raw, rtol=tolerance,
+                                   atol=tolerance)
+        np.testing.assert_allclose(_serve_all(result.version_dir, SIGNATURE_EMA, names), averaged, rtol=tolerance,
+                                   atol=tolerance)

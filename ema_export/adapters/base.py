@@ -39,6 +39,10 @@ class ModelAdapter(ABC):
     name: str
     """A short label for messages and the registry ("keras", "tf_keras", "module")."""
 
+    trains_in_variable_order: bool = False
+    """Whether an optimizer's per-variable lists (its averages) follow `model.trainable_variables`: Keras's `fit()`
+    builds the optimizer on exactly that list. A `tf.Module` is trained on whatever list its loop passes."""
+
     keras_writer: KerasWriter | None = None
     """How `.keras` / `.weights.h5` files written by this family's Keras load into its models; None for a family that
     writes no Keras files."""

@@ -41,6 +41,8 @@ def pack(inputs: Sequence[tf.Tensor], input_keys: tuple[str, ...] | None) -> Any
 class KerasAdapter(ModelAdapter):
     """Keras models declare their inputs (functional and sequential ones) and create variables on the first call."""
 
+    trains_in_variable_order = True
+
     def declared_signature(self, model: Any, source: str) -> list[tf.TensorSpec] | None:
         declared = _keras_input_dict(model)
         if declared is not None:

@@ -40,6 +40,9 @@ class Shadow:
     """The TensorFlow checkpoint holding the value under `checkpoint_key`, when it is one (None: only `read`)."""
     role: str = ROLE_EMA
     """Which half of the export the checkpoint at `prefix` is, for the message when reading it fails."""
+    slice_spec: str = ""
+    """The part of the entry at `prefix` this shadow is, as a `RestoreV2` `shape_and_slices` entry ("100 4 0,50:-"),
+    for a part of a TF1 partitioned variable saved whole; "" for the whole entry. `shape` and `read` are the part's."""
 
     def value(self) -> np.ndarray:
         """Read the value from its file (only folding does, once, so large checkpoints are not held twice)."""
@@ -56,7 +59,8 @@ class Shadow:
         if self.prefix is None:
             return tf.convert_to_tensor(self.value())
         with reading(self.prefix, self.role):
-            return tf.raw_ops.RestoreV2(prefix=self.prefix, tensor_names=[self.checkpoint_key], shape_and_slices=[""],
+            return tf.raw_ops.RestoreV2(prefix=self.prefix, tensor_names=[self.checkpoint_key],
+                                        shape_and_slices=[self.slice_spec],
                                         dtypes=[self.dtype])[0]
 
 
@@ -72,6 +76,8 @@ class ShadowMatch:
     warnings: list[str] = field(default_factory=list)
     explains_equality: bool = False
     """The layout's warnings already explain why the shadows equal the live values (e.g. Keras `fit()` finalizing)."""
+    shared_names: tuple[str, ...] = ()
+    """Names several model variables share, claimed by shadows that could therefore not be paired (a problem each)."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,7 @@ def match_by_name(layout: str, source: str, shadows: Sequence[Shadow], restored:
     matched: dict[int, Shadow] = {}
     unmatched: list[Shadow] = []
     problems: list[str] = []
+    shared: dict[str, tuple[list[int], list[str]]] = {}  # a name several variables share -> (them, its shadows)
     for shadow in shadows:
         owner: int | None = None
         ambiguous: tuple[str, list[int]] | None = None
@@ -178,16 +185,14 @@ def match_by_name(layout: str, source: str, shadows: Sequence[Shadow], restored:
                 ambiguous = (claimed, owners)
         if owner is None and ambiguous is not None:
             claimed, owners = ambiguous
-            problems.append(
-                f"duplicate claim: shadow {shadow.checkpoint_key} is named {claimed!r}, the name of "
-                f"{len(owners)} variables ({name_list([restored.variables[i].path for i in owners])})"
-            )
+            shared.setdefault(claimed, (owners, []))[1].append(shadow.checkpoint_key)
             continue
         # Dict keys built from Keras 3 `v.name` ("kernel") name a layer's variable but not which layer: the dict
         # kept one shadow per short name and silently lost the others when training saved it.
         short = [name for name in shadow.claimed_names if name not in by_name and len(by_short_name[name]) > 1]
         if short:
             owners = by_short_name[short[0]]
+            shared.setdefault(short[0], ([], []))
             problems.append(
                 f"duplicate claim: shadow {shadow.checkpoint_key} is keyed {short[0]!r}, the short name of "
                 f"{len(owners)} variables ({name_list([restored.variables[i].training_name for i in owners])}); "
@@ -204,4 +209,10 @@ def match_by_name(layout: str, source: str, shadows: Sequence[Shadow], restored:
             )
             continue
         matched[owner] = shadow
-    return ShadowMatch(layout, source, matched, unmatched, problems)
+    for claimed, (owners, keys) in shared.items():  # one problem per shared name, however many shadows claim it
+        if not keys:
+            continue  # a short name, reported where it was found
+        what = f"shadow {keys[0]} is" if len(keys) == 1 else f"{len(keys)} shadows ({name_list(keys, 3)}) are"
+        problems.append(f"duplicate claim: {what} named {claimed!r}, the name of {len(owners)} variables "
+                        f"({name_list([restored.variables[i].path for i in owners])})")
+    return ShadowMatch(layout, source, matched, unmatched, problems, shared_names=tuple(shared))

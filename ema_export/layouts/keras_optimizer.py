@@ -9,8 +9,11 @@ differs:
   reaches. The k-th average belongs to the k-th of them, exactly as Keras pairs them itself (`zip` in
   `_overwrite_model_variables_with_average_value`). Its recorded name, `<optimizer>/<variable path, / as _>_average`,
   is only a cross-check: flattening loses the difference between `a_b/c` and `a/b_c`.
-- tf-keras tracks no such list; an average's recorded name, `<optimizer>/average/<variable name>`, is all there is,
-  so averages are matched by name, and a name two variables share is reported, never guessed.
+- tf-keras tracks no such list, but builds its averages in the order of the variables it was built on, which
+  `fit()` and custom loops give as `model.trainable_variables`. When every k-th average's recorded name,
+  `<optimizer>/average/<variable name>`, names the k-th trainable variable, they are paired by position: that
+  also pairs the variables of two towers built by one function, which tf-keras names alike (by layer only).
+  Otherwise they are matched by name, and a name two variables share is reported, never guessed.
 
 Keras `fit()` ends by copying the averages into the weights (`finalize_variable_values`); a checkpoint written
 after it holds two equal copies of the averages and no raw weights, which is reported as a warning.
@@ -26,17 +29,18 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from ema_export.checkpoint_graph import GraphVariable, node_paths, value_attribute
+from ema_export.checkpoint_graph import GraphVariable, node_paths, value_attribute, variable_identity
 from ema_export.errors import LayoutError, name_list
-from ema_export.layouts.base import CheckpointShadows, Layout, ShadowMatch, match_by_name, strip_output_index
+from ema_export.layouts.base import CheckpointShadows, Layout, Shadow, ShadowMatch, match_by_name, strip_output_index
 from ema_export.read import CheckpointIndex, CheckpointIndexes
 from ema_export.restored import RestoredModel
 
 AVERAGES = "_model_variables_moving_average"
 TRAINED = "_trainable_variables"
 ITERATIONS = "_iterations"
-TF_KERAS_NAME = re.compile(r"^(?P<optimizer>[^/]+)/average/(?P<variable>.+)$")
-"""How tf-keras names an average: `Adam/average/dense/kernel`."""
+TF_KERAS_NAME = re.compile(r"^(?:(?P<optimizer>[^/]+)/)?average/(?P<variable>.+)$")
+"""How tf-keras names an average: `Adam/average/dense/kernel`; under a `LossScaleOptimizerV3` (`mixed_float16`), whose
+wrapped optimizer creates its variables outside the optimizer's name scope, `average/dense/kernel`."""
 
 FINALIZED_HINT = (
     "Checkpoint during training instead: keras.callbacks.ModelCheckpoint or BackupAndRestore, or your own callback "
@@ -280,6 +284,26 @@ class TfKerasOptimizerEmaLayout(Layout):
                 variable = name_match.group("variable")
                 shadows.append(build.shadow(average.checkpoint_key, average.full_name,
                                             [variable, strip_output_index(variable)]))
-        match = match_by_name(self.name, index.prefix, shadows, restored)
+        by_position = _paired_by_position(shadows, restored) if len(optimizers) == 1 else None
+        match = (ShadowMatch(self.name, index.prefix, by_position, [], []) if by_position is not None
+                 else match_by_name(self.name, index.prefix, shadows, restored))
         _warn_if_finalized(match, index, restored, optimizers)
         return match
+
+
+def _paired_by_position(shadows: list[Shadow], restored: RestoredModel) -> dict[int, Shadow] | None:
+    """The k-th average with the k-th trainable variable, when there is one average per trainable variable and each
+    one's recorded name names the variable at its position; None otherwise (then names decide alone)."""
+    if not restored.fresh.adapter.trains_in_variable_order:
+        return None
+    position_of = {variable_identity(item.variable): index for index, item in enumerate(restored.variables)}
+    trained = [position_of.get(variable_identity(variable)) for variable in restored.fresh.model.trainable_variables]
+    if len(trained) != len(shadows) or None in trained:
+        return None
+    pairs = {}
+    for index, shadow in zip(trained, shadows):
+        assert index is not None
+        if not set(shadow.claimed_names) & set(restored.variables[index].aliases):
+            return None
+        pairs[index] = shadow
+    return pairs

@@ -34,7 +34,7 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 
 from ema_export.checkpoint_graph import node_paths, value_attribute
 from ema_export.errors import CheckpointNotFoundError, LayoutError, name_list
-from ema_export.layouts.base import CheckpointShadows, Layout, Shadow, ShadowMatch
+from ema_export.layouts.base import CheckpointShadows, Layout, ShadowMatch
 from ema_export.locate import resolve_checkpoint
 from ema_export.read import CheckpointIndex, CheckpointIndexes
 from ema_export.restored import RestoredModel
@@ -321,7 +321,7 @@ class OptimizerSlotLayout(Layout):
         matched = {index: build.shadow(found[0].checkpoint_key, found[0].full_name, [found[0].owner_name])
                    for index, found in candidates.items()}
         return ShadowMatch(self.name, prefix, matched, [], [],
-                           self._warnings(restored, matched, outside, self.settings.bn_stats))
+                           self._warnings(outside))
 
     @staticmethod
     def _ambiguity(prefix: str, restored: RestoredModel, ambiguous: dict[int, list[AverageSlot]]) -> LayoutError:
@@ -339,16 +339,8 @@ class OptimizerSlotLayout(Layout):
         )
 
     @staticmethod
-    def _warnings(restored: RestoredModel, matched: dict[int, Shadow], outside: list[AverageSlot],
-                  bn_stats: str) -> list[str]:
+    def _warnings(outside: list[AverageSlot]) -> list[str]:
         warnings = []
-        non_trainable = [restored.variables[i].name for i in matched if not restored.variables[i].trainable]
-        if non_trainable and bn_stats == "live":
-            warnings.append(
-                f"{len(non_trainable)} non-trainable variables also have an 'average' slot "
-                f"({name_list(non_trainable)}; Model Garden's trainable_weights_only=False averages BatchNorm "
-                "statistics too): both arms serve their live values unless --bn-stats ema"
-            )
         if outside:
             warnings.append(
                 f"skipped {len(outside)} 'average' slots of variables outside the model: "

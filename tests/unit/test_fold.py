@@ -77,7 +77,9 @@ def test_each_trainable_variable_takes_its_shadow_and_statistics_stay_live():
     assert drift["dense/bias"] == pytest.approx(0.5)  # all-zero live value: the absolute distance
     assert {item.name: item.reason for item in report.kept_live} == {"bn/mean": KEPT_STATS_LIVE,
                                                                       "bn/count": KEPT_NON_TRAINABLE}
-    assert report.warnings == [] and not report.ema_equals_live
+    assert report.warnings == ["1 non-trainable variables have averages too (bn/mean): both arms serve their live "
+                               "values; --bn-stats ema serves their averages in serve_ema"]
+    assert not report.ema_equals_live
     assert [item.name for item in report.largest_drifts(1)] == ["dense/bias"]
 
 
@@ -154,6 +156,23 @@ def test_a_name_two_variables_share_is_never_guessed():
                          [_shadow("w", [2.0])], allow_missing=True)
     assert problems == ["duplicate claim: shadow w/ExponentialMovingAverage is named 'w', the name of 2 variables "
                         "(model/w, model/w_1)"]
+
+
+def test_shadows_of_a_shared_name_are_one_problem_and_the_hint_is_not_allow_missing():
+    # Two towers built by one function: tf-keras names both `hidden/kernel` and `hidden/bias`.
+    variables = [dataclasses.replace(_variable(name, [1.0]), path=f"{tower}/{name}")
+                 for tower in ("tower_a", "tower_b") for name in ("hidden/kernel", "hidden/bias")]
+    shadows = [_shadow(name, [2.0], key=f"average/{name}/{n}")
+               for n in (0, 1) for name in ("hidden/kernel", "hidden/bias")]
+    with pytest.raises(FoldError) as raised:
+        _fold(variables, shadows)
+    assert raised.value.problems[:2] == [
+        "duplicate claim: 2 shadows (average/hidden/kernel/0, average/hidden/kernel/1) are named 'hidden/kernel', the "
+        "name of 2 variables (tower_a/hidden/kernel, tower_b/hidden/kernel)",
+        "duplicate claim: 2 shadows (average/hidden/bias/0, average/hidden/bias/1) are named 'hidden/bias', the name "
+        "of 2 variables (tower_a/hidden/bias, tower_b/hidden/bias)"]
+    assert "--allow-missing" not in raised.value.hint and "unique names" in raised.value.hint
+    assert len(raised.value.summary()) <= 330  # about 300: the first problem is never cut below 80 characters
 
 
 def test_a_short_keras_name_shared_by_layers_is_a_duplicate_claim():
