@@ -101,25 +101,24 @@ class HintedError(ValueError):
         return text
 
     def summary(self, limit: int = SUMMARY_CHARACTERS) -> str:
-        """The error in about `limit` characters, for a terminal line: the message, as many problems as fit (the
-        first one always, up to 80 characters), the count of the rest, and the hint's fix. What is cut (long
-        problems, a long "Received: ..." list, text quoted from a library) stays in `str(error)`, which `--verbose`
-        and `--json` show whole.
+        """The error in about `limit` characters, for a terminal line: the message whole (our own words and the
+        paths they name), as many problems as fit (the first one always, up to 80 characters), the count of the rest,
+        and the hint, its "Received: ..." list cut to fit. What is cut stays in `str(error)`, which `--verbose` and
+        `--json` show whole; text quoted from other libraries is shortened where it is quoted.
         """
         whole = str(self)
         if len(whole) <= limit:
             return whole
         fix, _, received = self.hint.partition("Received:")
         fix = fix.strip().rstrip(".")
-        message = _clip(self.message, max(limit - len(fix) - 40, 120))
-        budget = limit - len(message) - len(fix) - len(_MORE_IN_FULL) - 4
+        budget = limit - len(self.message) - len(fix) - len(_MORE_IN_FULL) - 4
         shown: list[str] = []
         for problem in self.problems:
             clipped = _clip(problem, 120 if shown else max(budget - len(" and 999 more"), 80))
             if shown and len("; ".join(shown + [clipped])) + len(" and 999 more") > budget:
                 break
             shown.append(clipped)
-        text = message
+        text = self.message
         if self.problems:
             rest = len(self.problems) - len(shown)
             text += " " + "; ".join(shown) + (f"{' and' if shown else ''} {rest} more" if rest else "")
@@ -129,7 +128,7 @@ class HintedError(ValueError):
             fix = f"{fix}. Received: {_clip(received, room)}" if fix else f"Received: {_clip(received, room)}"
         if fix:
             text = (text + " " if text.endswith("…") else text.rstrip(".") + ". ") + fix
-        return text + _MORE_IN_FULL
+        return text if text == whole else text + _MORE_IN_FULL
 
 
 def _clip(text: str, limit: int) -> str:

@@ -58,7 +58,7 @@ def _refuse_unheld(path: str, writer: KerasWriter, unheld: list[str], computed: 
     if computed and any("lora_" in name.rsplit("/", 1)[-1] for name in unheld):
         cause = f"{writer.label} saves LoRA layers with the adapters merged into the weights they adapt"
     return RestoreError(
-        f"{path} does not hold the values of {len(unheld)} trainable variables ({name_list(unheld, 2)}): {cause}, "
+        f"{path} does not hold {len(unheld)} trainable variables ({name_list(unheld, 2)}): {cause}, "
         "so their averages cannot be folded",
         hint="Export a tf.train.Checkpoint(model=..., optimizer=...) saved during training instead",
     )

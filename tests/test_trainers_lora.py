@@ -98,7 +98,7 @@ def test_a_keras_file_of_a_lora_layer_is_refused_and_nothing_is_written(kind, tm
         with pytest.raises(RestoreError) as error:
             ema_export.export(source, tmp_path / "out", model=factory)
         message = str(error.value)
-        assert f"{source} does not hold the values of 2 trainable variables" in message
+        assert f"{source} does not hold 2 trainable variables" in message
         assert "adapted/lora_" in message
         assert "saves LoRA layers with the adapters merged into the weights they adapt" in message
         assert "tf.train.Checkpoint(model=..., optimizer=...)" in message
@@ -137,7 +137,7 @@ def test_cli_refuses_a_lora_keras_file_in_one_short_line(tmp_path):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: model.keras does not hold the values of 2 trainable variables")
+    assert lines[0].startswith("Error: model.keras does not hold 2 trainable variables")
     assert len(lines[0]) <= 300 + len("Error: ")
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
