@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
+from ema_export.checkpoint_graph import variable_identity
 from ema_export.errors import RestoreError
 
 if TYPE_CHECKING:  # only annotations: the adapters build RestoredVariables, and fresh_model imports the adapters
@@ -55,6 +56,13 @@ class RestoredModel:
     object_paths: dict[int, tuple[Any, Any, str]] = field(repr=False, default_factory=dict)
     attachment_node: int | None = None
     """Object-graph node the model hangs at (None for name-based or Keras-file checkpoints)."""
+
+    def trainable_positions(self) -> list[int | None]:
+        """The index in `variables` of each of the model's `trainable_variables`, in that order (None for one that
+        was not restored): the order in which Keras builds an optimizer's per-variable lists, averages included."""
+        position_of = {variable_identity(item.variable): index for index, item in enumerate(self.variables)}
+        return [position_of.get(variable_identity(variable))
+                for variable in getattr(self.fresh.model, "trainable_variables", [])]
 
 
 def raise_for_shapes(source: str, entries: list[tuple[str, tuple[int, ...], tuple[int, ...]]]) -> None:

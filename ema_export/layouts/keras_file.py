@@ -16,7 +16,6 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
-from ema_export.checkpoint_graph import variable_identity
 from ema_export.errors import LayoutError
 from ema_export.keras_files import (OPTIMIZER_GROUP, StoredValue, optimizer_config, optimizer_values, read_value,
                                    trained_precision)
@@ -118,8 +117,9 @@ def _plan(indexes: CheckpointIndexes, restored: RestoredModel) -> _Plan | None:
     if not stored:
         return None
     model = restored.fresh.model
-    position_of = {variable_identity(item.variable): index for index, item in enumerate(restored.variables)}
-    trained = [position_of[variable_identity(variable)] for variable in model.trainable_variables]
+    found = restored.trainable_positions()
+    trained = [index for index in found if index is not None]
+    assert len(trained) == len(found), "a Keras-file restore lists every model variable"
     if not trained:
         return None
     known = _known_config(path, model)

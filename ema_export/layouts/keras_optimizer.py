@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
-from ema_export.checkpoint_graph import GraphVariable, node_paths, value_attribute, variable_identity
+from ema_export.checkpoint_graph import GraphVariable, node_paths, value_attribute
 from ema_export.errors import LayoutError, name_list
 from ema_export.layouts.base import CheckpointShadows, Layout, Shadow, ShadowMatch, match_by_name, strip_output_index
 from ema_export.read import CheckpointIndex, CheckpointIndexes
@@ -296,8 +296,7 @@ def _paired_by_position(shadows: list[Shadow], restored: RestoredModel) -> dict[
     one's recorded name names the variable at its position; None otherwise (then names decide alone)."""
     if not restored.fresh.adapter.trains_in_variable_order:
         return None
-    position_of = {variable_identity(item.variable): index for index, item in enumerate(restored.variables)}
-    trained = [position_of.get(variable_identity(variable)) for variable in restored.fresh.model.trainable_variables]
+    trained = restored.trainable_positions()
     if len(trained) != len(shadows) or None in trained:
         return None
     pairs = {}
