@@ -224,6 +224,14 @@ def reading(prefix: str | os.PathLike, role: str) -> Iterator[None]:
         raise checkpoint_read_error(os.fspath(prefix), role, error) from error
 
 
+def read_entry(prefix: str, role: str, key: str, dtype: tf.DType, slice_spec: str = "") -> tf.Tensor:
+    """One entry of the `role` checkpoint at `prefix`, or the slice of it `slice_spec` names (a `RestoreV2`
+    `shape_and_slices` entry such as "100 4 0,50:-"), read by TensorFlow's restore op; failures as `reading` says."""
+    with reading(prefix, role):
+        return tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=[key], shape_and_slices=[slice_spec],
+                                    dtypes=[dtype])[0]
+
+
 def checkpoint_read_error(prefix: str, role: str, error: BaseException) -> CheckpointReadError:
     """The one-line error for a failed read of the `role` checkpoint at `prefix`, from TensorFlow's `error`."""
     detail = received_line(error).removesuffix(" [Op:RestoreV2]")

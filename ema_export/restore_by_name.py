@@ -28,7 +28,7 @@ from ema_export.checkpoint_graph import children_of, variable_identity
 from ema_export.errors import RestoreError, name_list
 from ema_export.fresh_model import FreshModel
 from ema_export.locate import CheckpointFiles
-from ema_export.read import CheckpointIndex, reading
+from ema_export.read import CheckpointIndex, read_entry
 from ema_export.restored import RestoredModel, RestoredVariable
 
 PART_NAME = re.compile(r"^(?P<base>.+)/part_(?P<index>\d+)$")
@@ -108,9 +108,7 @@ class PartSlice:
 
     def read(self, index: CheckpointIndex, key: str) -> tf.Tensor:
         """Read just this slice of the entry `key` with TensorFlow's restore op."""
-        with reading(index.prefix, index.role):
-            return tf.raw_ops.RestoreV2(prefix=index.prefix, tensor_names=[key], shape_and_slices=[self.spec],
-                                        dtypes=[tf.dtypes.as_dtype(index.dtypes[key])])[0]
+        return read_entry(index.prefix, index.role, key, tf.dtypes.as_dtype(index.dtypes[key]), self.spec)
 
 
 def tile(whole: Sequence[int], parts: Mapping[int, Sequence[int]]) -> list[PartSlice] | str:

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from ema_export.errors import name_list
-from ema_export.read import ROLE_EMA, CheckpointIndex, CheckpointIndexes, reading
+from ema_export.read import ROLE_EMA, CheckpointIndex, CheckpointIndexes, read_entry
 from ema_export.restored import RestoredModel
 
 EMA_SUFFIX = re.compile(r"/ExponentialMovingAverage(_\d+)?$")
@@ -58,10 +58,7 @@ class Shadow:
         """
         if self.prefix is None:
             return tf.convert_to_tensor(self.value())
-        with reading(self.prefix, self.role):
-            return tf.raw_ops.RestoreV2(prefix=self.prefix, tensor_names=[self.checkpoint_key],
-                                        shape_and_slices=[self.slice_spec],
-                                        dtypes=[self.dtype])[0]
+        return read_entry(self.prefix, self.role, self.checkpoint_key, self.dtype, self.slice_spec)
 
 
 @dataclass
